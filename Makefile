@@ -1,0 +1,57 @@
+# Daily commands. `make train` and `make test` work on a fresh machine: they create .venv and install first.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/fashion_mnist.yaml
+ROOT ?= runs
+ARGS ?=
+FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
+# Newest last.ckpt under ROOT, for `make sample` (override with CKPT=...).
+CKPT ?= $(shell ls -t $(ROOT)/*/*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
+NUM_SAMPLES ?= 64
+OUT ?= $(ROOT)/samples
+
+.PHONY: install data train sample test lint format benchmark clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e '.[dev,bench]'
+	touch $@
+
+# The offline default data set: Debian's dataset-fashion-mnist package (original idx files).
+data:
+	@if [ -d $(FASHION_MNIST_DIR) ]; then echo "Fashion-MNIST found in $(FASHION_MNIST_DIR)"; \
+	elif command -v apt-get >/dev/null; then \
+		SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
+	else echo "No apt-get: put the Fashion-MNIST idx files in data/FashionMNIST/raw and pass --data.data_dir data"; fi
+
+# Offline quickstart: a short Fashion-MNIST training on the CPU, ending with a sample grid and a checkpoint.
+train: install data
+	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) $(ARGS)
+
+# NUM_SAMPLES PNG files from the newest checkpoint (or CKPT=...), with the EMA weights.
+sample: install
+	@test -n "$(CKPT)" || (echo "No checkpoint under $(ROOT): run 'make train' first or pass CKPT=path"; exit 1)
+	$(BIN)/python -m src.main predict --config $(CONFIG) --ckpt_path $(CKPT) \
+		--data.num_samples $(NUM_SAMPLES) --output_dir $(OUT) --trainer.default_root_dir $(ROOT) $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
+
+format: install
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
+
+benchmark: install
+	$(BIN)/python benchmarks/unet_throughput.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
