@@ -1,0 +1,261 @@
+"""Samplers: pure functions of (model, x, schedule), no Lightning.
+
+A denoiser is any callable `model(x_t, t) -> eps` with `t` an int64 tensor of 0-based timesteps, one per
+batch element. Every sampler runs under `torch.no_grad()`, computes its coefficients in float64 from the
+schedule and applies them in the dtype of `x`. Pass a `torch.Generator` to make stochastic samplers
+reproducible; `progress=True` shows a tqdm bar; `callback(dict(x=..., x0=..., i=..., t=...))` sees every
+intermediate state (for notebooks and animations) without the sampler knowing about it.
+
+Notation (0-based t): a_t = alpha-bar_t = alphas_cumprod[t], and a_{-1} = 1 (the clean image).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from src.diffusion.schedule import NoiseSchedule
+
+Denoiser = Callable[[Tensor, Tensor], Tensor]
+Callback = Callable[[dict], None]
+
+SKIP_TYPES = ("uniform", "quad", "trailing", "linspace")
+DDPM_VARIANCES = ("fixed_small", "fixed_large")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+def timestep_sequence(num_timesteps: int, steps: int, skip: str = "uniform") -> list[int]:
+    """The ascending sub-sequence tau of {0, ..., T-1} that a `steps`-step sampler visits.
+
+    - "uniform": `range(0, T, T // steps)`, seed 000 / the DDIM reference code. When `steps` does not
+      divide T this yields more than `steps` entries (e.g. T=1000, steps=300 gives 334), exactly as there.
+    - "quad": `int(s)` for s in `linspace(0, sqrt(0.8 T), steps) ** 2` (DDIM paper, appendix D.2; used for
+      CIFAR-10). For many steps its first entries repeat (0, 0, 0, ...); a repeated timestep is an exact
+      no-op step in DDIM, so it is kept for fidelity to the reference code.
+    - "trailing": `round(arange(T, 0, -T / steps)) - 1`, which always includes t = T - 1 (Lin et al. 2024,
+      "Common Diffusion Noise Schedules and Sample Steps are Flawed", table 2; diffusers' "trailing").
+    - "linspace": `round(linspace(0, T - 1, steps))` (diffusers' "linspace").
+    """
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be in [1, {num_timesteps}] (the schedule's T), got {steps}")
+    if skip == "uniform":
+        return list(range(0, num_timesteps, num_timesteps // steps))
+    if skip == "quad":
+        return [int(s) for s in np.linspace(0, np.sqrt(num_timesteps * 0.8), steps) ** 2]
+    if skip == "trailing":
+        # [:steps]: with a float step, arange can return one extra value near 0 that would become t = -1
+        # (diffusers' DDIMScheduler has that off-by-one).
+        seq = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps)[:steps]).astype(np.int64) - 1
+        return sorted(int(s) for s in seq)
+    if skip == "linspace":
+        return [int(s) for s in np.linspace(0, num_timesteps - 1, steps).round()]
+    raise ValueError(f"unknown skip {skip!r}; choose one of {', '.join(SKIP_TYPES)}")
+
+
+def predict_x0_from_eps(x_t: Tensor, eps: Tensor, alpha_cumprod_t: float) -> Tensor:
+    """x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t): DDPM eq. 4 solved for x_0 (DDIM eq. 9, f_theta)."""
+    return (x_t - math.sqrt(1.0 - alpha_cumprod_t) * eps) / math.sqrt(alpha_cumprod_t)
+
+
+def ddim_sigma(alpha_cumprod_t: float, alpha_cumprod_prev: float, eta: float) -> float:
+    """sigma_t(eta) = eta sqrt((1 - a_prev) / (1 - a_t)) sqrt(1 - a_t / a_prev)  (DDIM eq. 16).
+
+    eta = 1 gives DDPM's posterior standard deviation (sqrt of beta-tilde) on the sub-sequence; eta = 0 the
+    deterministic DDIM.
+    """
+    if eta == 0.0:
+        return 0.0
+    return eta * math.sqrt(
+        (1.0 - alpha_cumprod_prev) / (1.0 - alpha_cumprod_t) * (1.0 - alpha_cumprod_t / alpha_cumprod_prev)
+    )
+
+
+def ddim_step(x0: Tensor, eps: Tensor, alpha_cumprod_prev: float, sigma: float, noise: Tensor | None) -> Tensor:
+    """x_prev = sqrt(a_prev) x_0 + sqrt(1 - a_prev - sigma^2) eps + sigma z  (DDIM eq. 12).
+
+    The three terms are the paper's "predicted x_0", "direction pointing to x_t" and "random noise".
+    """
+    x_prev = math.sqrt(alpha_cumprod_prev) * x0 + math.sqrt(max(1.0 - alpha_cumprod_prev - sigma**2, 0.0)) * eps
+    if sigma > 0.0:
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Standard normal noise shaped like `x`, drawn on the generator's device so that a CPU generator gives
+    the same numbers whatever device `x` is on."""
+    if generator is None:
+        return torch.randn_like(x)
+    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    return noise.to(x.device)
+
+
+def _timestep_batch(t: int, x: Tensor) -> Tensor:
+    return torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
+
+
+def _alpha_cumprod(schedule: NoiseSchedule, t: int) -> float:
+    """a_t as a Python float (float64), with a_{-1} = 1."""
+    return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
+
+
+def _check_sequence(seq: Sequence[int], num_timesteps: int) -> list[int]:
+    seq = [int(s) for s in seq]
+    if not seq or any(b < a for a, b in zip(seq, seq[1:], strict=False)) or seq[0] < 0 or seq[-1] >= num_timesteps:
+        raise ValueError(f"timesteps must be a non-empty ascending sequence in [0, {num_timesteps}), got {seq}")
+    return seq
+
+
+# ---------------------------------------------------------------------------------------------- samplers
+@torch.no_grad()
+def ddim_sample(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int = 50,
+    eta: float = 0.0,
+    skip: str = "uniform",
+    generator: torch.Generator | None = None,
+    timesteps: Sequence[int] | None = None,
+    clip_x0: bool = False,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DDIM sampling (Song, Meng & Ermon 2021, eq. 12) on the sub-sequence `timestep_sequence(T, steps, skip)`
+    or on an explicit ascending `timesteps` sequence.
+
+    With eta = 0 it returns what seed 000's `generalized_steps(x_T, seq, model, betas, eta=0)` returns as its
+    last `xs` element; eta = 1 is DDPM-like ancestral sampling on the sub-sequence. `clip_x0` clamps the
+    predicted x_0 to [-1, 1] (off in the DDIM reference code).
+    """
+    if not 0.0 <= eta <= 1.0:
+        raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {eta}")
+    T = schedule.num_timesteps
+    seq = _check_sequence(timesteps, T) if timesteps is not None else timestep_sequence(T, steps, skip)
+    seq_prev = [-1] + seq[:-1]
+    x = x_T
+    pairs = list(zip(reversed(seq), reversed(seq_prev), strict=True))
+    for i, (t, t_prev) in enumerate(tqdm(pairs, desc="DDIM", disable=not progress, leave=False)):
+        a_t, a_prev = _alpha_cumprod(schedule, t), _alpha_cumprod(schedule, t_prev)
+        eps = model(x, _timestep_batch(t, x)).to(x.dtype)
+        x0 = predict_x0_from_eps(x, eps, a_t)
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        sigma = ddim_sigma(a_t, a_prev, eta)
+        x = ddim_step(x0, eps, a_prev, sigma, randn_like(x, generator) if sigma > 0 else None)
+        if callback is not None:
+            callback({"x": x, "x0": x0, "i": i, "t": t})
+    return x
+
+
+@torch.no_grad()
+def ddpm_sample(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    variance: str = "fixed_small",
+    generator: torch.Generator | None = None,
+    clip_x0: bool = False,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Ancestral sampling over all T steps (DDPM Algorithm 2):
+
+        x_{t-1} = 1/sqrt(alpha_t) (x_t - beta_t / sqrt(1 - a_t) eps_theta(x_t, t)) + sigma_t z,
+
+    written through the posterior mean mu-tilde(x_t, x_0-hat) of eq. 7, which is the same expression and
+    allows `clip_x0` (the DDPM reference code clips x_0-hat to [-1, 1]; Algorithm 2 does not). No noise is
+    added at the last step. `variance`: "fixed_small" sigma_t^2 = beta-tilde_t (the posterior variance) or
+    "fixed_large" sigma_t^2 = beta_t (section 3.2; the paper found both give similar samples).
+    """
+    if variance not in DDPM_VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
+    variances = schedule.posterior_variance if variance == "fixed_small" else schedule.betas
+    x = x_T
+    T = schedule.num_timesteps
+    for i, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
+        eps = model(x, _timestep_batch(t, x)).to(x.dtype)
+        x0 = predict_x0_from_eps(x, eps, _alpha_cumprod(schedule, t))
+        if clip_x0:
+            x0 = x0.clamp(-1.0, 1.0)
+        x = float(schedule.posterior_mean_coef_x0[t]) * x0 + float(schedule.posterior_mean_coef_xt[t]) * x
+        if t > 0:
+            x = x + math.sqrt(float(variances[t])) * randn_like(x, generator)
+        if callback is not None:
+            callback({"x": x, "x0": x0, "i": i, "t": t})
+    return x
+
+
+@torch.no_grad()
+def ddim_invert(
+    model: Denoiser,
+    x_0: Tensor,
+    schedule: NoiseSchedule,
+    steps: int = 50,
+    skip: str = "uniform",
+    timesteps: Sequence[int] | None = None,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> Tensor:
+    """Deterministic DDIM encoding x_0 -> x_T: the eta = 0 update of `ddim_sample` run forwards in time
+    (DDIM section 4.3: the probability-flow ODE integrated from t = 0 to T).
+
+    Each step from the less noisy t_prev to t reuses eq. 12 with the roles of a_t and a_prev swapped, and
+    evaluates eps_theta(x_{t_prev}, t) in place of the unknown eps_theta(x_t, t) (the usual explicit
+    approximation, as in diffusers' DDIMInverseScheduler); the error vanishes as the steps shrink.
+    """
+    T = schedule.num_timesteps
+    seq = _check_sequence(timesteps, T) if timesteps is not None else timestep_sequence(T, steps, skip)
+    seq_prev = [-1] + seq[:-1]
+    x = x_0
+    pairs = list(zip(seq_prev, seq, strict=True))
+    for i, (t_prev, t) in enumerate(tqdm(pairs, desc="DDIM inversion", disable=not progress, leave=False)):
+        a_prev, a_t = _alpha_cumprod(schedule, t_prev), _alpha_cumprod(schedule, t)
+        eps = model(x, _timestep_batch(t, x)).to(x.dtype)
+        x0 = predict_x0_from_eps(x, eps, a_prev)
+        x = ddim_step(x0, eps, a_t, 0.0, None)
+        if callback is not None:
+            callback({"x": x, "x0": x0, "i": i, "t": t})
+    return x
+
+
+SAMPLERS = ("ddim", "ddpm")
+
+
+def sample(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    sampler: str = "ddim",
+    steps: int = 50,
+    eta: float = 0.0,
+    skip: str = "uniform",
+    variance: str = "fixed_small",
+    generator: torch.Generator | None = None,
+    clip_x0: bool = False,
+    progress: bool = False,
+) -> Tensor:
+    """Dispatch to the sampler named `sampler` ("ddim" or "ddpm"; `steps`, `eta`, `skip` apply to DDIM,
+    `variance` to DDPM)."""
+    if sampler == "ddim":
+        return ddim_sample(
+            model,
+            x_T,
+            schedule,
+            steps=steps,
+            eta=eta,
+            skip=skip,
+            generator=generator,
+            clip_x0=clip_x0,
+            progress=progress,
+        )
+    if sampler == "ddpm":
+        return ddpm_sample(
+            model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0, progress=progress
+        )
+    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
