@@ -1,0 +1,60 @@
+"""Image conversion at the edges: model space [-1, 1] <-> uint8, grids and PNG files (no torchvision)."""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+
+def to_uint8(images: Tensor) -> Tensor:
+    """[-1, 1] floats (B, C, H, W) -> uint8 in [0, 255], rounding as the DDPM code does ((x + 1) * 127.5)."""
+    return ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_value: int = 255) -> Tensor:
+    """Tile uint8 images (B, C, H, W) into one (C, H', W') uint8 image, `nrow` per row (default: square)."""
+    if images.dtype != torch.uint8:
+        images = to_uint8(images)
+    b, c, h, w = images.shape
+    nrow = nrow or math.ceil(math.sqrt(b))
+    ncol = math.ceil(b / nrow)
+    grid = images.new_full((c, ncol * (h + padding) + padding, nrow * (w + padding) + padding), pad_value)
+    for k in range(b):
+        row, col = divmod(k, nrow)
+        top, left = padding + row * (h + padding), padding + col * (w + padding)
+        grid[:, top : top + h, left : left + w] = images[k]
+    return grid
+
+
+def to_pil(image: Tensor) -> Image.Image:
+    """uint8 (C, H, W) with C in {1, 3} -> PIL image."""
+    array = image.cpu().numpy()
+    return Image.fromarray(array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0)))
+
+
+def save_png(image: Tensor, path: str | os.PathLike) -> Path:
+    """Write one uint8 (C, H, W) image as PNG atomically (temporary file, then rename): a reader never sees
+    a half-written file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            to_pil(image).save(f, format="PNG")
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_grid(images: Tensor, path: str | os.PathLike, nrow: int | None = None) -> Path:
+    """Save a batch of [-1, 1] (or uint8) images as one PNG grid."""
+    return save_png(make_grid(images, nrow=nrow), path)

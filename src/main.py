@@ -1,0 +1,97 @@
+"""Command line: python -m src.main fit|validate|test|predict --config configs/<x>.yaml [--option value ...].
+
+A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's options it adds:
+  --output_dir DIR     predict: folder for the PNG files (default: <run dir>/predictions)
+  --overwrite BOOL     predict: allow writing into a folder that already holds files
+  --logger_backend     auto | wandb | wandb_offline | tensorboard | csv (used when --trainer.logger is unset)
+  --run_name NAME      folder/project name of the run under --trainer.default_root_dir
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import warnings
+from pathlib import Path
+
+import torch
+from lightning.pytorch.cli import LightningCLI
+
+from src.callbacks.sampling import PNGWriter
+from src.data import ImageDataModule
+from src.loggers import auto_logger
+from src.module import DiffusionModule
+
+# The EMA copy is kept in eval mode on purpose (no dropout in the averaged weights).
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+
+# What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
+# Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
+CHECKPOINT_MODEL_KEYS = ("net", "schedule", "timesteps", "beta_start", "beta_end")
+
+
+class DiffusionCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument(
+            "--output_dir",
+            type=str | None,
+            default=None,
+            help="predict: folder for one PNG per sample (default: <run dir>/predictions/<time>)",
+        )
+        parser.add_argument(
+            "--overwrite",
+            type=bool,
+            default=False,
+            help="predict: allow writing into an --output_dir that already holds files",
+        )
+        parser.add_argument(
+            "--logger_backend",
+            type=str,
+            default="auto",
+            help="auto | wandb | wandb_offline | tensorboard | csv; used when --trainer.logger "
+            "is not set (auto: wandb if logged in, else TensorBoard; never prompts)",
+        )
+        parser.add_argument("--run_name", type=str, default="ddpm", help="name of the run's log folder")
+        parser.set_defaults({"trainer.default_root_dir": "runs"})
+
+    def _parse_ckpt_path(self) -> None:
+        # Lightning's own version replaces *every* model option with the checkpoint's, which would silently
+        # ignore `predict --model.sampling_steps 10`; we take only the architecture from the checkpoint.
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if not ckpt_path or not Path(ckpt_path).is_file():
+            return
+        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        architecture = {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if key in hparams}
+        if architecture:
+            self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+
+    def instantiate_trainer(self, **kwargs):
+        config = self._get(self.config_init, "trainer", default={})
+        root = config.get("default_root_dir") or "runs"
+        if config.get("logger") in (None, True):
+            kwargs["logger"] = auto_logger(
+                root, self._get(self.config_init, "run_name"), self._get(self.config_init, "logger_backend")
+            )
+        trainer = super().instantiate_trainer(**kwargs)
+        if self.subcommand == "predict":
+            output_dir = self._get(self.config_init, "output_dir") or os.path.join(
+                root, "predictions", time.strftime("%Y%m%d-%H%M%S")
+            )
+            trainer.callbacks.append(PNGWriter(Path(output_dir), overwrite=self._get(self.config_init, "overwrite")))
+        return trainer
+
+
+def cli_main(args: list[str] | None = None, run: bool = True) -> DiffusionCLI:
+    return DiffusionCLI(
+        DiffusionModule,
+        ImageDataModule,
+        args=args,
+        run=run,
+        seed_everything_default=0,
+        save_config_kwargs={"overwrite": True},
+    )
+
+
+if __name__ == "__main__":
+    cli_main()
