@@ -1,0 +1,126 @@
+"""End to end through the command line: fit -> checkpoint -> predict PNG files, on a tiny model."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from src.data import DATASETS
+from src.main import cli_main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
+
+needs_fashion_mnist = pytest.mark.skipif(
+    not any(Path(d).is_dir() for d in DATASETS["fashion_mnist"].system_dirs),
+    reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)",
+)
+
+# A tiny network and few sampling steps so that the round trip takes seconds on a CPU.
+TINY = [
+    "--config", CONFIG,
+    "--model.net.init_args.base_channels", "8",
+    "--model.net.init_args.norm_groups", "4",
+    "--model.net.init_args.attn_resolutions", "[7]",
+    "--model.sampling_steps", "3",
+    "--logger_backend", "csv",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+
+CALLBACKS = json.dumps(
+    [
+        {
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"save_last": True, "save_top_k": 0},
+        },
+        {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 0, "num_samples": 4}},
+    ]
+)
+
+
+def _fit(root: Path, steps: int = 4) -> Path:
+    cli_main(["fit", *TINY, "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+              "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+              "--data.batch_size", "8", "--data.val_size", "16",
+              "--trainer.callbacks", CALLBACKS])  # fmt: skip
+    (ckpt,) = root.glob("*/version_*/checkpoints/last.ckpt")
+    return ckpt
+
+
+def _predict(ckpt: Path, root: Path, out: Path, *extra: str) -> None:
+    cli_main(["predict", *TINY, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(root),
+              "--data.num_samples", "5", "--data.predict_batch_size", "2", "--output_dir", str(out), *extra])  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_fit_then_predict_round_trip(tmp_path: Path) -> None:
+    ckpt = _fit(tmp_path / "runs")
+    # fit leaves a checkpoint and a final sample grid.
+    grids = sorted((tmp_path / "runs").glob("*/version_*/samples/step_*.png"))
+    assert grids, "fit wrote no sample grid"
+    assert Image.open(grids[-1]).size[0] > 28
+
+    out = tmp_path / "pngs"
+    _predict(ckpt, tmp_path / "runs", out)
+    files = sorted(out.iterdir(), key=lambda p: int(p.stem))
+    assert [p.name for p in files] == [f"{i}.png" for i in range(5)]
+    first = np.asarray(Image.open(files[0]))
+    assert first.shape == (28, 28) and first.dtype == np.uint8
+
+    # Same checkpoint, same seed, other batch size: the same images (noise depends on the sample index only).
+    out2 = tmp_path / "pngs2"
+    _predict(ckpt, tmp_path / "runs", out2, "--data.predict_batch_size", "5")
+    for a, b in zip(files, sorted(out2.iterdir(), key=lambda p: int(p.stem))):
+        assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
+
+    # A folder that already holds files is never overwritten without --overwrite.
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    with pytest.raises(FileExistsError, match="--overwrite"):
+        _predict(ckpt, tmp_path / "runs", out, "--model.sample_seed", "1")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    _predict(ckpt, tmp_path / "runs", out, "--model.sample_seed", "1", "--overwrite", "true")
+    assert any(p.read_bytes() != before[p.name] for p in out.iterdir())
+
+
+def test_help_and_print_config_show_every_model_option() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "src.main", "fit", "--config", CONFIG, "--print_config"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr
+    for key in (
+        "sampler:",
+        "sampling_steps:",
+        "eta:",
+        "skip:",
+        "ema_decay:",
+        "warmup_steps:",
+        "base_channels:",
+        "dataset: fashion_mnist",
+        "run_name: fashion_mnist",
+    ):
+        assert key in result.stdout
+
+
+@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_every_config_parses(config: str) -> None:
+    cli = cli_main(["--config", str(REPO / "configs" / config)], run=False)
+    assert cli.model.net.image_size == cli.datamodule.image_size
+    assert cli.model.net.in_channels == cli.datamodule.num_channels
+
+
+def test_bad_sampler_option_is_one_clear_error() -> None:
+    with pytest.raises(ValueError, match="--model.eta must be in"):
+        cli_main(["--config", CONFIG, "--model.eta", "1.5"], run=False)
