@@ -28,8 +28,8 @@ def wandb_logged_in() -> bool:
         return False
 
 
-def auto_logger(save_dir: str, name: str, backend: str = "auto") -> Logger:
-    """A logger writing under `save_dir/name`.
+def auto_logger(save_dir: str, name: str, backend: str = "auto", version: str | None = None) -> Logger:
+    """A logger writing under `save_dir/name` (in folder `version` when given, e.g. to continue a resumed run).
 
     backend: "auto" (wandb if logged in or WANDB_MODE=offline, else TensorBoard, else CSV), "wandb",
     "wandb_offline", "tensorboard" or "csv".
@@ -51,7 +51,7 @@ def auto_logger(save_dir: str, name: str, backend: str = "auto") -> Logger:
         os.makedirs(save_dir, exist_ok=True)
         return WandbLogger(project=name, save_dir=save_dir, offline=offline)
     if backend == "tensorboard":
-        return TensorBoardLogger(save_dir=save_dir, name=name)
+        return TensorBoardLogger(save_dir=save_dir, name=name, version=version)
     if backend == "csv":
-        return CSVLogger(save_dir=save_dir, name=name)
+        return CSVLogger(save_dir=save_dir, name=name, version=version)
     raise ValueError(f"unknown logger backend {backend!r}; choose auto, wandb, wandb_offline, tensorboard or csv")

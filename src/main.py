@@ -18,6 +18,7 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from src.callbacks.sampling import PNGWriter
+from src.checkpoint_io import AtomicCheckpointIO
 from src.data import ImageDataModule
 from src.loggers import auto_logger
 from src.module import DiffusionModule
@@ -28,6 +29,17 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
 # Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
 CHECKPOINT_MODEL_KEYS = ("net", "schedule", "timesteps", "beta_start", "beta_end")
+
+
+def latest_checkpoint(root: str, run_name: str) -> Path:
+    """The newest `<root>/<run_name>/<version>/checkpoints/last.ckpt`, for `--ckpt_path last`."""
+    candidates = sorted(Path(root, run_name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if not candidates:
+        raise FileNotFoundError(
+            f"--ckpt_path last: no last.ckpt under {Path(root, run_name)}/*/checkpoints; train first "
+            "(same --run_name and --trainer.default_root_dir) or pass the checkpoint's path"
+        )
+    return candidates[-1]
 
 
 class DiffusionCLI(LightningCLI):
@@ -69,10 +81,19 @@ class DiffusionCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
         root = config.get("default_root_dir") or "runs"
-        if config.get("logger") in (None, True):
-            kwargs["logger"] = auto_logger(
-                root, self._get(self.config_init, "run_name"), self._get(self.config_init, "logger_backend")
-            )
+        run_name = self._get(self.config_init, "run_name")
+        version = None
+        if self._get(self.config_init, "ckpt_path") == "last":
+            # Lightning resolves "last" inside the *new* run's folder, which is empty; resume the newest run.
+            ckpt = latest_checkpoint(root, run_name)
+            (self.config_init[self.subcommand] if self.subcommand else self.config_init)["ckpt_path"] = str(ckpt)
+            version = ckpt.parent.parent.name if self.subcommand == "fit" else None
+        if self.subcommand == "predict" and config.get("logger") in (None, True):
+            kwargs["logger"] = False  # predict writes PNG files only; no empty log folders
+        elif config.get("logger") in (None, True):
+            kwargs["logger"] = auto_logger(root, run_name, self._get(self.config_init, "logger_backend"), version)
+        if not config.get("plugins"):
+            kwargs["plugins"] = [AtomicCheckpointIO()]
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "predict":
             output_dir = self._get(self.config_init, "output_dir") or os.path.join(
