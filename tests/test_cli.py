@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from src.data import DATASETS
@@ -46,11 +47,11 @@ CALLBACKS = json.dumps(
 )
 
 
-def _fit(root: Path, steps: int = 4) -> Path:
+def _fit(root: Path, steps: int = 4, *extra: str) -> Path:
     cli_main(["fit", *TINY, "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
               "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
               "--data.batch_size", "8", "--data.val_size", "16",
-              "--trainer.callbacks", CALLBACKS])  # fmt: skip
+              "--trainer.callbacks", CALLBACKS, *extra])  # fmt: skip
     (ckpt,) = root.glob("*/version_*/checkpoints/last.ckpt")
     return ckpt
 
@@ -89,6 +90,12 @@ def test_fit_then_predict_round_trip(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     _predict(ckpt, tmp_path / "runs", out, "--model.sample_seed", "1", "--overwrite", "true")
     assert any(p.read_bytes() != before[p.name] for p in out.iterdir())
+
+    # --ckpt_path last resumes the newest run in its own folder (not a fresh, empty version_1).
+    _fit(tmp_path / "runs", 6, "--ckpt_path", "last")
+    assert [p.name for p in (tmp_path / "runs" / "fashion_mnist").iterdir()] == ["version_0"]
+    resumed = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert resumed["global_step"] == 6
 
 
 def test_help_and_print_config_show_every_model_option() -> None:
