@@ -9,7 +9,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # Newest last.ckpt under ROOT, for `make sample` (override with CKPT=...).
 CKPT ?= $(shell ls -t $(ROOT)/*/*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 NUM_SAMPLES ?= 64
-OUT ?= $(ROOT)/samples
+OUT ?= $(ROOT)/samples/$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install data train sample test lint format benchmark clean
 
