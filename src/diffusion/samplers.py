@@ -99,6 +99,13 @@ def _timestep_batch(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
 
 
+def _denoise(model: Denoiser, x: Tensor, t: int, alpha_cumprod: float, clip_x0: bool = False) -> tuple[Tensor, Tensor]:
+    """eps_theta(x, t) and the x_0 it implies for noise level `alpha_cumprod` (clamped to [-1, 1] if `clip_x0`)."""
+    eps = model(x, _timestep_batch(t, x)).to(x.dtype)
+    x0 = predict_x0_from_eps(x, eps, alpha_cumprod)
+    return eps, (x0.clamp(-1.0, 1.0) if clip_x0 else x0)
+
+
 def _alpha_cumprod(schedule: NoiseSchedule, t: int) -> float:
     """a_t as a Python float (float64), with a_{-1} = 1."""
     return 1.0 if t < 0 else float(schedule.alphas_cumprod[t])
@@ -142,10 +149,7 @@ def ddim_sample(
     pairs = list(zip(reversed(seq), reversed(seq_prev), strict=True))
     for i, (t, t_prev) in enumerate(tqdm(pairs, desc="DDIM", disable=not progress, leave=False)):
         a_t, a_prev = _alpha_cumprod(schedule, t), _alpha_cumprod(schedule, t_prev)
-        eps = model(x, _timestep_batch(t, x)).to(x.dtype)
-        x0 = predict_x0_from_eps(x, eps, a_t)
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+        eps, x0 = _denoise(model, x, t, a_t, clip_x0)
         sigma = ddim_sigma(a_t, a_prev, eta)
         x = ddim_step(x0, eps, a_prev, sigma, randn_like(x, generator) if sigma > 0 else None)
         if callback is not None:
@@ -179,10 +183,7 @@ def ddpm_sample(
     x = x_T
     T = schedule.num_timesteps
     for i, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
-        eps = model(x, _timestep_batch(t, x)).to(x.dtype)
-        x0 = predict_x0_from_eps(x, eps, _alpha_cumprod(schedule, t))
-        if clip_x0:
-            x0 = x0.clamp(-1.0, 1.0)
+        eps, x0 = _denoise(model, x, t, _alpha_cumprod(schedule, t), clip_x0)
         x = float(schedule.posterior_mean_coef_x0[t]) * x0 + float(schedule.posterior_mean_coef_xt[t]) * x
         if t > 0:
             x = x + math.sqrt(float(variances[t])) * randn_like(x, generator)
@@ -216,8 +217,7 @@ def ddim_invert(
     pairs = list(zip(seq_prev, seq, strict=True))
     for i, (t_prev, t) in enumerate(tqdm(pairs, desc="DDIM inversion", disable=not progress, leave=False)):
         a_prev, a_t = _alpha_cumprod(schedule, t_prev), _alpha_cumprod(schedule, t)
-        eps = model(x, _timestep_batch(t, x)).to(x.dtype)
-        x0 = predict_x0_from_eps(x, eps, a_prev)
+        eps, x0 = _denoise(model, x, t, a_prev)  # eps at the target timestep t, applied to x_{t_prev}
         x = ddim_step(x0, eps, a_t, 0.0, None)
         if callback is not None:
             callback({"x": x, "x0": x0, "i": i, "t": t})
