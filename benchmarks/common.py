@@ -1,0 +1,104 @@
+"""Shared pieces of the benchmarks: the same UNet built by us and by diffusers, FLOP counts, timing, peaks."""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import yaml
+from torch.utils.flop_counter import FlopCounterMode
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from src.models.unet import UNet  # noqa: E402
+
+# Dense peak TFLOP/s per device for MFU (vendor data sheets, no sparsity): bf16 / tf32 tensor cores.
+PEAK_TFLOPS = {
+    ("H100", torch.bfloat16): 989.0,
+    ("H100", torch.float32): 494.5,  # TF32
+    ("H200", torch.bfloat16): 989.0,
+    ("H200", torch.float32): 494.5,
+    ("A100", torch.bfloat16): 312.0,
+    ("A100", torch.float32): 156.0,
+}
+
+
+def unet_settings(config: str) -> dict:
+    """The UNet init_args of configs/<config>.yaml."""
+    with open(REPO / "configs" / f"{config}.yaml") as f:
+        return yaml.safe_load(f)["model"]["net"]["init_args"]
+
+
+def our_unet(s: dict) -> UNet:
+    return UNet(**s)
+
+
+def diffusers_unet(s: dict) -> torch.nn.Module:
+    """diffusers' UNet2DModel with the same architecture as `UNet(**s)` (DDPM-style options, one attention head)."""
+    from diffusers import UNet2DModel
+
+    resolutions = [s["image_size"] // 2**i for i in range(len(s["channel_mult"]))]
+    attn = [r in s["attn_resolutions"] for r in resolutions]
+    return UNet2DModel(
+        sample_size=s["image_size"],
+        in_channels=s["in_channels"],
+        out_channels=s["in_channels"],
+        block_out_channels=tuple(s["base_channels"] * m for m in s["channel_mult"]),
+        layers_per_block=s["num_res_blocks"],
+        down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+        up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+        norm_num_groups=s["norm_groups"],
+        norm_eps=1e-6,
+        downsample_padding=0,
+        flip_sin_to_cos=False,
+        freq_shift=1,
+        attention_head_dim=None,  # one head of all channels, as DDPM
+        dropout=s["dropout"],
+        add_attention=s.get("mid_attention", True),
+    )
+
+
+def as_eps_fn(name: str, net: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`model(x, t) -> eps` for either network (diffusers returns an output object)."""
+    if name == "diffusers":
+        return lambda x, t: net(x, t).sample
+    return net
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_seconds(fn: Callable[[], object], repeats: int, device: torch.device) -> float:
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        fn()
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def flops(fn: Callable[[], object]) -> int:
+    """FLOPs of one call (matmuls and convolutions, as torch's FlopCounterMode counts them)."""
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None) -> float | None:
+    if override:
+        return override
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for (key, key_dtype), value in PEAK_TFLOPS.items():
+        if key in name and key_dtype == dtype:
+            return value
+    return None
