@@ -13,7 +13,10 @@ products in alphas_cumprod lose several digits in float32 near t = T.
 
 from __future__ import annotations
 
+import json
 import math
+import os
+from pathlib import Path
 
 import torch
 from torch import Tensor
@@ -80,6 +83,50 @@ class NoiseSchedule:
         if name not in builders:
             raise ValueError(f"unknown noise schedule {name!r}; choose one of {sorted(builders)}")
         return builders[name](timesteps, **kwargs)
+
+    @classmethod
+    def from_diffusers(cls, config: dict | str | os.PathLike) -> NoiseSchedule:
+        """The schedule of a diffusers scheduler config (`scheduler_config.json` of DDPMScheduler, DDIMScheduler,
+        ...): a dict, the JSON file, or a folder holding it (directly or in `scheduler/`).
+
+        Reads `num_train_timesteps`, `beta_start`, `beta_end`, `beta_schedule` ("linear", "scaled_linear" or
+        "squaredcos_cap_v2", which is our `cosine`) and `trained_betas`. Sampler settings (clip_sample,
+        timestep_spacing, variance_type, ...) are not part of a schedule and are ignored. Raises ValueError for
+        what we cannot reproduce: other beta schedules, zero-terminal-SNR rescaling, and models that predict
+        anything but eps (our samplers take an eps-predictor).
+        """
+        if not isinstance(config, dict):
+            path = Path(config)
+            for candidate in (path, path / "scheduler_config.json", path / "scheduler" / "scheduler_config.json"):
+                if candidate.is_file():
+                    config = json.loads(candidate.read_text())
+                    break
+            else:
+                raise FileNotFoundError(f"{path}: no scheduler_config.json here or in {path / 'scheduler'}")
+        name = config.get("_class_name", "scheduler")
+        problems = []
+        if config.get("prediction_type", "epsilon") != "epsilon":
+            problems.append(f"prediction_type={config['prediction_type']!r} (our samplers need an eps-predictor)")
+        if config.get("rescale_betas_zero_snr", False):
+            problems.append("rescale_betas_zero_snr=True (not implemented here)")
+        timesteps = int(config.get("num_train_timesteps", 1000))
+        start, end = float(config.get("beta_start", 1e-4)), float(config.get("beta_end", 0.02))
+        kind = config.get("beta_schedule", "linear")
+        if config.get("trained_betas") is not None:
+            betas = torch.as_tensor(config["trained_betas"], dtype=torch.float64)
+        elif kind == "linear":
+            betas = torch.linspace(start, end, timesteps, dtype=torch.float64)
+        elif kind == "scaled_linear":
+            # Latent diffusion's schedule: linear in sqrt(beta).
+            betas = torch.linspace(start**0.5, end**0.5, timesteps, dtype=torch.float64) ** 2
+        elif kind == "squaredcos_cap_v2":
+            # diffusers' name for the improved-DDPM cosine schedule (s = 0.008, betas capped at 0.999).
+            betas = cls.cosine(timesteps).betas
+        else:
+            problems.append(f"beta_schedule={kind!r} (supported: linear, scaled_linear, squaredcos_cap_v2)")
+        if problems:
+            raise ValueError(f"{name} config has no NoiseSchedule equivalent: " + "; ".join(problems))
+        return cls(betas)
 
     # ------------------------------------------------------------------ properties
     @property

@@ -10,6 +10,7 @@ paper's 35.7M parameters, layer for layer as the official TensorFlow code (`diff
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Sequence
 
 import torch
@@ -130,6 +131,20 @@ class UNet(nn.Module):
         mid_attention: bool = True,
     ) -> None:
         super().__init__()
+        # The constructor arguments, JSON-ready: what `to_diffusers` and `src.export` write beside the weights.
+        self.config = dict(
+            in_channels=in_channels,
+            base_channels=base_channels,
+            channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            dropout=dropout,
+            image_size=image_size,
+            num_classes=num_classes,
+            out_channels=out_channels,
+            norm_groups=norm_groups,
+            mid_attention=mid_attention,
+        )
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.image_size = image_size
@@ -220,3 +235,20 @@ class UNet(nn.Module):
                 h = layer(h)
 
         return self.conv_out(F.silu(self.norm_out(h)))
+
+    # ------------------------------------------------------------------ interoperability (src/models/convert.py)
+    @classmethod
+    def from_diffusers(cls, path: str | os.PathLike) -> UNet:
+        """A UNet with the weights of a diffusers `UNet2DModel` folder (config.json + diffusion_pytorch_model
+        .safetensors or .bin), e.g. google/ddpm-cifar10-32; raises ValueError for configurations this UNet
+        cannot represent and for weights that do not match the config."""
+        from src.models.convert import load_diffusers_unet  # convert.py imports this module
+
+        return load_diffusers_unet(path)
+
+    def to_diffusers(self, path: str | os.PathLike) -> None:
+        """Write config.json + diffusion_pytorch_model.safetensors that `diffusers.UNet2DModel.from_pretrained`
+        loads into the same function."""
+        from src.models.convert import save_diffusers_unet
+
+        save_diffusers_unet(self, path)

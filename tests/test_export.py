@@ -1,0 +1,108 @@
+"""Inference export (src/export.py): a real Lightning checkpoint's EMA weights -> model.safetensors + config.json ->
+`load_exported` gives the EMA network's outputs exactly, without importing Lightning."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+import yaml
+from torch.utils.data import DataLoader, TensorDataset
+
+from src.export import export_checkpoint, load_exported, load_model, main
+from src.models.unet import UNet
+from src.module import DiffusionModule
+
+pytest.importorskip("safetensors")
+pytestmark = pytest.mark.filterwarnings("ignore:.*eval mode.*", "ignore:.*val_dataloader.*")
+REPO = Path(__file__).resolve().parents[1]
+NET = dict(in_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=1, attn_resolutions=[4],
+           dropout=0.0, image_size=8, norm_groups=4)  # fmt: skip
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """Two training steps of a tiny model with Lightning, saved where the CLI would put it, plus the CLI's
+    config.yaml in the run folder (DiffusionModule does not store `net` in its hyperparameters)."""
+    torch.manual_seed(0)
+    module = DiffusionModule(UNet(**NET), lr=1e-2, warmup_steps=0, ema_decay=0.9, sampling_steps=7, eta=0.3)
+    data = TensorDataset(torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.int64))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, DataLoader(data, batch_size=4))
+    run = tmp_path_factory.mktemp("runs") / "version_0"
+    ckpt = run / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": {"net": {"class_path": "src.models.unet.UNet",
+                                                                        "init_args": NET}}}))  # fmt: skip
+    return ckpt, module
+
+
+def test_export_gives_the_ema_model(checkpoint, tmp_path):
+    ckpt, module = checkpoint
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    net, schedule, options = load_exported(out)
+    assert options == dict(sampler="ddim", steps=7, eta=0.3, skip="uniform", variance="fixed_small", clip_x0=False)
+    assert schedule.num_timesteps == 1000 and torch.equal(schedule.betas, module.schedule.betas.cpu())
+    ema, raw = module.ema.model.eval(), module.net.eval()
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.equal(net(x, t), ema(x, t))
+        assert not torch.equal(net(x, t), raw(x, t))  # the EMA weights, not the trained copy
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["unet"] == UNet(**NET).config and meta["source"]["global_step"] == 2
+    # load_model dispatches on what it is given: the export folder or the checkpoint itself.
+    for source in (out, ckpt):
+        with torch.no_grad():
+            assert torch.equal(load_model(source)[0](x, t), ema(x, t))
+
+
+def test_network_arguments_sources(checkpoint, tmp_path):
+    ckpt, _ = checkpoint
+    lone = tmp_path / "lone.ckpt"  # a checkpoint away from its run folder: no config.yaml beside it
+    lone.write_bytes(ckpt.read_bytes())
+    with pytest.raises(ValueError, match="no network arguments found"):
+        export_checkpoint(lone, tmp_path / "a")
+    export_checkpoint(lone, tmp_path / "b", config=ckpt.parent.parent / "config.yaml")
+    # Network arguments in the hyperparameters (as {"class_path", "init_args"}) take precedence.
+    data = torch.load(ckpt, weights_only=True)
+    data["hyper_parameters"]["net"] = {"class_path": "src.models.unet.UNet", "init_args": NET}
+    torch.save(data, lone)
+    export_checkpoint(lone, tmp_path / "c")
+    data["hyper_parameters"]["net"] = {"class_path": "src.models.unet.UNet", "init_args": dict(NET, base_channels=16)}
+    torch.save(data, lone)
+    with pytest.raises(ValueError, match="do not fit"):
+        export_checkpoint(lone, tmp_path / "d")
+
+
+def test_cli_refuses_to_overwrite(checkpoint, tmp_path, capsys):
+    ckpt, _ = checkpoint
+    out = tmp_path / "export"
+    main([str(ckpt), str(out)])
+    assert "model.safetensors" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as info:
+        main([str(ckpt), str(out)])
+    assert info.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    main([str(ckpt), str(out), "--overwrite"])
+
+
+def test_load_exported_does_not_import_lightning(checkpoint, tmp_path):
+    out = export_checkpoint(checkpoint[0], tmp_path / "export")
+    code = (
+        "import sys; from src.export import load_exported; net, s, o = load_exported(sys.argv[1]); "
+        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning'"
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
