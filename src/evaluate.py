@@ -1,0 +1,122 @@
+"""Offline evaluation of saved samples: FID (and KID, IS) of a folder of PNG files or a .npz of uint8 images.
+
+    python -m src.evaluate --samples runs/samples/DIR --ref cifar10 [--split train] [--data_dir data]
+    python -m src.evaluate --samples samples.npz --ref stats.npz          # pytorch-fid / torch-fidelity .npz
+    python -m src.evaluate --samples DIR --ref fashion_mnist --extractor standin   # offline smoke test, NOT FID
+
+Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a data set as --ref),
+"is_mean", "is_std" (with --isc), "num_samples", ...}; with the stand-in extractor the keys carry "_standin".
+A data set's reference statistics are cached as in training (`--cache_dir`, default ~/.cache/ddim-lightning/fid_stats).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from src.metrics import evaluation
+from src.metrics.features import EXTRACTORS, build_feature_extractor
+from src.metrics.fid import frechet_distance
+from src.metrics.scores import inception_score, kernel_inception_distance
+
+
+def load_samples(path: str | Path) -> torch.Tensor:
+    """uint8 (N, C, H, W) from a folder of PNG/JPEG files (sorted by name) or a .npz whose first array (or
+    `samples`) is uint8 (N, H, W, C) (the DDPM/ADM convention), (N, H, W) or (N, C, H, W)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
+        if not files:
+            raise FileNotFoundError(f"--samples {path}: no .png/.jpg files")
+        arrays = [np.asarray(Image.open(p)) for p in files]
+        images = np.stack(arrays)
+    else:
+        with np.load(path) as data:
+            images = data["samples"] if "samples" in data.files else data[data.files[0]]
+    if images.dtype != np.uint8:
+        raise ValueError(f"--samples {path}: expected uint8 images, got {images.dtype}")
+    if images.ndim == 3:
+        images = images[:, None]
+    elif images.shape[-1] in (1, 3) and images.shape[1] not in (1, 3):
+        images = images.transpose(0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(images))
+
+
+@torch.no_grad()
+def features_of(extractor, images: torch.Tensor, batch_size: int, device: str, desc: str) -> dict[str, torch.Tensor]:
+    out: dict[str, list[torch.Tensor]] = {}
+    from tqdm.auto import tqdm
+
+    for chunk in tqdm(images.split(batch_size), desc=desc, leave=False):
+        for key, value in extractor(chunk.to(device)).items():
+            out.setdefault(key, []).append(value.cpu())
+    return {key: torch.cat(values) for key, values in out.items()}
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--samples", required=True, help="folder of PNG files or .npz of uint8 images")
+    parser.add_argument("--ref", required=True, help="reference: a .npz with mu and sigma, or a data set name")
+    parser.add_argument("--split", default="train", help="data set split for --ref DATASET (train | test)")
+    parser.add_argument("--data_dir", default=None, help="data folder for --ref DATASET")
+    parser.add_argument("--extractor", default="inception", choices=EXTRACTORS)
+    parser.add_argument("--weights", default=None, help="InceptionV3 weights file (default: $DDIM_FID_WEIGHTS)")
+    parser.add_argument("--cache_dir", default=None, help="reference statistics cache folder")
+    parser.add_argument("--batch_size", type=int, default=250)
+    parser.add_argument("--kid", action="store_true", help="also KID (needs --ref DATASET: features, not stats)")
+    parser.add_argument("--isc", action="store_true", help="also the Inception Score of the samples")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = parser.parse_args(argv)
+
+    extractor = build_feature_extractor(args.extractor, args.weights).to(args.device)
+    suffix = "" if args.extractor == "inception" else f"_{args.extractor}"
+    samples = load_samples(args.samples)
+    feats = features_of(extractor, samples, args.batch_size, args.device, "sample features")
+    pool = feats["pool"].double().numpy()
+    mu, sigma = np.mean(pool, axis=0), np.cov(pool, rowvar=False)
+    results: dict[str, float] = {"num_samples": len(samples)}
+
+    ref_features = None
+    if args.ref.endswith(".npz"):
+        ref_mu, ref_sigma, _ = evaluation.load_statistics(args.ref)
+    else:
+        from src.data import load_dataset
+
+        ref_images = load_dataset(args.ref, args.split, args.data_dir)[0]
+        key = evaluation.reference_key(args.ref, args.split, extractor.name, ref_images.shape[-1], len(ref_images))
+
+        def compute() -> tuple[np.ndarray, np.ndarray]:
+            nonlocal ref_features
+            ref_features = features_of(extractor, ref_images, args.batch_size, args.device, "reference")["pool"]
+            ref = ref_features.double().numpy()
+            return np.mean(ref, axis=0), np.cov(ref, rowvar=False)
+
+        ref_mu, ref_sigma, path, _ = evaluation.cached_statistics(key, compute, args.cache_dir, args.device)
+        results["ref_stats"] = str(path)
+        if args.kid and ref_features is None:
+            ref_features = features_of(extractor, ref_images, args.batch_size, args.device, "reference")["pool"]
+    results[f"fid{suffix}"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    if args.kid:
+        if ref_features is None:
+            raise SystemExit("--kid needs reference features: pass a data set name as --ref, not a .npz")
+        kid = kernel_inception_distance(pool, ref_features.double().numpy())
+        results[f"kid_mean{suffix}"], results[f"kid_std{suffix}"] = kid
+    if args.isc:
+        if "logits" not in feats:
+            raise SystemExit("--isc needs the Inception extractor's logits")
+        results["is_mean"], results["is_std"] = inception_score(feats["logits"])
+    if suffix:
+        results["note"] = "stand-in features: these numbers are NOT FID/KID and not comparable to papers"
+    json.dump(results, sys.stdout, indent=1)
+    print()
+    return results
+
+
+if __name__ == "__main__":
+    main()

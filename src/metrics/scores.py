@@ -1,0 +1,83 @@
+"""Kernel Inception Distance and Inception Score from features, as torch-fidelity computes them.
+
+KID (Binkowski et al. 2018, "Demystifying MMD GANs", section 3): the unbiased estimate of the squared MMD with
+the polynomial kernel k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, coef0 = 1, degree 3, averaged over
+`subsets` random subsets of `subset_size` features from each set (torch-fidelity's defaults: 100 x 1000, numpy
+RandomState(2020)); returns (mean, std) over the subsets.
+
+IS (Salimans et al. 2016, "Improved Techniques for Training GANs", section 4): exp(E_x KL(p(y|x) || p(y))),
+on `splits` chunks, with torch-fidelity's shuffling and its 'logits_unbiased' Inception outputs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0):
+    """k(x, y) = (gamma <x, y> + coef0)^degree, gamma = 1/D by default (Binkowski et al. 2018, eq. 8 style)."""
+    gamma = 1.0 / x.shape[1] if gamma is None else gamma
+    return (x @ y.T * gamma + coef0) ** degree
+
+
+def mmd2_unbiased(k_xx: np.ndarray, k_xy: np.ndarray, k_yy: np.ndarray) -> float:
+    """Unbiased MMD^2 of two equal-sized samples (Gretton et al. 2012, eq. 3, with the cross term over all
+    pairs as torch-fidelity's mmd_est="unbiased"):
+
+        sum_{i != j} k(x_i, x_j) / (m (m-1)) + sum_{i != j} k(y_i, y_j) / (m (m-1)) - 2 sum_{i,j} k(x_i, y_j) / m^2
+    """
+    m = k_xx.shape[0]
+    off_xx = k_xx.sum() - np.trace(k_xx)
+    off_yy = k_yy.sum() - np.trace(k_yy)
+    return float((off_xx + off_yy) / (m * (m - 1)) - 2.0 * k_xy.sum() / (m * m))
+
+
+def kernel_inception_distance(
+    features1: np.ndarray | Tensor,
+    features2: np.ndarray | Tensor,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef0: float = 1.0,
+    seed: int = 2020,
+) -> tuple[float, float]:
+    """KID mean and std over `subsets` random subsets (torch-fidelity's `kid_features_to_metric`).
+
+    The subset size is reduced to the smaller set's size when needed (torch-fidelity refuses instead).
+    """
+    f1 = features1.detach().cpu().numpy() if isinstance(features1, Tensor) else np.asarray(features1)
+    f2 = features2.detach().cpu().numpy() if isinstance(features2, Tensor) else np.asarray(features2)
+    size = min(subset_size, len(f1), len(f2))
+    if size < 2:
+        raise ValueError("KID needs at least 2 features in each set")
+    rng = np.random.RandomState(seed)
+    mmds = np.zeros(subsets)
+    for i in range(subsets):
+        a = f1[rng.choice(len(f1), size, replace=False)]
+        b = f2[rng.choice(len(f2), size, replace=False)]
+        k_aa = polynomial_kernel(a, a, degree, gamma, coef0)
+        k_bb = polynomial_kernel(b, b, degree, gamma, coef0)
+        k_ab = polynomial_kernel(a, b, degree, gamma, coef0)
+        mmds[i] = mmd2_unbiased(k_aa, k_ab, k_bb)
+    return float(mmds.mean()), float(mmds.std())
+
+
+def inception_score(logits: Tensor, splits: int = 10, shuffle: bool = True, seed: int = 2020) -> tuple[float, float]:
+    """IS mean and std over `splits` chunks: exp(mean_x KL(p(y|x) || mean_x p(y|x))) per chunk, in float64
+    (torch-fidelity's `isc_features_to_metric`)."""
+    logits = torch.as_tensor(logits)
+    n = logits.shape[0]
+    if shuffle:
+        logits = logits[np.random.RandomState(seed).permutation(n), :]
+    logits = logits.double()
+    p, log_p = logits.softmax(dim=1), logits.log_softmax(dim=1)
+    scores = []
+    for i in range(splits):
+        chunk = slice(i * n // splits, (i + 1) * n // splits)
+        p_y = p[chunk].mean(dim=0, keepdim=True)
+        kl = (p[chunk] * (log_p[chunk] - p_y.log())).sum(dim=1).mean()
+        scores.append(float(kl.exp()))
+    return float(np.mean(scores)), float(np.std(scores))
