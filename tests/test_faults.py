@@ -1,0 +1,158 @@
+"""Faults: a SIGTERM/SIGUSR1 saves last.ckpt and exits cleanly; a non-finite loss is skipped or stops the run."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from torch.utils.data import DataLoader
+
+from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
+from src.errors import NonFiniteLossError
+from src.main import cli_main
+from src.models.unet import UNet
+from src.module import DiffusionModule
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
+
+
+def tiny_module() -> DiffusionModule:
+    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+               dropout=0.0, image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+    return DiffusionModule(net, timesteps=50, warmup_steps=2, lr=1e-3, ema_decay=0.9, sampling_steps=5)
+
+
+def loader() -> DataLoader:
+    images = torch.rand(40, 1, 8, 8, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    return DataLoader(list(zip(images, torch.zeros(40).long(), strict=True)), batch_size=8)
+
+
+class Inject(L.Callback):
+    """Puts a NaN into the batch of step `nan_at` (or sends `signum` during step `signal_at`); records weights."""
+
+    def __init__(self, nan_at: int | None = None, signal_at: int | None = None, signum: int = signal.SIGTERM):
+        self.nan_at, self.signal_at, self.signum = nan_at, signal_at, signum
+        self.weights: dict[int, list[torch.Tensor]] = {}
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self.weights[trainer.global_step] = [p.detach().clone() for p in pl_module.net.parameters()]
+        if trainer.global_step == self.nan_at:
+            batch[0][0, 0, 0, 0] = float("nan")
+        if self.signal_at is not None and trainer.global_step + 1 == self.signal_at:
+            os.kill(os.getpid(), self.signum)
+
+
+def fit(root: Path, inject: Inject, guard: NonFiniteGuard | None = None, max_steps: int = 5) -> L.Trainer:
+    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=1)
+    callbacks = [checkpoints, SignalCheckpoint(), guard or NonFiniteGuard(), inject]
+    trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
+                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(tiny_module(), loader())
+    return trainer
+
+
+def test_nonfinite_step_is_skipped_up_to_the_limit(tmp_path: Path) -> None:
+    guard = NonFiniteGuard(max_skips=1)
+    inject = Inject(nan_at=2)
+    with pytest.warns(
+        UserWarning, match=r"non-finite loss at step 2 .*images \(8, 1, 8, 8\) min .*\(1 non-finite\), t \["
+    ):
+        trainer = fit(tmp_path, inject, guard)
+    assert trainer.global_step == 5 and guard.num_skipped == 1
+    # The skipped step left the weights as they were; the others changed them; all stay finite.
+    assert all(torch.equal(a, b) for a, b in zip(inject.weights[2], inject.weights[3], strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(inject.weights[3], inject.weights[4], strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    # The skip count is part of the checkpoint, so a resumed run keeps counting.
+    states = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["callbacks"]
+    assert {"num_skipped": 1} in states.values()
+
+
+def test_nonfinite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path: Path) -> None:
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*loss nan.*t \[.*stopped") as error:
+        fit(tmp_path, Inject(nan_at=3))
+    assert "\n" not in str(error.value)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 3  # the step before the NaN, not overwritten by the failed one
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]  # no stray temporary files
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_last_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        fit(tmp_path, Inject(signal_at=2, signum=signum), max_steps=100)
+    assert exit_info.value.code in (None, 0)
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
+    assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # our SIGUSR1 handler is gone again
+
+
+def write_fake_fashion_mnist(root: Path, n_train: int = 60, n_test: int = 20) -> Path:
+    """Tiny Fashion-MNIST-format idx files (random pixels) in torchvision's layout under `root`."""
+    folder = root / "FashionMNIST" / "raw"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        (folder / f"{prefix}-images-idx3-ubyte").write_bytes(struct.pack(">IIII", 0x803, n, 28, 28) + images.tobytes())
+        labels = rng.integers(0, 10, n, dtype=np.uint8)
+        (folder / f"{prefix}-labels-idx1-ubyte").write_bytes(struct.pack(">II", 0x801, n) + labels.tobytes())
+    return root
+
+
+TINY_CLI = [
+    "--config", CONFIG,
+    "--model.net.init_args.base_channels", "8",
+    "--model.net.init_args.norm_groups", "4",
+    "--model.net.init_args.channel_mult", "[1, 2]",
+    "--model.net.init_args.attn_resolutions", "[]",
+    "--model.net.init_args.mid_attention", "false",
+    "--model.sampling_steps", "2",
+    "--data.batch_size", "8",
+    "--data.val_size", "8",
+    "--logger_backend", "csv",
+    "--trainer.enable_progress_bar", "false",
+    "--trainer.enable_model_summary", "false",
+    "--trainer.limit_val_batches", "0",
+    "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",'
+    ' "init_args": {"save_last": true, "save_top_k": 0, "every_n_train_steps": 1}}]',
+]  # fmt: skip
+
+
+def test_sigterm_to_the_cli_saves_and_the_requeued_run_resumes(tmp_path: Path) -> None:
+    data, runs = write_fake_fashion_mnist(tmp_path / "data"), tmp_path / "runs"
+    args = ["fit", *TINY_CLI, "--data.data_dir", str(data), "--trainer.default_root_dir", str(runs)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen([sys.executable, "-m", "src.main", *args, "--trainer.max_steps", "100000"],
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list(runs.glob("*/version_0/checkpoints/last.ckpt")):  # training is under way
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, output
+    assert "Stopping on a signal after step" in output
+    (last,) = runs.glob("*/version_0/checkpoints/last.ckpt")
+    step = torch.load(last, weights_only=True, map_location="cpu")["global_step"]
+    assert step >= 1
+
+    # The requeued job: same command with --ckpt_path last continues in the same run folder.
+    cli_main([*args, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)])
+    assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == step + 2
+    assert [p.name for p in (runs / "fashion_mnist").iterdir()] == ["version_0"]
