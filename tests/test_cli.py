@@ -78,8 +78,11 @@ def test_fit_then_predict_round_trip(tmp_path: Path) -> None:
     assert first.shape == (28, 28) and first.dtype == np.uint8
 
     # Same checkpoint, same seed, other batch size: the same images (noise depends on the sample index only).
+    # The network comes from the checkpoint, whatever the config says (here a wider one).
     out2 = tmp_path / "pngs2"
-    _predict(ckpt, tmp_path / "runs", out2, "--data.predict_batch_size", "5")
+    _predict(
+        ckpt, tmp_path / "runs", out2, "--data.predict_batch_size", "5", "--model.net.init_args.base_channels", "16"
+    )
     for a, b in zip(files, sorted(out2.iterdir(), key=lambda p: int(p.stem))):
         assert np.array_equal(np.asarray(Image.open(a)), np.asarray(Image.open(b)))
 

@@ -72,12 +72,15 @@ def test_export_gives_the_ema_model(checkpoint, tmp_path):
 def test_network_arguments_sources(checkpoint, tmp_path):
     ckpt, _ = checkpoint
     lone = tmp_path / "lone.ckpt"  # a checkpoint away from its run folder: no config.yaml beside it
-    lone.write_bytes(ckpt.read_bytes())
+    data = torch.load(ckpt, weights_only=True)
+    assert data["hyper_parameters"]["net"]["class_path"] == "src.models.unet.UNet"  # new checkpoints record the net
+    # An older checkpoint without it:
+    del data["hyper_parameters"]["net"]
+    torch.save(data, lone)
     with pytest.raises(ValueError, match="no network arguments found"):
         export_checkpoint(lone, tmp_path / "a")
     export_checkpoint(lone, tmp_path / "b", config=ckpt.parent.parent / "config.yaml")
     # Network arguments in the hyperparameters (as {"class_path", "init_args"}) take precedence.
-    data = torch.load(ckpt, weights_only=True)
     data["hyper_parameters"]["net"] = {"class_path": "src.models.unet.UNet", "init_args": NET}
     torch.save(data, lone)
     export_checkpoint(lone, tmp_path / "c")

@@ -197,3 +197,18 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path: Path) 
         io.save_checkpoint({"step": 2, "bad": Unpicklable()}, path)
     assert torch.load(path, weights_only=True) == {"step": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
+
+
+def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
+    """The network's class and arguments are recorded in the checkpoint's hyper-parameters."""
+    module = tiny_module(eta=0.5)
+    t = trainer(tmp_path, max_steps=1)
+    t.fit(module, loader())
+    t.save_checkpoint(tmp_path / "m.ckpt")
+    hparams = torch.load(tmp_path / "m.ckpt", weights_only=True)["hyper_parameters"]
+    assert hparams["net"]["class_path"] == "src.models.unet.UNet"
+    assert hparams["net"]["init_args"]["base_channels"] == 8
+    loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu")
+    assert loaded.hparams.eta == 0.5 and loaded.net.config == module.net.config
+    for a, b in zip(loaded.ema.model.parameters(), module.ema.model.parameters(), strict=True):
+        assert torch.equal(a, b)
