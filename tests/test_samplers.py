@@ -394,7 +394,7 @@ def test_bad_timesteps_raise(timesteps):
 
 def test_unknown_ddpm_variance_raises():
     with pytest.raises(ValueError, match="unknown variance"):
-        ddpm_sample(toy_model, torch.zeros(1, 1, 2, 2, dtype=DTYPE), NoiseSchedule.linear(T), variance="learned")
+        ddpm_sample(toy_model, torch.zeros(1, 1, 2, 2, dtype=DTYPE), NoiseSchedule.linear(T), variance="cubic")
 
 
 # ---------------------------------------------------------------------------------------------- Gaussian data

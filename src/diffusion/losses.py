@@ -10,12 +10,15 @@ or mask examples before averaging.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl, posterior_log_variance
+from src.diffusion.parameterization import training_target, x0_from_prediction
+from src.diffusion.schedule import NoiseSchedule, extract
 
 Denoiser = Callable[..., Tensor]
 
@@ -33,19 +36,84 @@ def l_simple(
     schedule: NoiseSchedule,
     t: Tensor | None = None,
     noise: Tensor | None = None,
+    prediction: str = "eps",
     **model_kwargs: object,
 ) -> Tensor:
     """Per-example L_simple: mean over pixels of (eps - eps_theta(x_t, t))^2, shape (B,).
 
     `t` and `noise` are drawn when not given (Algorithm 1, lines 3-4). Extra keyword arguments (e.g. class
-    labels `y`) are passed to the model.
+    labels `y`) are passed to the model. `prediction` ("eps", "x0" or "v") is what the model predicts; the same
+    unweighted squared error then regresses that target (`src.diffusion.parameterization.training_target`).
+    Output channels beyond the image's (a learned variance) are ignored here; see `l_hybrid`.
     """
     if t is None:
         t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
     if noise is None:
         noise = torch.randn_like(x0)
     x_t = schedule.q_sample(x0, t, noise)
-    eps_pred = model(x_t, t, **model_kwargs)
+    pred = model(x_t, t, **model_kwargs)[:, : x0.shape[1]]
+    target = training_target(prediction, x0, noise, schedule, t)
     # Compute the squared error in float32 even under bf16 autocast: the loss is a small difference of
     # O(1) numbers.
-    return (eps_pred.float() - noise.float()).pow(2).flatten(1).mean(dim=1)
+    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+
+
+def learned_variance_vb(
+    pred: Tensor, v: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str = "eps"
+) -> Tensor:
+    """The L_vlb term L_t of a learned-variance model, per example (B,), in bits per dimension (Improved DDPM,
+    Nichol & Dhariwal 2021, section 3.1 and their code's `_vb_terms_bpd`):
+
+        L_{t-1} = KL(q(x_{t-1} | x_t, x_0) || N(mu-tilde(x_t, x0_hat), Sigma_theta))      for t > 0 (0-based)
+        L_0     = -log p_theta(x_0 | x_1), the discretized Gaussian decoder (DDPM eq. 13) at t = 0
+
+    with log Sigma_theta = v' log beta_t + (1 - v') log beta-tilde_t, v' = (v + 1) / 2 (eq. 15; beta-tilde_0 = 0 is
+    replaced by beta-tilde_1 as in `likelihood.posterior_log_variance`). Pass `pred.detach()` to stop the
+    gradient of L_vlb into the mean, as the paper does so that L_simple alone drives the mean.
+    """
+    work = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    pred, v, x0, x_t = pred.to(work), v.to(work), x0.to(work), x_t.to(work)
+    x0_hat = x0_from_prediction(prediction, pred, x_t, schedule, t)
+    coef_x0 = extract(schedule.posterior_mean_coef_x0, t, x0)
+    coef_xt = extract(schedule.posterior_mean_coef_xt, t, x0)
+    min_log = extract(posterior_log_variance(schedule), t, x0)
+    max_log = extract(torch.log(schedule.betas), t, x0)
+    frac = (v + 1.0) / 2.0
+    model_logvar = frac * max_log + (1.0 - frac) * min_log
+    model_mean = coef_x0 * x0_hat + coef_xt * x_t  # mu-tilde(x_t, x0_hat), DDPM eq. 7
+    true_mean = coef_x0 * x0 + coef_xt * x_t
+    kl = normal_kl(true_mean, min_log, model_mean, model_logvar).flatten(1).mean(dim=1)
+    decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(dim=1)
+    return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
+
+
+def l_hybrid(
+    model: Denoiser,
+    x0: Tensor,
+    schedule: NoiseSchedule,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    prediction: str = "eps",
+    vlb_weight: float = 0.001,
+    **model_kwargs: object,
+) -> dict[str, Tensor]:
+    """Improved DDPM's L_hybrid = L_simple + lambda L_vlb (Nichol & Dhariwal 2021, eq. 16, lambda = 0.001) for a
+    model with 2C output channels (prediction, v), per example: {"loss", "mse", "vb"} each of shape (B,).
+
+    L_vlb = sum_t L_t is estimated from the drawn t as T L_t (t uniform), with L_t in bits/dim and the mean
+    detached (`learned_variance_vb`): loss = mse + lambda T vb, which is their code's `mse + vb * T / 1000`.
+    """
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    x_t = schedule.q_sample(x0, t, noise)
+    out = model(x_t, t, **model_kwargs)
+    channels = x0.shape[1]
+    if out.shape[1] != 2 * channels:
+        raise ValueError(f"a learned-variance model outputs 2 x {channels} channels, got {out.shape[1]}")
+    pred, v = out[:, :channels], out[:, channels:]
+    target = training_target(prediction, x0, noise, schedule, t)
+    mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    vb = learned_variance_vb(pred.detach(), v, x0, x_t, t, schedule, prediction)
+    return {"loss": mse + vlb_weight * schedule.num_timesteps * vb.to(mse.dtype), "mse": mse, "vb": vb}

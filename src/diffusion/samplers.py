@@ -24,7 +24,7 @@ from src.diffusion.schedule import NoiseSchedule
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
 
-SKIP_TYPES = ("uniform", "quad", "trailing", "linspace")
+SKIP_TYPES = ("uniform", "quad", "trailing", "linspace", "logsnr")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
 
 
@@ -54,7 +54,23 @@ def timestep_sequence(num_timesteps: int, steps: int, skip: str = "uniform") -> 
         return sorted(int(s) for s in seq)
     if skip == "linspace":
         return [int(s) for s in np.linspace(0, num_timesteps - 1, steps).round()]
+    if skip == "logsnr":
+        raise ValueError("skip='logsnr' depends on the schedule: use logsnr_timesteps(schedule, steps)")
     raise ValueError(f"unknown skip {skip!r}; choose one of {', '.join(SKIP_TYPES)}")
+
+
+def logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
+    """`steps` timesteps uniform in lambda = log(alpha / sigma) (half the log-SNR) from t = T - 1 to t = 0, each
+    rounded to the nearest discrete t and deduplicated: DPM-Solver's "logSNR" spacing (Lu et al. 2022, DPM-Solver
+    section 3.3 / appendix, recommended for pixel-space models). Uniform steps in lambda keep the step ratios
+    r_i = h_{i-1} / h_i of multistep solvers near 1; uniform-in-t grids on the linear schedule end with one huge
+    lambda step (t = T / steps -> 0) where DPM-Solver++(2M) extrapolates badly."""
+    if not 1 <= steps <= schedule.num_timesteps:
+        raise ValueError(f"steps must be in [1, {schedule.num_timesteps}] (the schedule's T), got {steps}")
+    a = schedule.alphas_cumprod.cpu().to(torch.float64).numpy()
+    lam = 0.5 * (np.log(a) - np.log1p(-a))
+    targets = np.linspace(lam[-1], lam[0], steps)
+    return sorted({int(np.abs(lam - target).argmin()) for target in targets})
 
 
 def predict_x0_from_eps(x_t: Tensor, eps: Tensor, alpha_cumprod_t: float) -> Tensor:
@@ -118,6 +134,29 @@ def _check_sequence(seq: Sequence[int], num_timesteps: int) -> list[int]:
     return seq
 
 
+def respace(schedule: NoiseSchedule, timesteps: Sequence[int]) -> NoiseSchedule:
+    """The schedule of the chain that visits only `timesteps` tau (Nichol & Dhariwal 2021, section 4; their
+    `space_timesteps`): beta_i = 1 - a_{tau_i} / a_{tau_{i-1}} with a_{tau_{-1}} = 1, so that its alpha-bar_i is
+    a_{tau_i} exactly and its beta-tilde_i is the true posterior variance between tau_{i-1} and tau_i."""
+    seq = _check_sequence(timesteps, schedule.num_timesteps)
+    if len(set(seq)) != len(seq):
+        raise ValueError(f"a respaced schedule needs distinct timesteps, got {seq}")
+    abar = schedule.alphas_cumprod.cpu().to(torch.float64)[seq]
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    return NoiseSchedule(1.0 - abar / abar_prev)
+
+
+def learned_log_variance(v: Tensor, schedule: NoiseSchedule, t: int) -> Tensor:
+    """log Sigma_theta = v' log beta_t + (1 - v') log beta-tilde_t, v' = (v + 1) / 2 (Improved DDPM eq. 15; the
+    network's v in [-1, 1] is mapped to [0, 1] as in their code). beta-tilde_0 = 0, so at t = 0 its log is taken
+    from t = 1 (their `posterior_log_variance_clipped`); samplers add no noise at t = 0 anyway."""
+    var = schedule.posterior_variance
+    min_log = math.log(float(var[t] if t > 0 else var[1] if len(var) > 1 else schedule.betas[0]))
+    max_log = math.log(float(schedule.betas[t]))
+    frac = (v + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
+
+
 # ---------------------------------------------------------------------------------------------- samplers
 @torch.no_grad()
 def ddim_sample(
@@ -167,6 +206,7 @@ def ddpm_sample(
     clip_x0: bool = False,
     progress: bool = False,
     callback: Callback | None = None,
+    timesteps: Sequence[int] | None = None,
 ) -> Tensor:
     """Ancestral sampling over all T steps (DDPM Algorithm 2):
 
@@ -175,20 +215,44 @@ def ddpm_sample(
     written through the posterior mean mu-tilde(x_t, x_0-hat) of eq. 7, which is the same expression and
     allows `clip_x0` (the DDPM reference code clips x_0-hat to [-1, 1]; Algorithm 2 does not). No noise is
     added at the last step. `variance`: "fixed_small" sigma_t^2 = beta-tilde_t (the posterior variance) or
-    "fixed_large" sigma_t^2 = beta_t (section 3.2; the paper found both give similar samples).
+    "fixed_large" sigma_t^2 = beta_t (section 3.2; the paper found both give similar samples), or "learned":
+    the model outputs 2C channels (eps, v) and sigma_t^2 = exp(v' log beta_t + (1 - v') log beta-tilde_t) with
+    v' = (v + 1) / 2 (Nichol & Dhariwal 2021, "Improved DDPM", eq. 15, and their code's `model_var_values`).
+
+    `timesteps`: an ascending sub-sequence tau of {0, ..., T-1} to sample on a respaced schedule (Improved DDPM
+    section 4): `respace(schedule, tau)` with beta_i = 1 - a_{tau_i} / a_{tau_{i-1}}, the model still called at the
+    original tau_i; all three variances (the learned one included) then use the respaced betas and beta-tildes.
     """
-    if variance not in DDPM_VARIANCES:
-        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}")
+    if variance not in DDPM_VARIANCES + ("learned",):
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}, learned")
+    # model_t[i]: the model's timestep for step i of the (possibly respaced) chain.
+    if timesteps is not None:
+        model_t = _check_sequence(timesteps, schedule.num_timesteps)
+        schedule = respace(schedule, model_t)
+    else:
+        model_t = list(range(schedule.num_timesteps))
     variances = schedule.posterior_variance if variance == "fixed_small" else schedule.betas
     x = x_T
     T = schedule.num_timesteps
     for i, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
-        eps, x0 = _denoise(model, x, t, _alpha_cumprod(schedule, t), clip_x0)
+        a_t = _alpha_cumprod(schedule, t)
+        if variance == "learned":
+            out = model(x, _timestep_batch(model_t[t], x)).to(x.dtype)
+            if out.shape[1] != 2 * x.shape[1]:
+                raise ValueError(f"variance='learned' needs a model with 2 x {x.shape[1]} outputs, got {out.shape[1]}")
+            eps, v = out[:, : x.shape[1]], out[:, x.shape[1] :]
+            x0 = predict_x0_from_eps(x, eps, a_t)
+            x0 = x0.clamp(-1.0, 1.0) if clip_x0 else x0
+        else:
+            eps, x0 = _denoise(model, x, model_t[t], a_t, clip_x0)
         x = float(schedule.posterior_mean_coef_x0[t]) * x0 + float(schedule.posterior_mean_coef_xt[t]) * x
         if t > 0:
-            x = x + math.sqrt(float(variances[t])) * randn_like(x, generator)
+            if variance == "learned":
+                x = x + torch.exp(0.5 * learned_log_variance(v, schedule, t)) * randn_like(x, generator)
+            else:
+                x = x + math.sqrt(float(variances[t])) * randn_like(x, generator)
         if callback is not None:
-            callback({"x": x, "x0": x0, "i": i, "t": t})
+            callback({"x": x, "x0": x0, "i": i, "t": model_t[t]})
     return x
 
 
@@ -224,7 +288,65 @@ def ddim_invert(
     return x
 
 
-SAMPLERS = ("ddim", "ddpm")
+def _lambda(alpha_cumprod: float) -> float:
+    """lambda = log(alpha / sigma) = 0.5 log(a / (1 - a)), the half log-SNR (DPM-Solver's time variable)."""
+    return 0.5 * (math.log(alpha_cumprod) - math.log1p(-alpha_cumprod))
+
+
+@torch.no_grad()
+def dpm_solver_pp_2m_sample(
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    steps: int = 20,
+    skip: str = "uniform",
+    timesteps: Sequence[int] | None = None,
+    clip_x0: bool = False,
+    progress: bool = False,
+    callback: Callback | None = None,
+) -> Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022, "DPM-Solver++: Fast Solver for Guided Sampling of Diffusion Probabilistic
+    Models", Algorithm 2): a second-order multistep solver of the probability-flow ODE in data prediction
+    x_theta = x_0-hat, on the same timestep grid as `ddim_sample` (`timestep_sequence(T, steps, skip)`).
+
+    With alpha = sqrt(a), sigma = sqrt(1 - a), lambda = log(alpha / sigma) and h_i = lambda_{t_i} - lambda_{t_{i-1}}:
+
+        x_{t_i} = sigma_{t_i} / sigma_{t_{i-1}} x_{t_{i-1}} - alpha_{t_i} (e^{-h_i} - 1) D_i
+        D_1 = x_theta(x_{t_0}, t_0)                                         (first step: first order = DDIM)
+        D_i = (1 + 1 / (2 r_i)) x_theta(x_{t_{i-1}}) - 1 / (2 r_i) x_theta(x_{t_{i-2}}),   r_i = h_{i-1} / h_i
+
+    The final step to the clean image (a = 1, sigma = 0, h = infinity) is taken first order, x_0 = x_theta, as
+    in k-diffusion's `sample_dpmpp_2m` and diffusers' `lower_order_final` (r_i -> 0 there would blow D up); that
+    step is also exactly DDIM's last step. One model evaluation per step, like DDIM.
+    """
+    T = schedule.num_timesteps
+    seq = _check_sequence(timesteps, T) if timesteps is not None else timestep_sequence(T, steps, skip)
+    seq = sorted(set(seq))  # a repeated timestep (quad spacing) has h = 0: a no-op that would make r_i undefined
+    seq_prev = [-1] + seq[:-1]
+    x = x_T
+    x0_prev, h_prev = None, None
+    pairs = list(zip(reversed(seq), reversed(seq_prev), strict=True))
+    for i, (t, t_next) in enumerate(tqdm(pairs, desc="DPM-Solver++(2M)", disable=not progress, leave=False)):
+        a_t, a_next = _alpha_cumprod(schedule, t), _alpha_cumprod(schedule, t_next)
+        _, x0 = _denoise(model, x, t, a_t, clip_x0)
+        if t_next < 0:
+            x = x0  # sigma_next = 0: x_0 = alpha_next x_theta with alpha_next = 1
+        else:
+            h = _lambda(a_next) - _lambda(a_t)
+            if x0_prev is None:
+                d = x0  # Algorithm 2, line 3: the first step is first order (DPM-Solver++1 = DDIM)
+            else:
+                r = h_prev / h
+                d = (1.0 + 1.0 / (2.0 * r)) * x0 - (1.0 / (2.0 * r)) * x0_prev
+            sigma_ratio = math.sqrt((1.0 - a_next) / (1.0 - a_t))
+            x = sigma_ratio * x - math.sqrt(a_next) * math.expm1(-h) * d
+            x0_prev, h_prev = x0, h
+        if callback is not None:
+            callback({"x": x, "x0": x0, "i": i, "t": t})
+    return x
+
+
+SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m")
 
 
 def sample(
@@ -240,8 +362,21 @@ def sample(
     clip_x0: bool = False,
     progress: bool = False,
 ) -> Tensor:
-    """Dispatch to the sampler named `sampler` ("ddim" or "ddpm"; `steps`, `eta`, `skip` apply to DDIM,
-    `variance` to DDPM)."""
+    """Dispatch to the sampler named `sampler`: "ddim" (`steps`, `eta`, `skip`), "ddpm" (all T steps,
+    `variance`), "ddpm_respaced" (ancestral sampling on the respaced schedule of `timestep_sequence(T, steps,
+    skip)`, `variance`; Improved DDPM section 4) or "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`)."""
+    # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.
+    timesteps = logsnr_timesteps(schedule, steps) if skip == "logsnr" and sampler != "ddpm" else None
+    if sampler == "dpmpp_2m":
+        return dpm_solver_pp_2m_sample(
+            model, x_T, schedule, steps=steps, skip=skip, timesteps=timesteps, clip_x0=clip_x0, progress=progress
+        )
+    if sampler == "ddpm_respaced":
+        seq = timesteps or sorted(set(timestep_sequence(schedule.num_timesteps, steps, skip)))
+        return ddpm_sample(
+            model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0, progress=progress,
+            timesteps=seq,
+        )  # fmt: skip
     if sampler == "ddim":
         return ddim_sample(
             model,
@@ -251,6 +386,7 @@ def sample(
             eta=eta,
             skip=skip,
             generator=generator,
+            timesteps=timesteps,
             clip_x0=clip_x0,
             progress=progress,
         )

@@ -1,0 +1,151 @@
+"""Guidance: turning a class-conditional denoiser into the plain `model(x_t, t) -> eps` that samplers take.
+
+Classifier-free guidance (Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", eq. 6; seed 001, section
+"Classifier-Free Guidance"): one network eps_theta(x_t, t, y) is trained with the label replaced by a null label
+with probability p_uncond (`drop_labels`), so it is both conditional and unconditional, and sampling uses
+
+    eps~(x_t, t, y) = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null)
+
+w = 0 is the plain conditional model, w = -1 the unconditional one, w > 0 sharpens p(y | x_t). This module (and
+`--model.guidance_scale`) is written with the diffusers/GLIDE scale s = 1 + w:
+
+    eps~ = s eps_theta(x_t, t, y) + (1 - s) eps_theta(x_t, t, null) = eps_u + s (eps_c - eps_u),
+
+so s = 1 is the conditional model and s = 0 the unconditional one; `guidance_scale_from_w` converts.
+
+Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", Algorithm 2 and
+eq. 14; seed 001 section "Classifier Guided Diffusion"): with a classifier p_phi(y | x_t, t) trained on noisy
+images, eps^ = eps_theta(x_t, t) - sqrt(1 - a_t) s grad_{x_t} log p_phi(y | x_t, t) (`ClassifierGuidance`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+from src.diffusion.schedule import NoiseSchedule, extract
+
+ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
+
+
+def guidance_scale_from_w(w: float) -> float:
+    """s = 1 + w: the diffusers/GLIDE guidance scale of the classifier-free guidance weight w (Ho & Salimans)."""
+    return 1.0 + w
+
+
+def drop_labels(y: Tensor, p_uncond: float, null_label: int, generator: torch.Generator | None = None) -> Tensor:
+    """Replace each label by `null_label` with probability `p_uncond` (Ho & Salimans 2021, Algorithm 1, line 3),
+    so that the same network learns eps_theta(x_t, t, null), the unconditional model."""
+    if not 0.0 <= p_uncond <= 1.0:
+        raise ValueError(f"p_uncond must be in [0, 1], got {p_uncond}")
+    if p_uncond == 0.0:
+        return y
+    u = torch.rand(y.shape, generator=generator, device=generator.device if generator else y.device).to(y.device)
+    return torch.where(u < p_uncond, torch.full_like(y, null_label), y)
+
+
+class ClassifierFreeGuidance:
+    """`model(x_t, t, y)` with fixed labels `y` and guidance scale `guidance_scale` = s = 1 + w, as `model(x_t, t)`.
+
+    The conditional and unconditional predictions come from ONE forward pass on the batch [x; x] with labels
+    [y; null] (size 2B), as GLIDE's and diffusers' pipelines do. The mix is written s eps_c + (1 - s) eps_u so that
+    s = 1 returns eps_c and s = 0 returns eps_u bit for bit; at those two scales the half of the batch that gets
+    weight 0 is not computed at all. Output channels beyond the image's (a learned variance's v) are not guided:
+    the conditional branch's are returned (as GLIDE does).
+    """
+
+    def __init__(self, model: ConditionalDenoiser, labels: Tensor, guidance_scale: float, null_label: int) -> None:
+        self.model = model
+        self.labels = labels
+        self.guidance_scale = float(guidance_scale)
+        self.null_label = int(null_label)
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        y = self.labels.to(x_t.device)
+        if y.shape != x_t.shape[:1]:
+            raise ValueError(f"need one label per image: {tuple(y.shape)} labels for {x_t.shape[0]} images")
+        s = self.guidance_scale
+        if s == 1.0:
+            return self.model(x_t, t, y)
+        if s == 0.0:
+            return self.model(x_t, t, torch.full_like(y, self.null_label))
+        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
+        cond, uncond = out.chunk(2)
+        channels = x_t.shape[1]
+        eps = s * cond[:, :channels] + (1.0 - s) * uncond[:, :channels]
+        return torch.cat([eps, cond[:, channels:]], dim=1)
+
+
+def classifier_free_guidance(
+    model: ConditionalDenoiser,
+    labels: Tensor,
+    guidance_scale: float | None = None,
+    null_label: int | None = None,
+    w: float | None = None,
+) -> ClassifierFreeGuidance:
+    """The guided denoiser `(x_t, t) -> (1 + w) eps(x_t, t, y) - w eps(x_t, t, null)`.
+
+    Give either `guidance_scale` (s = 1 + w, diffusers' convention) or `w` (Ho & Salimans' weight).
+    `null_label` defaults to `model.num_classes` (our UNet's null row).
+    """
+    if (guidance_scale is None) == (w is None):
+        raise ValueError("give exactly one of guidance_scale (= 1 + w) and w")
+    if guidance_scale is None:
+        guidance_scale = guidance_scale_from_w(w)
+    if null_label is None:
+        null_label = getattr(model, "num_classes", None)
+        if null_label is None:
+            raise ValueError("null_label not given and the model has no num_classes attribute")
+    return ClassifierFreeGuidance(model, labels, guidance_scale, null_label)
+
+
+class ClassifierGuidance:
+    """Classifier guidance for DDIM-type samplers (Dhariwal & Nichol 2021, Algorithm 2, eq. 14):
+
+        eps^(x_t, t) = eps_theta(x_t, t) - sqrt(1 - a_t) s grad_{x_t} log p_phi(y | x_t, t)
+
+    `classifier(x_t, t) -> logits (B, num_classes)` is a noise-conditioned classifier (`src.models.classifier`),
+    `model` any denoiser `(x_t, t) -> eps` (possibly itself conditional via `ClassifierFreeGuidance`). Because the
+    score is -eps / sqrt(1 - a_t), this adds s grad log p_phi(y | x_t) to the score, i.e. samples from
+    p(x_t) p_phi(y | x_t)^s; with the ancestral DDPM sampler it equals Algorithm 1's mean shift s Sigma g to first
+    order. Extra output channels (learned variance) are passed through.
+    """
+
+    def __init__(
+        self,
+        model: Callable[[Tensor, Tensor], Tensor],
+        classifier: Callable[[Tensor, Tensor], Tensor],
+        labels: Tensor,
+        classifier_scale: float,
+        schedule: NoiseSchedule,
+    ) -> None:
+        self.model = model
+        self.classifier = classifier
+        self.labels = labels
+        self.classifier_scale = float(classifier_scale)
+        self.schedule = schedule
+
+    def grad_log_prob(self, x_t: Tensor, t: Tensor) -> Tensor:
+        """grad_{x_t} log p_phi(y | x_t, t), one gradient per image (the log-probabilities are summed over the
+        batch, which does not mix images since each depends only on its own x_t)."""
+        with torch.enable_grad():
+            x = x_t.detach().requires_grad_(True)
+            logits = self.classifier(x, t)
+            # log-softmax in at least float32 (half-precision logits under autocast lose the small differences).
+            log_probs = torch.log_softmax(
+                logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1
+            )
+            selected = log_probs[torch.arange(x.shape[0], device=x.device), self.labels.to(x.device)]
+            return torch.autograd.grad(selected.sum(), x)[0].to(x_t.dtype)
+
+    def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
+        out = self.model(x_t, t)
+        if self.classifier_scale == 0.0:
+            return out
+        channels = x_t.shape[1]
+        schedule = self.schedule if self.schedule.betas.device == x_t.device else self.schedule.to(x_t.device)
+        sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+        eps = out[:, :channels] - sigma * self.classifier_scale * self.grad_log_prob(x_t, t)
+        return torch.cat([eps, out[:, channels:]], dim=1)

@@ -1,0 +1,110 @@
+"""A noise-conditioned classifier p_phi(y | x_t, t) for classifier guidance: the UNet's encoder half plus a head
+(Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", section 4 and appendix: "the downsampling
+trunk of the UNet model with an attention pool at the 8x8 layer"; here global average pooling, as their
+`pool="adaptive"` option). Trained with cross-entropy on x_t ~ q(x_t | x_0), t uniform (`noisy_classifier_loss`);
+`t = 0` inputs make it an ordinary (almost clean-image) classifier too, which benchmarks/guidance_accuracy.py uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from src.diffusion.losses import sample_timesteps
+from src.diffusion.schedule import NoiseSchedule
+from src.models.unet import AttnBlock, Downsample, ResBlock, group_norm, timestep_embedding
+
+
+class NoisyClassifier(nn.Module):
+    """logits = f_phi(x_t, t): (B, C, H, W) images in [-1, 1] and int64 timesteps (B,) -> (B, num_classes).
+
+    The same blocks and arguments as `src.models.unet.UNet`'s down path and middle block, then
+    GroupNorm -> SiLU -> global average pool -> linear.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 10,
+        in_channels: int = 3,
+        base_channels: int = 64,
+        channel_mult: Sequence[int] = (1, 2, 2),
+        num_res_blocks: int = 1,
+        attn_resolutions: Sequence[int] = (),
+        dropout: float = 0.0,
+        image_size: int = 32,
+        norm_groups: int = 32,
+    ) -> None:
+        super().__init__()
+        # JSON-ready constructor arguments: saved beside the weights so that a file alone rebuilds the classifier.
+        self.config = dict(
+            num_classes=num_classes,
+            in_channels=in_channels,
+            base_channels=base_channels,
+            channel_mult=list(channel_mult),
+            num_res_blocks=num_res_blocks,
+            attn_resolutions=list(attn_resolutions),
+            dropout=dropout,
+            image_size=image_size,
+            norm_groups=norm_groups,
+        )
+        self.num_classes = num_classes
+        self.in_channels = in_channels
+        self.image_size = image_size
+        self.base_channels = base_channels
+        temb_channels = 4 * base_channels
+        self.temb = nn.Sequential(
+            nn.Linear(base_channels, temb_channels), nn.SiLU(), nn.Linear(temb_channels, temb_channels)
+        )
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.down = nn.ModuleList()
+        ch, resolution = base_channels, image_size
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = nn.ModuleList([ResBlock(ch, base_channels * mult, temb_channels, dropout, norm_groups)])
+                ch = base_channels * mult
+                if resolution in attn_resolutions:
+                    layers.append(AttnBlock(ch, norm_groups))
+                self.down.append(layers)
+            if level != len(channel_mult) - 1:
+                self.down.append(nn.ModuleList([Downsample(ch)]))
+                resolution = (resolution + 1) // 2
+        self.mid = ResBlock(ch, ch, temb_channels, dropout, norm_groups)
+        self.norm_out = group_norm(ch, norm_groups)
+        self.head = nn.Linear(ch, num_classes)
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        if t.ndim == 0:
+            t = t.expand(x.shape[0])
+        temb = self.temb(timestep_embedding(t, self.base_channels))
+        h = self.conv_in(x)
+        for layers in self.down:
+            h = layers[0](h) if isinstance(layers[0], Downsample) else layers[0](h, temb)
+            for layer in layers[1:]:
+                h = layer(h)
+        h = F.silu(self.norm_out(self.mid(h, temb)))
+        return self.head(h.mean(dim=(2, 3)))
+
+    def save(self, path: str) -> None:
+        """{"config", "state_dict"} in one torch file (`load` rebuilds it without knowing the arguments)."""
+        torch.save({"config": self.config, "state_dict": self.state_dict()}, path)
+
+    @classmethod
+    def load(cls, path: str, map_location: str | torch.device = "cpu") -> NoisyClassifier:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+        model = cls(**blob["config"])
+        model.load_state_dict(blob["state_dict"])
+        return model.eval()
+
+
+def noisy_classifier_loss(
+    classifier: nn.Module, x0: Tensor, y: Tensor, schedule: NoiseSchedule, t: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy of p_phi(y | x_t, t) with x_t ~ q(x_t | x_0) and t uniform (Dhariwal & Nichol, section 4):
+    the classifier must know y from every noise level the sampler will show it. Mean over the batch."""
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
+    x_t = schedule.q_sample(x0, t)
+    return F.cross_entropy(classifier(x_t, t), y)

@@ -1,0 +1,225 @@
+"""Classifier-free and classifier guidance (src/diffusion/guidance.py) on toy conditional models, and a tiny
+class-conditional DiffusionModule trained with label dropout and sampled with guidance."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from src.diffusion.guidance import (
+    ClassifierGuidance,
+    classifier_free_guidance,
+    drop_labels,
+    guidance_scale_from_w,
+)
+from src.diffusion.schedule import NoiseSchedule
+from src.models.unet import UNet
+from src.module import DiffusionModule
+
+NUM_CLASSES = 3
+NULL = NUM_CLASSES
+
+
+class ToyConditional:
+    """eps(x, t, y): smooth, label-dependent, float64; records the batch size of every call."""
+
+    num_classes = NUM_CLASSES
+
+    def __init__(self) -> None:
+        self.batch_sizes: list[int] = []
+
+    def __call__(self, x, t, y):
+        self.batch_sizes.append(x.shape[0])
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        yy = y.to(x.dtype).reshape(shape)
+        return torch.tanh(x * (1 + 0.3 * yy)) + 0.01 * t.to(x.dtype).reshape(shape) * (yy - 1.5)
+
+
+X = torch.randn(5, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+T_ = torch.tensor([0, 10, 100, 500, 999])
+Y = torch.tensor([0, 1, 2, 1, 0])
+
+
+def test_w0_is_the_conditional_and_w_minus_1_the_unconditional_model() -> None:
+    model = ToyConditional()
+    assert torch.equal(classifier_free_guidance(model, Y, w=0.0)(X, T_), model(X, T_, Y))
+    assert torch.equal(classifier_free_guidance(model, Y, w=-1.0)(X, T_), model(X, T_, torch.full_like(Y, NULL)))
+    assert torch.equal(classifier_free_guidance(model, Y, guidance_scale=1.0)(X, T_), model(X, T_, Y))
+
+
+@pytest.mark.parametrize("w", [0.5, 3.0, -0.25])
+def test_guided_eps_formula_in_one_batched_forward(w: float) -> None:
+    model = ToyConditional()
+    guided = classifier_free_guidance(model, Y, guidance_scale=guidance_scale_from_w(w))
+    out = guided(X, T_)
+    assert model.batch_sizes == [2 * X.shape[0]]  # conditional and unconditional in one forward of size 2B
+    expected = (1 + w) * model(X, T_, Y) - w * model(X, T_, torch.full_like(Y, NULL))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-14)
+    torch.testing.assert_close(classifier_free_guidance(model, Y, w=w)(X, T_), out, rtol=0, atol=0)
+
+
+def test_extra_channels_are_not_guided() -> None:
+    def model(x, t, y):
+        return torch.cat([ToyConditional()(x, t, y), y.to(x.dtype).reshape(-1, 1, 1, 1).expand_as(x)], dim=1)
+
+    out = classifier_free_guidance(model, Y, guidance_scale=4.0, null_label=NULL)(X, T_)
+    assert out.shape[1] == 4 and torch.equal(out[:, 2:], model(X, T_, Y)[:, 2:])
+
+
+def test_bad_arguments_raise() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        classifier_free_guidance(ToyConditional(), Y, guidance_scale=2.0, w=1.0)
+    with pytest.raises(ValueError, match="one label per image"):
+        classifier_free_guidance(ToyConditional(), Y[:2], w=1.0)(X, T_)
+
+
+def test_drop_labels_rate() -> None:
+    y = torch.zeros(20000, dtype=torch.int64)
+    dropped = drop_labels(y, 0.1, NULL, torch.Generator().manual_seed(0))
+    assert set(dropped.unique().tolist()) == {0, NULL}
+    assert abs((dropped == NULL).double().mean().item() - 0.1) < 0.01
+    assert torch.equal(drop_labels(y, 0.0, NULL), y)
+
+
+def test_classifier_guidance_shifts_eps_by_the_log_prob_gradient() -> None:
+    """Linear classifier logits = x W: grad log p(y | x) = W_y - sum_k p_k W_k, in closed form."""
+    schedule = NoiseSchedule.linear(1000)
+    weight = torch.randn(18, NUM_CLASSES, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+
+    def classifier(x, t):
+        return x.flatten(1) @ weight
+
+    def eps_model(x, t):
+        return 0.5 * x
+
+    out = ClassifierGuidance(eps_model, classifier, Y, 2.0, schedule)(X, T_)
+    probs = torch.softmax(classifier(X, T_), dim=-1)
+    grad = (weight.T[Y] - probs @ weight.T).reshape(X.shape)
+    sigma = schedule.sqrt_one_minus_alphas_cumprod[T_].reshape(-1, 1, 1, 1)
+    torch.testing.assert_close(out, 0.5 * X - sigma * 2.0 * grad, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------- DiffusionModule
+def tiny_conditional(**kwargs) -> DiffusionModule:
+    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+               image_size=8, norm_groups=4, mid_attention=False, num_classes=NUM_CLASSES,
+               out_channels=kwargs.pop("out_channels", None))  # fmt: skip
+    defaults = dict(timesteps=50, warmup_steps=1, lr=1e-3, ema_decay=0.5, ema_warmup=False, sampling_steps=5)
+    return DiffusionModule(net, **{**defaults, **kwargs})
+
+
+def loader() -> DataLoader:
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(24, 1, 8, 8, generator=g) * 2 - 1
+    labels = torch.randint(0, NUM_CLASSES, (24,), generator=g)
+    return DataLoader(list(zip(images, labels, strict=True)), batch_size=8)
+
+
+def fit(module: DiffusionModule, root: Path, steps: int = 3) -> None:
+    L.Trainer(default_root_dir=root, max_steps=steps, accelerator="cpu", logger=False, enable_progress_bar=False,
+              enable_model_summary=False, enable_checkpointing=False).fit(module, loader())  # fmt: skip
+
+
+@pytest.mark.parametrize("extra", [dict(), dict(prediction="v", out_channels=2, ddpm_variance="learned")])
+def test_conditional_module_trains_with_label_dropout_and_samples_with_guidance(tmp_path: Path, extra) -> None:
+    module = tiny_conditional(p_uncond=0.5, guidance_scale=3.0, **extra)
+    seen = []
+    forward = module.net.forward
+    module.net.forward = lambda x, t, y=None: seen.append(y.clone()) or forward(x, t, y)
+    fit(module, tmp_path)
+    labels_seen = torch.cat(seen)
+    assert (labels_seen == NULL).any() and (labels_seen < NULL).any()  # p_uncond dropped some labels, not all
+    with torch.no_grad():  # make the EMA net depend on its inputs (the zero-initialised output conv hides them)
+        for p in module.ema.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    x_T = module.initial_noise(torch.arange(4))
+    labels = torch.tensor([0, 1, 2, 0])
+    for sampler in ("ddim", "dpmpp_2m", "ddpm_respaced"):
+        guided = module.sample(x_T, sampler=sampler, labels=labels, generator=torch.Generator().manual_seed(0))
+        assert guided.shape == (4, 1, 8, 8) and torch.isfinite(guided).all()
+    plain = module.sample(x_T, labels=labels, guidance_scale=1.0)
+    # guidance_scale = 1 is exactly the conditional EMA model, sampled with the same sampler.
+    from src.diffusion.parameterization import EpsPredictor
+    from src.diffusion.samplers import ddim_sample
+
+    def conditional(x, t):
+        return EpsPredictor(module.ema, module.schedule, module.hparams.prediction)(x, t, labels)[:, :1]
+
+    torch.testing.assert_close(plain, ddim_sample(conditional, x_T, module.schedule, steps=5), rtol=0, atol=1e-6)
+    assert not torch.allclose(module.sample(x_T, labels=labels), plain)  # s = 3 differs from s = 1
+
+
+def test_predict_step_returns_labels_in_turn_or_as_configured() -> None:
+    module = tiny_conditional()
+    out = module.predict_step(torch.arange(5), 0)
+    assert out["labels"].tolist() == [0, 1, 2, 0, 1] and out["images"].shape == (5, 1, 8, 8)
+    module = tiny_conditional(sample_labels=[2])
+    assert module.predict_step(torch.arange(3), 0)["labels"].tolist() == [2, 2, 2]
+    with pytest.raises(ValueError, match="sample_labels"):
+        tiny_conditional(sample_labels=[3])
+
+
+# ---------------------------------------------------------------------------------------------- command line
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_conditional_config_fits_and_predicts_labelled_pngs(tmp_path: Path) -> None:
+    """fit -> checkpoint -> predict with configs/fashion_mnist_cond.yaml on a tiny net: <label>_<index>.png."""
+    from src.data import DATASETS
+    from src.main import cli_main
+
+    if not any(Path(d).is_dir() for d in DATASETS["fashion_mnist"].system_dirs):
+        pytest.skip("Fashion-MNIST not installed")
+    tiny = ["--config", str(REPO / "configs" / "fashion_mnist_cond.yaml"), "--model.net.init_args.base_channels", "8",
+            "--model.net.init_args.norm_groups", "4", "--model.sampling_steps", "3", "--logger_backend", "csv",
+            "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+            "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    callbacks = '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": true}}]'
+    cli_main(["fit", *tiny, "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--data.batch_size", "8",
+              "--data.val_size", "16", "--trainer.callbacks", callbacks])  # fmt: skip
+    (ckpt,) = tmp_path.glob("*/version_*/checkpoints/last.ckpt")
+    out = tmp_path / "samples"
+    cli_main(["predict", *tiny, "--ckpt_path", str(ckpt), "--data.num_samples", "5", "--data.predict_batch_size", "3",
+              "--model.guidance_scale", "3.0", "--model.sample_labels", "[4, 7]", "--output_dir", str(out)])  # fmt: skip
+    assert sorted(p.name for p in out.iterdir()) == ["4_0.png", "4_2.png", "4_4.png", "7_1.png", "7_3.png"]
+
+
+def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path) -> None:
+    from src.models.classifier import NoisyClassifier, noisy_classifier_loss
+
+    classifier = NoisyClassifier(num_classes=4, in_channels=1, base_channels=8, channel_mult=(1, 2), image_size=8,
+                                 norm_groups=4, attn_resolutions=(4,))  # fmt: skip
+    x0 = torch.rand(6, 1, 8, 8) * 2 - 1
+    loss = noisy_classifier_loss(classifier, x0, torch.arange(6) % 4, NoiseSchedule.linear(50))
+    loss.backward()
+    assert loss.isfinite() and classifier.head.weight.grad.abs().sum() > 0
+    classifier.save(str(tmp_path / "clf.pt"))
+    loaded = NoisyClassifier.load(str(tmp_path / "clf.pt"))
+    t = torch.tensor([0, 5, 10, 20, 30, 49])
+    torch.testing.assert_close(loaded(x0, t), classifier(x0, t))
+
+    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+               image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+    plain = DiffusionModule(net, timesteps=50, sampling_steps=5)
+    guided = DiffusionModule(net, timesteps=50, sampling_steps=5, classifier_path=str(tmp_path / "clf.pt"),
+                             classifier_scale=5.0)  # fmt: skip
+    guided.ema.load_state_dict(plain.ema.state_dict())
+    out = guided.predict_step(torch.arange(5), 0)
+    assert out["labels"].tolist() == [0, 1, 2, 3, 0]  # the classifier's classes in turn
+    assert not torch.allclose(out["images"], plain.predict_step(torch.arange(5), 0)["images"])
+    with pytest.raises(ValueError, match="classifier_path"):
+        DiffusionModule(net, timesteps=50, sampling_steps=5, classifier_scale=1.0)
+
+
+def test_guidance_accuracy_benchmark_help() -> None:
+    import subprocess
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "guidance_accuracy.py"), "--help"],
+                            capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": ""})  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert "--ckpt" in result.stdout and "guidance" in result.stdout
