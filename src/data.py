@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
+from src.resume import ResumableDataLoader
+
 __all__ = [
     "DATASETS",
     "DEFAULT_DATA_DIR",
@@ -629,10 +631,11 @@ class ImageDataModule(L.LightningDataModule):
             images, labels = self._split("train")
             if self.val_size > 0:
                 train_idx, val_idx = self.train_val_indices(len(images))
-                self.train_set = InMemoryImageDataset(images[train_idx], labels[train_idx], self.random_flip)
+                # No flips in the dataset: the training loader draws them (see `train_dataloader`).
+                self.train_set = InMemoryImageDataset(images[train_idx], labels[train_idx])
                 self.val_set = InMemoryImageDataset(images[val_idx], labels[val_idx])
             else:
-                self.train_set = InMemoryImageDataset(images, labels, self.random_flip)
+                self.train_set = InMemoryImageDataset(images, labels)
                 self.val_set = InMemoryImageDataset(*self._split("test"))
         if stage in ("test", None):
             self.test_set = InMemoryImageDataset(*self._split("test"))
@@ -655,6 +658,9 @@ class ImageDataModule(L.LightningDataModule):
             pin_memory=self.pin_memory,
             persistent_workers=self.num_workers > 0,
             collate_fn=passthrough_collate,
+            # Its own generator, so that starting an epoch (which draws the workers' base seed) never advances
+            # the global torch RNG that training draws t and noise from; see src/resume.py.
+            generator=torch.Generator().manual_seed(0),
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -663,7 +669,20 @@ class ImageDataModule(L.LightningDataModule):
         assert self.train_set is not None
         # Never drop the only (incomplete) batch of a set smaller than a batch: that would train on nothing.
         drop_last = self.drop_last and len(self.train_set) >= self.batch_size
-        return self._loader(self.train_set, self.batch_size, shuffle=True, drop_last=drop_last)
+        # Resumable mid-epoch (Lightning checkpoints its position) with a shuffle and flips that depend only on
+        # (seed, epoch, rank, batch index), so a resumed run sees exactly the batches the uninterrupted one would.
+        # The seed is the run's (seed_everything); on resume the checkpoint's seed replaces it.
+        return ResumableDataLoader(
+            self.train_set,
+            self.batch_size,
+            seed=torch.initial_seed(),
+            random_flip=self.random_flip,
+            drop_last=drop_last,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            collate_fn=passthrough_collate,
+        )
 
     def val_dataloader(self) -> DataLoader:
         if self.val_set is None:

@@ -10,6 +10,7 @@ A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's o
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -17,9 +18,11 @@ from pathlib import Path
 import torch
 from lightning.pytorch.cli import LightningCLI
 
+from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
-from src.data import ImageDataModule
+from src.data import DatasetNotFoundError, ImageDataModule
+from src.errors import SuggestingArgumentParser, UserError, check_image_shape
 from src.loggers import auto_logger
 from src.module import DiffusionModule
 
@@ -28,7 +31,7 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
 # Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
-CHECKPOINT_MODEL_KEYS = ("net", "schedule", "timesteps", "beta_start", "beta_end")
+CHECKPOINT_MODEL_KEYS = ("net", "schedule", "timesteps", "beta_start", "beta_end", "prediction")
 
 
 def latest_checkpoint(root: str, run_name: str) -> Path:
@@ -40,6 +43,13 @@ def latest_checkpoint(root: str, run_name: str) -> Path:
             "(same --run_name and --trainer.default_root_dir) or pass the checkpoint's path"
         )
     return candidates[-1]
+
+
+def fault_callbacks(configured: list, max_nonfinite_skips: int) -> list:
+    """SignalCheckpoint and NonFiniteGuard for every fit run, unless the config already lists them."""
+    have = {type(c) for c in configured}
+    added = [] if SignalCheckpoint in have else [SignalCheckpoint()]
+    return added + ([] if NonFiniteGuard in have else [NonFiniteGuard(max_skips=max_nonfinite_skips)])
 
 
 class DiffusionCLI(LightningCLI):
@@ -64,6 +74,13 @@ class DiffusionCLI(LightningCLI):
             "is not set (auto: wandb if logged in, else TensorBoard; never prompts)",
         )
         parser.add_argument("--run_name", type=str, default="ddpm", help="name of the run's log folder")
+        parser.add_argument(
+            "--max_nonfinite_skips",
+            type=int,
+            default=0,
+            help="fit: skip up to this many steps with a non-finite loss or gradient, then stop (0: stop at "
+            "the first); see src/callbacks/faults.py",
+        )
         parser.set_defaults({"trainer.default_root_dir": "runs"})
 
     def _parse_ckpt_path(self) -> None:
@@ -77,6 +94,14 @@ class DiffusionCLI(LightningCLI):
         architecture = {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if key in hparams}
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+
+    def _check_shapes(self) -> None:
+        data = self.datamodule
+        if data is not None and hasattr(data, "image_shape"):
+            check_image_shape(data.image_shape, self.model.net, getattr(data, "dataset", "?"))
+
+    # Before any data is loaded or a step runs: a network that cannot take the images fails at once, in one line.
+    before_fit = before_validate = before_test = _check_shapes
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})
@@ -94,6 +119,10 @@ class DiffusionCLI(LightningCLI):
             kwargs["logger"] = auto_logger(root, run_name, self._get(self.config_init, "logger_backend"), version)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        if self.subcommand in ("fit", None):  # None: run=False, the caller may still fit
+            configured = list(config.get("callbacks") or [])  # kwargs["callbacks"] replaces the config's list
+            max_skips = self._get(self.config_init, "max_nonfinite_skips")
+            kwargs["callbacks"] = configured + fault_callbacks(configured, max_skips)
         trainer = super().instantiate_trainer(**kwargs)
         if self.subcommand == "predict":
             output_dir = self._get(self.config_init, "output_dir") or os.path.join(
@@ -111,8 +140,15 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DiffusionCLI:
         run=run,
         seed_everything_default=0,
         save_config_kwargs={"overwrite": True},
+        parser_class=SuggestingArgumentParser,  # unknown options get a did-you-mean hint
     )
 
 
 if __name__ == "__main__":
-    cli_main()
+    try:
+        cli_main()
+    except (UserError, DatasetNotFoundError, FileExistsError) as error:
+        # Bad input, not a bug: one line instead of a traceback (DIFFUSION_TRACEBACK=1 shows it).
+        if os.environ.get("DIFFUSION_TRACEBACK"):
+            raise
+        sys.exit(f"error: {error}")

@@ -7,14 +7,31 @@ weights, and sampling with those EMA weights for validation, callbacks and `pred
 
 from __future__ import annotations
 
+import importlib
+
 import lightning as L
+import numpy as np
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
-from src.diffusion.losses import l_simple
+from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance, drop_labels
+from src.diffusion.likelihood import nll_bits_per_dim
+from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
+from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.samplers import DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
 from src.diffusion.schedule import NoiseSchedule
+from src.images import to_uint8
+from src.metrics import evaluation
+from src.metrics.features import EXTRACTORS, build_feature_extractor
 from src.models.ema import EMA
+from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
+
+
+def _build_net(spec: dict) -> nn.Module:
+    """Instantiate {"class_path": "pkg.mod.Class", "init_args": {...}} (the format configs and checkpoints use)."""
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**spec.get("init_args", {}))
 
 
 class DiffusionModule(L.LightningModule):
@@ -32,13 +49,44 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps (5000 in DDPM).
         ema_decay: decay of the weights' exponential moving average (0.9999 in DDPM).
         ema_warmup: use the decay warm-up min(decay, (1 + n) / (10 + n)) (helps short runs).
-        sampler: "ddim" or "ddpm", used by validation grids, the sample callback and predict.
-        sampling_steps: DDIM steps (ignored by "ddpm", which runs all T steps).
+        sampler: "ddim", "ddpm", "ddpm_respaced" (ancestral on `sampling_steps` respaced steps) or "dpmpp_2m"
+            (DPM-Solver++(2M)), used by validation grids, the sample callback, FID and predict.
+        sampling_steps: DDIM / DPM-Solver++ / respaced-DDPM steps (ignored by "ddpm", which runs all T steps).
         eta: DDIM eta in [0, 1]: 0 deterministic DDIM, 1 DDPM-like.
-        skip: DDIM timestep spacing: "uniform", "quad", "trailing" or "linspace".
-        ddpm_variance: "fixed_small" (beta-tilde) or "fixed_large" (beta) for the "ddpm" sampler.
+        skip: timestep spacing: "uniform", "quad", "trailing", "linspace" or "logsnr" (uniform in log-SNR,
+            DPM-Solver's choice; best for "dpmpp_2m").
+        ddpm_variance: "fixed_small" (beta-tilde), "fixed_large" (beta) or "learned" (improved DDPM; needs a net
+            with 2 x in_channels outputs) for the "ddpm" samplers.
         clip_denoised: clamp the predicted x_0 to [-1, 1] at every sampling step.
         sample_seed: seed of the predict noise; sample i of a run always starts from the same x_T.
+        num_fid_samples: `validate` generates this many samples (over all processes) and logs their FID against
+            the reference statistics as `val/fid` (0: off; 50000 for the papers' numbers).
+        fid_extractor: "inception" (the standard FID network, torch-fidelity's) or "standin" (a small offline
+            network for smoke tests, logged as `val/fid_standin`: NOT an FID).
+        fid_weights_path: the InceptionV3 weights file (default: $DDIM_FID_WEIGHTS, then torch-fidelity's
+            download).
+        fid_ref_stats: a .npz with `mu` and `sigma` (pytorch-fid / torch-fidelity format) used as is; None:
+            computed from the data set's `fid_ref_split` once and cached.
+        fid_ref_split: "train" (the convention for CIFAR-10 FIDs) or "test".
+        fid_cache_dir: folder of cached reference statistics (default: $DDIM_FID_CACHE, then
+            ~/.cache/ddim-lightning/fid_stats).
+        fid_batch_size: images per sampling and feature-extraction batch.
+        bpd_timesteps: `test` logs the variational-bound NLL `test/bpd` with this many KL timesteps (stratified;
+            None: all T, exact; 0: off).
+        prediction: what the network predicts, "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); the loss regresses
+            that target and sampling converts it to eps (src/diffusion/parameterization.py). Fixed by a checkpoint.
+        p_uncond: class-conditional nets (net.num_classes set): probability of training on the null label, which
+            makes the net also unconditional, for classifier-free guidance (0.1; Ho & Salimans 2022).
+        guidance_scale: classifier-free guidance scale s = 1 + w (diffusers' convention; Ho & Salimans' weight is
+            w): eps~ = s eps(x, t, y) + (1 - s) eps(x, t, null). 1: the plain conditional model, 0: unconditional,
+            > 1: stronger guidance. Conditional nets only.
+        sample_labels: conditional nets: the labels of predict / FID / grid samples, used in turn (sample i gets
+            sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
+        vlb_weight: lambda of improved DDPM's L_hybrid = L_simple + lambda L_vlb (0.001), used when the net has
+            2 x in_channels outputs (a learned variance).
+        classifier_path: a `src.models.classifier.NoisyClassifier` file (`NoisyClassifier.save`) for classifier
+            guidance (Dhariwal & Nichol 2021); sample labels then come from its classes for unconditional nets.
+        classifier_scale: classifier guidance scale s: eps^ = eps - sqrt(1 - a_t) s grad log p(y | x_t) (0: off).
     """
 
     def __init__(
@@ -61,6 +109,21 @@ class DiffusionModule(L.LightningModule):
         ddpm_variance: str = "fixed_small",
         clip_denoised: bool = False,
         sample_seed: int = 0,
+        num_fid_samples: int = 0,
+        fid_extractor: str = "inception",
+        fid_weights_path: str | None = None,
+        fid_ref_stats: str | None = None,
+        fid_ref_split: str = "train",
+        fid_cache_dir: str | None = None,
+        fid_batch_size: int = 250,
+        bpd_timesteps: int | None = 0,
+        prediction: str = "eps",
+        p_uncond: float = 0.1,
+        guidance_scale: float = 1.0,
+        sample_labels: list[int] | None = None,
+        vlb_weight: float = 0.001,
+        classifier_path: str | None = None,
+        classifier_scale: float = 0.0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -68,17 +131,50 @@ class DiffusionModule(L.LightningModule):
             raise ValueError(f"--model.sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         if skip not in SKIP_TYPES:
             raise ValueError(f"--model.skip {skip!r} is unknown; choose one of {', '.join(SKIP_TYPES)}")
-        if ddpm_variance not in DDPM_VARIANCES:
+        if ddpm_variance not in DDPM_VARIANCES + ("learned",):
             raise ValueError(
-                f"--model.ddpm_variance {ddpm_variance!r} is unknown; choose one of {', '.join(DDPM_VARIANCES)}"
+                f"--model.ddpm_variance {ddpm_variance!r} is unknown; choose one of {', '.join(DDPM_VARIANCES)}, "
+                "learned"
             )
+        if prediction not in PREDICTIONS:
+            raise ValueError(f"--model.prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        if not 0.0 <= p_uncond <= 1.0:
+            raise ValueError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
+        if classifier_scale != 0.0 and not classifier_path:
+            raise ValueError("--model.classifier_scale needs --model.classifier_path (a NoisyClassifier file)")
         if not 0.0 <= eta <= 1.0:
             raise ValueError(f"--model.eta must be in [0, 1], got {eta}")
         if not 1 <= sampling_steps <= timesteps:
             raise ValueError(
                 f"--model.sampling_steps must be in [1, {timesteps}] (--model.timesteps), got {sampling_steps}"
             )
+        if fid_extractor not in EXTRACTORS:
+            raise ValueError(
+                f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)}"
+            )
+        if fid_ref_split not in ("train", "test"):
+            raise ValueError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")
+        if isinstance(net, dict):  # load_from_checkpoint passes the recorded {"class_path", "init_args"}
+            net = _build_net(net)
+        if hasattr(net, "config"):
+            # Record the network's class and constructor arguments, so that a checkpoint alone rebuilds the model
+            # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the module itself is no hparam.
+            cls = type(net)
+            self.hparams["net"] = {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(net.config)}
         self.net = net
+        # Improved DDPM: a net with twice the image channels predicts (eps-or-x0-or-v, v_variance).
+        self.learned_variance = getattr(net, "out_channels", None) == 2 * getattr(net, "in_channels", -1)
+        if ddpm_variance == "learned" and not self.learned_variance:
+            raise ValueError(
+                "--model.ddpm_variance learned needs a net with 2 x in_channels outputs "
+                "(--model.net.init_args.out_channels)"
+            )
+        num_classes = getattr(net, "num_classes", None)
+        if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
+            raise ValueError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
+        # FID extractor and reference statistics, built on first use; a plain dict keeps them out of checkpoints.
+        self._fid: dict[str, object] = {}
+        self._guidance_classifier: dict[str, nn.Module] = {}  # likewise for the classifier-guidance classifier
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
         kwargs = {"beta_start": beta_start, "beta_end": beta_end} if schedule == "linear" else {}
         self.schedule = NoiseSchedule.from_name(schedule, timesteps, **kwargs)
@@ -104,9 +200,39 @@ class DiffusionModule(L.LightningModule):
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]
-        loss = l_simple(self.net, images, self.schedule).mean()
+        # t is drawn here (as l_simple would, same RNG order) and kept so that a non-finite loss can be reported
+        # with the t values that produced it (src/callbacks/faults.py).
+        self.last_t = sample_timesteps(images.shape[0], self.schedule.num_timesteps, images.device)
+        kwargs = {}
+        if self.conditional:
+            # Classifier-free guidance training: the null label with probability p_uncond (Ho & Salimans, Alg. 1).
+            kwargs["y"] = drop_labels(batch[1], self.hparams.p_uncond, self.net.num_classes)
+        if self.learned_variance:
+            terms = l_hybrid(self.net, images, self.schedule, t=self.last_t, prediction=self.hparams.prediction,
+                             vlb_weight=self.hparams.vlb_weight, **kwargs)  # fmt: skip
+            self.log_dict({"train/mse": terms["mse"].mean(), "train/vb": terms["vb"].mean()})
+            loss = terms["loss"].mean()
+        else:
+            loss = l_simple(self.net, images, self.schedule, t=self.last_t, prediction=self.hparams.prediction,
+                            **kwargs).mean()  # fmt: skip
+        self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    # ------------------------------------------------------------------ exact resume (src/resume.py)
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Lightning keeps no RNG state; every rank's is saved so a resumed run draws the same t, noise and dropout.
+        checkpoint[RNG_STATES_KEY] = gather_rng_states()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        states = checkpoint.get(RNG_STATES_KEY) or []
+        # Applied in on_train_start, so whatever runs in between (sanity check, loaders) cannot shift the streams.
+        self._rng_states_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
+
+    def on_train_start(self) -> None:
+        if getattr(self, "_rng_states_to_restore", None) is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Norm before clipping, so a clipped run still shows how large its gradients were.
@@ -139,18 +265,98 @@ class DiffusionModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     # ------------------------------------------------------------------ evaluation: EMA loss on fixed noise
-    def _fixed_noise_loss(self, images: Tensor, batch_idx: int) -> Tensor:
+    def _fixed_noise_loss(self, images: Tensor, batch_idx: int, labels: Tensor | None = None) -> Tensor:
         # The same t and noise for the same batch at every evaluation, so successive values are comparable.
         generator = torch.Generator().manual_seed(10_000 + batch_idx)
         t = torch.randint(0, self.schedule.num_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
-        return l_simple(self.ema, images, self.schedule, t.to(self.device), noise.to(self.device)).mean()
+        # Conditional nets are evaluated with the true labels (the conditional model's loss).
+        kwargs = {"y": labels} if self.conditional and labels is not None else {}
+        return l_simple(self.ema, images, self.schedule, t.to(self.device), noise.to(self.device),
+                        prediction=self.hparams.prediction, **kwargs).mean()  # fmt: skip
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("val/loss", self._fixed_noise_loss(batch[0], batch_idx), prog_bar=True, sync_dist=True)
+        loss = self._fixed_noise_loss(batch[0], batch_idx, batch[1] if len(batch) > 1 else None)
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        self.log("test/loss", self._fixed_noise_loss(batch[0], batch_idx), sync_dist=True)
+        labels = batch[1] if len(batch) > 1 else None
+        self.log("test/loss", self._fixed_noise_loss(batch[0], batch_idx, labels), sync_dist=True)
+        if self.hparams.bpd_timesteps != 0 and self.hparams.ddpm_variance == "learned":
+            # likelihood.py evaluates fixed variances only; a learned one's bound is not implemented there yet.
+            rank_zero_info("test/bpd skipped: the bound with --model.ddpm_variance learned is not implemented")
+        elif self.hparams.bpd_timesteps != 0:
+            hp = self.hparams
+            generator = torch.Generator().manual_seed(20_000 + batch_idx)
+            eps_model = self.eps_model(labels=labels, guidance_scale=1.0) if labels is not None else self.eps_model()
+            terms = nll_bits_per_dim(eps_model, batch[0], self.schedule, hp.bpd_timesteps, hp.ddpm_variance,
+                                     hp.clip_denoised, generator)  # fmt: skip
+            self.log("test/bpd", terms["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
+
+    def on_validation_epoch_end(self) -> None:
+        if self.hparams.num_fid_samples > 0 and self.trainer.state.fn == "validate":
+            self.log_dict(self.compute_fid(self.hparams.num_fid_samples))
+
+    # ------------------------------------------------------------------ FID (src/metrics/evaluation.py)
+    def fid_extractor(self) -> nn.Module:
+        if "extractor" not in self._fid:
+            self._fid["extractor"] = build_feature_extractor(self.hparams.fid_extractor, self.hparams.fid_weights_path)
+        return self._fid["extractor"].to(self.device)
+
+    def fid_reference(self) -> tuple[np.ndarray, np.ndarray]:
+        """Reference mean and covariance: `fid_ref_stats` as is, else the data set's split, cached on disk."""
+        hp = self.hparams
+        if "reference" in self._fid:
+            return self._fid["reference"]
+        if hp.fid_ref_stats:
+            mu, sigma, _ = evaluation.load_statistics(hp.fid_ref_stats)
+        else:
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if datamodule is None or not hasattr(datamodule, "dataset"):
+                raise ValueError("FID needs reference statistics: pass --model.fid_ref_stats FILE.npz or a datamodule")
+            from src.data import load_dataset
+
+            images = load_dataset(datamodule.dataset, hp.fid_ref_split, datamodule.data_dir)[0]
+            extractor = self.fid_extractor()
+            key = evaluation.reference_key(
+                datamodule.dataset, hp.fid_ref_split, extractor.name, images.shape[-1], len(images)
+            )
+            rank, world = evaluation._dist_info()
+
+            def compute() -> tuple[np.ndarray, np.ndarray]:
+                mine = evaluation.shard_indices(len(images), rank, world)
+                batches = (images[chunk] for chunk in mine.split(hp.fid_batch_size))
+                stats = evaluation.accumulate(extractor, batches, self.device, len(mine), "FID reference",
+                                              progress=rank == 0)  # fmt: skip
+                return stats.compute()
+
+            mu, sigma, path, computed = evaluation.cached_statistics(key, compute, hp.fid_cache_dir, self.device)
+            rank_zero_info(f"FID reference statistics {'computed and saved to' if computed else 'loaded from'} {path}")
+        self._fid["reference"] = (mu, sigma)
+        return mu, sigma
+
+    @torch.no_grad()
+    def compute_fid(self, num_samples: int, stage: str = "val") -> dict[str, float]:
+        """FID of `num_samples` EMA samples (sample i from `initial_noise([i])`, sharded over processes) against
+        the reference statistics; {"val/fid" or "val/fid_standin": value}. Every process must call it."""
+        extractor = self.fid_extractor()
+        ref_mu, ref_sigma = self.fid_reference()
+
+        def sample_fn(indices: Tensor) -> Tensor:
+            generator = torch.Generator().manual_seed(self.hparams.sample_seed * 1_000_003 + int(indices[0]) + 7)
+            labels = self.labels_for(indices)
+            return to_uint8(self.sample(self.initial_noise(indices), generator=generator, labels=labels))
+
+        stats, seconds_per_1k = evaluation.sample_statistics(
+            sample_fn, extractor, num_samples, self.hparams.fid_batch_size, self.device, progress=True
+        )
+        value = evaluation.fid_from_statistics(stats, ref_mu, ref_sigma)
+        name = evaluation.metric_name(extractor.name, "fid", stage)
+        label = "" if extractor.name == "inception" else " (stand-in features: NOT an FID, not comparable to papers)"
+        rank_zero_info(
+            f"{name} = {value:.4f} from {num_samples} samples{label}; {seconds_per_1k:.1f} s per 1,000 samples"
+        )
+        return {name: value}
 
     # ------------------------------------------------------------------ sampling
     def initial_noise(self, indices: Tensor, seed: int | None = None) -> Tensor:
@@ -163,12 +369,72 @@ class DiffusionModule(L.LightningModule):
         ]
         return torch.stack(noise).to(self.device)
 
+    @property
+    def conditional(self) -> bool:
+        """Whether the net is class-conditional (takes labels y; classifier-free guidance applies)."""
+        return bool(getattr(self.net, "num_classes", None))
+
+    def guidance_classifier(self) -> nn.Module | None:
+        """The noise-conditioned classifier of `classifier_path` (loaded once, frozen), or None without one."""
+        if not self.hparams.classifier_path:
+            return None
+        if "model" not in self._guidance_classifier:
+            from src.models.classifier import NoisyClassifier
+
+            classifier = NoisyClassifier.load(self.hparams.classifier_path).requires_grad_(False)
+            self._guidance_classifier["model"] = classifier
+        return self._guidance_classifier["model"].to(self.device)
+
+    def labels_for(self, indices: Tensor) -> Tensor | None:
+        """The class label of each sample index: `sample_labels[i % len]`, or i % num_classes; None when neither
+        the net is conditional nor classifier guidance is on. Like the noise, it depends only on the index."""
+        if self.conditional:
+            num_classes = self.net.num_classes
+        elif self.hparams.classifier_scale != 0.0:
+            num_classes = self.guidance_classifier().num_classes
+        else:
+            return None
+        choices = self.hparams.sample_labels or list(range(num_classes))
+        return torch.as_tensor(choices, dtype=torch.int64)[indices.cpu().long() % len(choices)].to(self.device)
+
+    def eps_model(self, labels: Tensor | None = None, guidance_scale: float | None = None, keep_variance=False):
+        """The EMA net as the plain eps-predictor `model(x_t, t)` that samplers take: its `prediction` converted to
+        eps (parameterization.py), class-conditional nets guided towards `labels` (default: labels_for(0..B-1))
+        with classifier-free guidance scale s = 1 + w (guidance.py), the learned-variance channels dropped unless
+        `keep_variance` (the "learned" DDPM variance reads them), and with `classifier_scale` != 0 classifier
+        guidance on top (guidance.py's ClassifierGuidance)."""
+        hp = self.hparams
+        model = self.ema if hp.prediction == "eps" else EpsPredictor(self.ema, self.schedule, hp.prediction)
+        channels = self.net.in_channels if self.learned_variance and not keep_variance else None
+        use_classifier = hp.classifier_scale != 0.0
+        if not self.conditional and channels is None and not use_classifier:
+            return model
+        scale = hp.guidance_scale if guidance_scale is None else guidance_scale
+
+        def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
+            y = labels if labels is not None else self.labels_for(torch.arange(x_t.shape[0]))
+            guided = classifier_free_guidance(model, y, scale, self.net.num_classes) if self.conditional else model
+            if use_classifier:
+                guided = ClassifierGuidance(guided, self.guidance_classifier(), y, hp.classifier_scale, self.schedule)
+            out = guided(x_t, t)
+            return out if channels is None else out[:, :channels]
+
+        return denoiser
+
     @torch.no_grad()
     def sample(
-        self, x_T: Tensor, progress: bool = False, generator: torch.Generator | None = None, **overrides: object
+        self,
+        x_T: Tensor,
+        progress: bool = False,
+        generator: torch.Generator | None = None,
+        labels: Tensor | None = None,
+        guidance_scale: float | None = None,
+        **overrides: object,
     ) -> Tensor:
         """Images in [-1, 1] from noise x_T with the EMA weights and the configured sampler; keyword
-        overrides (sampler, steps, eta, skip, variance, clip_x0) replace the configured options."""
+        overrides (sampler, steps, eta, skip, variance, clip_x0) replace the configured options. Conditional
+        nets: `labels` (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale`
+        s = 1 + w (default: --model.guidance_scale)."""
         hp = self.hparams
         options = dict(
             sampler=hp.sampler,
@@ -180,11 +446,16 @@ class DiffusionModule(L.LightningModule):
         )
         options.update(overrides)
         schedule = self.schedule if self.schedule.betas.device == self.device else self.schedule.to(self.device)
-        return sample(self.ema, x_T.to(self.device), schedule, generator=generator, progress=progress, **options)
+        keep_variance = options["variance"] == "learned" and options["sampler"] in ("ddpm", "ddpm_respaced")
+        model = self.eps_model(labels, guidance_scale, keep_variance)
+        return sample(model, x_T.to(self.device), schedule, generator=generator, progress=progress, **options)
 
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """`batch` holds sample indices; returns them with the images in [-1, 1]."""
         indices = batch[0] if isinstance(batch, (list, tuple)) else batch
         generator = torch.Generator().manual_seed(self.hparams.sample_seed * 1_000_003 + int(indices[0]) + 7)
-        images = self.sample(self.initial_noise(indices), generator=generator)
-        return {"index": indices, "images": images}
+        labels = self.labels_for(indices)
+        images = self.sample(self.initial_noise(indices), generator=generator, labels=labels)
+        if labels is None:
+            return {"index": indices, "images": images}
+        return {"index": indices, "images": images, "labels": labels}  # PNGWriter names files <label>_<index>.png
