@@ -212,3 +212,21 @@ def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
     assert loaded.hparams.eta == 0.5 and loaded.net.config == module.net.config
     for a, b in zip(loaded.ema.model.parameters(), module.ema.model.parameters(), strict=True):
         assert torch.equal(a, b)
+
+
+def test_channels_last_and_compile_keep_training_and_checkpoint_keys(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    plain = tiny_module()
+    trainer(tmp_path / "a", max_steps=2).fit(plain, loader())
+    torch.manual_seed(0)
+    nhwc = tiny_module(channels_last=True)
+    trainer(tmp_path / "b", max_steps=2).fit(nhwc, loader())
+    weight = nhwc.net.down[0][0].conv1.weight  # (8, 8, 3, 3): NHWC and NCHW strides differ
+    assert weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+    for a, b in zip(plain.net.parameters(), nhwc.net.parameters(), strict=True):
+        torch.testing.assert_close(a, b.contiguous(), rtol=1e-4, atol=1e-6)  # same step, other memory layout
+
+    compiled = tiny_module(compile=True)
+    compiled.on_fit_start()  # wraps lazily: nothing is compiled until the first training step
+    assert compiled.train_net is not compiled.net
+    assert set(compiled.state_dict()) == set(plain.state_dict())  # no "_orig_mod." keys
