@@ -4,7 +4,8 @@
     python -m src.evaluate --samples samples.npz --ref stats.npz          # pytorch-fid / torch-fidelity .npz
     python -m src.evaluate --samples DIR --ref fashion_mnist --extractor standin   # offline smoke test, NOT FID
 
-Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a data set as --ref),
+Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a data set as --ref), "precision",
+"recall" (with --prc and a data set as --ref),
 "is_mean", "is_std" (with --isc), "num_samples", ...}; with the stand-in extractor the keys carry "_standin".
 A data set's reference statistics are cached as in training (`--cache_dir`, default ~/.cache/ddim-lightning/fid_stats).
 """
@@ -23,7 +24,7 @@ from PIL import Image
 from src.metrics import evaluation
 from src.metrics.features import EXTRACTORS, build_feature_extractor
 from src.metrics.fid import frechet_distance
-from src.metrics.scores import inception_score, kernel_inception_distance
+from src.metrics.scores import inception_score, kernel_inception_distance, precision_recall
 
 
 def load_samples(path: str | Path) -> torch.Tensor:
@@ -71,6 +72,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--kid", action="store_true", help="also KID (needs --ref DATASET: features, not stats)")
     parser.add_argument("--isc", action="store_true", help="also the Inception Score of the samples")
+    parser.add_argument("--prc", action="store_true", help="also precision and recall (k=3; needs --ref DATASET)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         ref_mu, ref_sigma, path, _ = evaluation.cached_statistics(key, compute, args.cache_dir, args.device)
         results["ref_stats"] = str(path)
-        if args.kid and ref_features is None:
+        if (args.kid or args.prc) and ref_features is None:
             ref_features = features_of(extractor, ref_images, args.batch_size, args.device, "reference")["pool"]
     results[f"fid{suffix}"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     if args.kid:
@@ -107,6 +109,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             raise SystemExit("--kid needs reference features: pass a data set name as --ref, not a .npz")
         kid = kernel_inception_distance(pool, ref_features.double().numpy())
         results[f"kid_mean{suffix}"], results[f"kid_std{suffix}"] = kid
+    if args.prc:
+        if ref_features is None:
+            raise SystemExit("--prc needs reference features: pass a data set name as --ref, not a .npz")
+        precision, recall = precision_recall(ref_features.double().numpy(), pool)
+        results[f"precision{suffix}"], results[f"recall{suffix}"] = precision, recall
     if args.isc:
         if "logits" not in feats:
             raise SystemExit("--isc needs the Inception extractor's logits")

@@ -81,3 +81,33 @@ def inception_score(logits: Tensor, splits: int = 10, shuffle: bool = True, seed
         kl = (p[chunk] * (log_p[chunk] - p_y.log())).sum(dim=1).mean()
         scores.append(float(kl.exp()))
     return float(np.mean(scores)), float(np.std(scores))
+
+
+def knn_radii(features: Tensor, k: int = 3, batch_size: int = 1000) -> Tensor:
+    """Distance from each feature vector to its k-th nearest neighbour in the same set (itself excluded)."""
+    radii = []
+    for chunk in features.split(batch_size):
+        # k + 1: the nearest "neighbour" of every point is itself, at distance 0.
+        radii.append(torch.cdist(chunk, features).kthvalue(k + 1, dim=1).values)
+    return torch.cat(radii)
+
+
+def manifold_coverage(queries: Tensor, support: Tensor, support_radii: Tensor, batch_size: int = 1000) -> float:
+    """Fraction of `queries` inside the union of the balls B(support_j, support_radii_j): Kynkaanniemi et al.'s
+    f(phi, Phi) averaged over the queries."""
+    inside = [(torch.cdist(chunk, support) <= support_radii[None]).any(dim=1) for chunk in queries.split(batch_size)]
+    return torch.cat(inside).double().mean().item()
+
+
+def precision_recall(
+    real_features: np.ndarray | Tensor, fake_features: np.ndarray | Tensor, k: int = 3, batch_size: int = 1000
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkaanniemi et al. 2019, "Improved Precision and Recall Metric for
+    Assessing Generative Models", eqs. 1-3; k = 3 as there and in torch-fidelity): the real and the generated
+    manifolds are the unions of each feature's k-NN ball; precision is the fraction of generated samples inside
+    the real manifold, recall the fraction of real samples inside the generated one."""
+    real = torch.as_tensor(np.asarray(real_features), dtype=torch.float64)
+    fake = torch.as_tensor(np.asarray(fake_features), dtype=torch.float64)
+    precision = manifold_coverage(fake, real, knn_radii(real, k, batch_size), batch_size)
+    recall = manifold_coverage(real, fake, knn_radii(fake, k, batch_size), batch_size)
+    return precision, recall
