@@ -132,9 +132,9 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
 
-def cli_main(args: list[str] | None = None, run: bool = True) -> DiffusionCLI:
+def cli_main(args: list[str] | None = None, run: bool = True, model_class: type = DiffusionModule) -> DiffusionCLI:
     return DiffusionCLI(
-        DiffusionModule,
+        model_class,
         ImageDataModule,
         args=args,
         run=run,
@@ -144,11 +144,16 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> DiffusionCLI:
     )
 
 
-if __name__ == "__main__":
+def run(model_class: type = DiffusionModule) -> None:
+    """The command-line entry point, for `model_class` (also used by `python -m src.classifier_main`)."""
     try:
-        cli_main()
+        cli_main(model_class=model_class)
     except (UserError, DatasetNotFoundError, FileExistsError) as error:
         # Bad input, not a bug: one line instead of a traceback (DIFFUSION_TRACEBACK=1 shows it).
         if os.environ.get("DIFFUSION_TRACEBACK"):
             raise
         sys.exit(f"error: {error}")
+
+
+if __name__ == "__main__":
+    run()

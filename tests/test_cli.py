@@ -126,7 +126,11 @@ def test_help_and_print_config_show_every_model_option() -> None:
 
 @pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_every_config_parses(config: str) -> None:
-    cli = cli_main(["--config", str(REPO / "configs" / config)], run=False)
+    from src.classifier_module import ClassifierModule
+    from src.module import DiffusionModule
+
+    model_class = ClassifierModule if "classifier" in config else DiffusionModule
+    cli = cli_main(["--config", str(REPO / "configs" / config)], run=False, model_class=model_class)
     assert cli.model.net.image_size == cli.datamodule.image_size
     assert cli.model.net.in_channels == cli.datamodule.num_channels
 
@@ -134,3 +138,29 @@ def test_every_config_parses(config: str) -> None:
 def test_bad_sampler_option_is_one_clear_error() -> None:
     with pytest.raises(ValueError, match="--model.eta must be in"):
         cli_main(["--config", CONFIG, "--model.eta", "1.5"], run=False)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path) -> None:
+    from src.classifier_module import ClassifierModule
+    from src.models.classifier import NoisyClassifier
+    from src.module import DiffusionModule
+
+    cli_main(["fit", "--config", str(REPO / "configs" / "fashion_mnist_classifier.yaml"),
+              "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
+              "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "1",
+              "--data.batch_size", "8", "--data.val_size", "16", "--trainer.default_root_dir", str(tmp_path),
+              "--logger_backend", "csv", "--trainer.enable_progress_bar", "false"],
+             model_class=ClassifierModule)  # fmt: skip
+    (path,) = tmp_path.glob("fashion_mnist_classifier/version_0/classifier.pt")
+    classifier = NoisyClassifier.load(str(path))
+    assert classifier.num_classes == 10 and classifier.config["base_channels"] == 8
+    # The file is what --model.classifier_path takes: classifier guidance samples with it.
+    from src.models.unet import UNet
+
+    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
+               dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
+    module = DiffusionModule(net, sampling_steps=2, classifier_path=str(path), classifier_scale=1.0)
+    images = module.sample(module.initial_noise(torch.arange(2)))
+    assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
