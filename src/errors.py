@@ -8,8 +8,10 @@ standard errors listed in `ONE_LINE_ERRORS`) and prints `error: <message>` inste
 from __future__ import annotations
 
 import difflib
+import os
 import re
 
+import torch
 from lightning.pytorch.cli import LightningArgumentParser
 
 
@@ -80,4 +82,49 @@ def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str) ->
             f"--data.dataset {dataset} gives images of shape {tuple(data_shape)} (C, H, W) but the network takes "
             f"{net_shape}: set --model.net.init_args.in_channels {data_shape[0]} and "
             f"--model.net.init_args.image_size {data_shape[-1]}, or choose a matching data set"
+        )
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """torch.load a checkpoint (memory-mapped: the tensors stay on disk), or raise CheckpointError in one line."""
+    path = str(path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"--ckpt_path {path}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # truncated zip, pickle garbage, not a torch file at all
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"--ckpt_path {path} is corrupt or not a checkpoint ({reason}); use another one, e.g. an earlier "
+            "checkpoint of the same run"
+        ) from None
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):
+        raise CheckpointError(f"--ckpt_path {path} holds no 'state_dict': not a checkpoint of this template")
+    return checkpoint
+
+
+def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module, most: int = 4) -> None:
+    """Raise CheckpointError (one line) when `path` cannot be read as a checkpoint, or when its state_dict does not
+    fit `model`: the missing and unexpected keys and the shape differences, the first `most` of each."""
+    state = read_checkpoint(path)["state_dict"]
+    expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    found = {key: tuple(value.shape) for key, value in state.items()}
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:most]) + (f" and {len(keys) - most} more" if len(keys) > most else "")
+
+    missing = sorted(expected.keys() - found.keys())
+    unexpected = sorted(found.keys() - expected.keys())
+    reshaped = [
+        f"{k} {found[k]} vs {expected[k]}" for k in sorted(expected.keys() & found.keys()) if found[k] != expected[k]
+    ]
+    parts = [
+        f"missing {listed(missing)}" if missing else "",
+        f"unexpected {listed(unexpected)}" if unexpected else "",
+        f"shapes differ (checkpoint vs model): {listed(reshaped)}" if reshaped else "",
+    ]
+    if any(parts):
+        raise CheckpointError(
+            f"--ckpt_path {path} does not fit the configured model: {'; '.join(p for p in parts if p)}. "
+            "Use the config the checkpoint was trained with"
         )

@@ -15,14 +15,13 @@ import time
 import warnings
 from pathlib import Path
 
-import torch
 from lightning.pytorch.cli import LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
-from src.errors import SuggestingArgumentParser, UserError, check_image_shape
+from src.errors import SuggestingArgumentParser, UserError, check_checkpoint, check_image_shape, read_checkpoint
 from src.loggers import auto_logger
 from src.module import DiffusionModule
 
@@ -90,7 +89,7 @@ class DiffusionCLI(LightningCLI):
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = torch.load(ckpt_path, weights_only=True, map_location="cpu").get("hyper_parameters", {})
+        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
         architecture = {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if key in hparams}
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
@@ -100,8 +99,20 @@ class DiffusionCLI(LightningCLI):
         if data is not None and hasattr(data, "image_shape"):
             check_image_shape(data.image_shape, self.model.net, getattr(data, "dataset", "?"))
 
-    # Before any data is loaded or a step runs: a network that cannot take the images fails at once, in one line.
-    before_fit = before_validate = before_test = _check_shapes
+    def _check_checkpoint(self) -> None:
+        """A --ckpt_path that is corrupt or does not fit the model fails here, in one line, before anything runs."""
+        path = self._get(self.config_init, "ckpt_path")
+        if not path or path in ("last", "best", "hpc", "registry") or "://" in str(path):
+            return  # names Lightning resolves itself, and remote files
+        check_checkpoint(path, self.model)
+
+    def _before_run(self) -> None:
+        # Before any data is loaded or a step runs: a network that cannot take the images fails at once, in one line.
+        self._check_shapes()
+        self._check_checkpoint()
+
+    before_fit = before_validate = before_test = _before_run
+    before_predict = _check_checkpoint
 
     def instantiate_trainer(self, **kwargs):
         config = self._get(self.config_init, "trainer", default={})

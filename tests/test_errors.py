@@ -79,3 +79,64 @@ def test_missing_data_set_is_one_line_and_touches_nothing(tmp_path: Path) -> Non
 def test_impossible_sampler_setting(args: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         cli_main(["predict", "--config", CONFIG, *args])
+
+
+# ---------------------------------------------------------------------------------------------- checkpoints
+def _tiny_diffusion_module(base_channels: int = 8):
+    from src.models.unet import UNet
+    from src.module import DiffusionModule
+
+    net = UNet(in_channels=1, base_channels=base_channels, channel_mult=(1, 2, 2), num_res_blocks=1,
+               attn_resolutions=(), dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
+    return DiffusionModule(net, sampling_steps=2)
+
+
+def test_corrupt_or_missing_checkpoint_is_one_line(tmp_path) -> None:
+    import torch
+
+    from src.errors import CheckpointError, check_checkpoint
+
+    module = _tiny_diffusion_module()
+    good = tmp_path / "good.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, good)
+    check_checkpoint(good, module)  # fits: no error
+    truncated = tmp_path / "truncated.ckpt"
+    truncated.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    for path, message in [(truncated, "is corrupt or not a checkpoint"), (tmp_path / "nope.ckpt", "no such file")]:
+        with pytest.raises(CheckpointError, match=message) as info:
+            check_checkpoint(path, module)
+        assert "\n" not in str(info.value)
+    torch.save({"weights": 1}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="holds no 'state_dict'"):
+        check_checkpoint(tmp_path / "other.pt", module)
+
+
+def test_incompatible_checkpoint_names_what_differs(tmp_path) -> None:
+    import torch
+
+    from src.errors import CheckpointError, check_checkpoint
+
+    state = _tiny_diffusion_module(base_channels=8).state_dict()
+    state["extra.weight"] = torch.zeros(1)
+    del state["net.conv_out.bias"]
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": state}, path)
+    with pytest.raises(CheckpointError) as info:
+        check_checkpoint(path, _tiny_diffusion_module(base_channels=16))
+    message = str(info.value)
+    assert "missing net.conv_out.bias" in message and "unexpected extra.weight" in message
+    assert "shapes differ (checkpoint vs model): ema.model.conv_in.bias (8,) vs (16,)" in message
+    assert "and " in message and "more" in message and "\n" not in message
+
+
+def test_cli_predict_with_a_corrupt_checkpoint_writes_nothing(tmp_path) -> None:
+    from src.errors import CheckpointError
+    from src.main import cli_main
+
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"PK\x03\x04 not really a zip")
+    out = tmp_path / "pngs"
+    with pytest.raises(CheckpointError, match="corrupt"):
+        cli_main(["predict", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"), "--ckpt_path", str(bad), "--output_dir", str(out),
+                  "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
+    assert not out.exists() and bad.read_bytes() == b"PK\x03\x04 not really a zip"
