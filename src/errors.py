@@ -55,7 +55,12 @@ def did_you_mean(message: str, known: list[str]) -> str:
 
 
 class SuggestingArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose "unrecognized arguments" / unknown-key errors suggest the closest option."""
+    """LightningCLI's parser, whose "unrecognized arguments" / unknown-key errors suggest the closest option, and
+    which takes no abbreviations: argparse would otherwise run `--trainer.max_step 3` as `--trainer.max_steps 3`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         return super().error(did_you_mean(message, _option_names(self)), ex)

@@ -11,7 +11,10 @@ from __future__ import annotations
 import importlib.util
 import netrc
 import os
+import time
+from pathlib import Path
 
+from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 
 
@@ -53,5 +56,10 @@ def auto_logger(save_dir: str, name: str, backend: str = "auto", version: str | 
     if backend == "tensorboard":
         return TensorBoardLogger(save_dir=save_dir, name=name, version=version)
     if backend == "csv":
+        metrics = Path(save_dir, name, str(version), "metrics.csv")
+        if version is not None and metrics.is_file() and rank_zero_only.rank == 0:
+            # Lightning's CSV writer deletes an existing metrics.csv when it starts: keep the log of the steps before
+            # the interruption beside the new one.
+            metrics.rename(metrics.with_name(f"metrics.until-{time.strftime('%Y%m%d-%H%M%S')}.csv"))
         return CSVLogger(save_dir=save_dir, name=name, version=version)
     raise ValueError(f"unknown logger backend {backend!r}; choose auto, wandb, wandb_offline, tensorboard or csv")

@@ -140,3 +140,11 @@ def test_cli_predict_with_a_corrupt_checkpoint_writes_nothing(tmp_path) -> None:
         cli_main(["predict", "--config", str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml"), "--ckpt_path", str(bad), "--output_dir", str(out),
                   "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
     assert not out.exists() and bad.read_bytes() == b"PK\x03\x04 not really a zip"
+
+
+def test_abbreviated_options_are_not_taken_for_others() -> None:
+    from src.main import cli_main
+
+    config = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", config, "--trainer.max_step", "3", "--print_config"])

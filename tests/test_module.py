@@ -159,8 +159,16 @@ def test_logger_never_needs_a_login(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.delenv("WANDB_MODE", raising=False)
     assert not wandb_logged_in()
     assert isinstance(auto_logger(str(tmp_path), "run"), TensorBoardLogger)
-    assert isinstance(auto_logger(str(tmp_path), "run", "csv", version="version_3"), CSVLogger)
-    assert auto_logger(str(tmp_path), "run", "csv", version="version_3").version == "version_3"
+    assert auto_logger(str(tmp_path), "run", "tensorboard", version="version_3").version == "version_3"
+    # Resuming into a CSV run's folder keeps the earlier metrics.csv (Lightning's writer deletes it on start).
+    (tmp_path / "run" / "version_3").mkdir(parents=True)
+    (tmp_path / "run" / "version_3" / "metrics.csv").write_text("step,loss\n0,1.0\n")
+    csv_logger = auto_logger(str(tmp_path), "run", "csv", version="version_3")
+    assert isinstance(csv_logger, CSVLogger) and csv_logger.version == "version_3"
+    csv_logger.log_metrics({"loss": 0.5}, step=1)
+    csv_logger.save()
+    (kept,) = (tmp_path / "run" / "version_3").glob("metrics.until-*.csv")
+    assert kept.read_text() == "step,loss\n0,1.0\n"
     monkeypatch.setenv("WANDB_MODE", "offline")
     logger = auto_logger(str(tmp_path), "run")
     assert isinstance(logger, WandbLogger) and logger._offline
