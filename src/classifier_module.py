@@ -23,6 +23,7 @@ from torch import Tensor
 from src.diffusion.losses import sample_timesteps
 from src.diffusion.schedule import NoiseSchedule
 from src.models.classifier import NoisyClassifier, noisy_classifier_loss
+from src.module import linear_warmup
 
 
 class ClassifierModule(L.LightningModule):
@@ -55,8 +56,7 @@ class ClassifierModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         self.net = net
-        kwargs = {"beta_start": beta_start, "beta_end": beta_end} if schedule == "linear" else {}
-        self.schedule = NoiseSchedule.from_name(schedule, timesteps, **kwargs)
+        self.schedule = NoiseSchedule.from_options(schedule, timesteps, beta_start, beta_end)
         self.saved_path: Path | None = None
 
     def on_fit_start(self) -> None:
@@ -94,11 +94,7 @@ class ClassifierModule(L.LightningModule):
     def configure_optimizers(self):
         hp = self.hparams
         optimizer = torch.optim.AdamW(self.net.parameters(), lr=hp.lr, weight_decay=hp.weight_decay)
-        warmup = max(int(hp.warmup_steps), 0)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": linear_warmup(optimizer, hp.warmup_steps)}
 
     def on_train_end(self) -> None:
         if not self.trainer.is_global_zero:

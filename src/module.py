@@ -28,6 +28,17 @@ from src.models.ema import EMA
 from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
 
 
+def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
+    """Lightning's lr-scheduler entry for DDPM's schedule: linear warm-up over the first `warmup_steps` optimizer
+    steps, then constant."""
+    warmup = max(int(warmup_steps), 0)
+
+    def lr_factor(step: int) -> float:
+        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
+
+    return {"scheduler": torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor), "interval": "step"}
+
+
 def _build_net(spec: dict) -> nn.Module:
     """Instantiate {"class_path": "pkg.mod.Class", "init_args": {...}} (the format configs and checkpoints use)."""
     module_name, _, class_name = spec["class_path"].rpartition(".")
@@ -182,8 +193,7 @@ class DiffusionModule(L.LightningModule):
         self._fid: dict[str, object] = {}
         self._guidance_classifier: dict[str, nn.Module] = {}  # likewise for the classifier-guidance classifier
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
-        kwargs = {"beta_start": beta_start, "beta_end": beta_end} if schedule == "linear" else {}
-        self.schedule = NoiseSchedule.from_name(schedule, timesteps, **kwargs)
+        self.schedule = NoiseSchedule.from_options(schedule, timesteps, beta_start, beta_end)
 
     # ------------------------------------------------------------------ shapes
     @property
@@ -279,14 +289,7 @@ class DiffusionModule(L.LightningModule):
             weight_decay=hp.weight_decay,
             fused=self.device.type == "cuda",  # one kernel for the whole update instead of several per tensor
         )
-        warmup = max(int(hp.warmup_steps), 0)
-
-        def lr_factor(step: int) -> float:
-            # DDPM: linear warm-up over the first `warmup_steps` steps, then constant.
-            return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return {"optimizer": optimizer, "lr_scheduler": linear_warmup(optimizer, hp.warmup_steps)}
 
     # ------------------------------------------------------------------ evaluation: EMA loss on fixed noise
     def _fixed_noise_loss(self, images: Tensor, batch_idx: int, labels: Tensor | None = None) -> Tensor:

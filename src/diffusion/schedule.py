@@ -128,6 +128,14 @@ class NoiseSchedule:
             raise ValueError(f"{name} config has no NoiseSchedule equivalent: " + "; ".join(problems))
         return cls(betas)
 
+    @classmethod
+    def from_options(
+        cls, name: str, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
+    ) -> NoiseSchedule:
+        """The schedule of the modules' options: `beta_start`/`beta_end` apply to "linear" only."""
+        kwargs = {"beta_start": beta_start, "beta_end": beta_end} if name == "linear" else {}
+        return cls.from_name(name, timesteps, **kwargs)
+
     # ------------------------------------------------------------------ properties
     @property
     def num_timesteps(self) -> int:
