@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from src.diffusion.losses import sample_timesteps
 from src.diffusion.schedule import NoiseSchedule
-from src.models.unet import AttnBlock, Downsample, ResBlock, group_norm, timestep_embedding
+from src.models.unet import ResBlock, down_path, group_norm, run_down_path, timestep_embedding
 
 
 class NoisyClassifier(nn.Module):
@@ -59,18 +59,17 @@ class NoisyClassifier(nn.Module):
             nn.Linear(base_channels, temb_channels), nn.SiLU(), nn.Linear(temb_channels, temb_channels)
         )
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
-        self.down = nn.ModuleList()
-        ch, resolution = base_channels, image_size
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = nn.ModuleList([ResBlock(ch, base_channels * mult, temb_channels, dropout, norm_groups)])
-                ch = base_channels * mult
-                if resolution in attn_resolutions:
-                    layers.append(AttnBlock(ch, norm_groups))
-                self.down.append(layers)
-            if level != len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
-                resolution = (resolution + 1) // 2
+        self.down, channels, _ = down_path(
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attn_resolutions,
+            image_size,
+            temb_channels,
+            dropout,
+            norm_groups,
+        )
+        ch = channels[-1]
         self.mid = ResBlock(ch, ch, temb_channels, dropout, norm_groups)
         self.norm_out = group_norm(ch, norm_groups)
         self.head = nn.Linear(ch, num_classes)
@@ -79,11 +78,7 @@ class NoisyClassifier(nn.Module):
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.temb(timestep_embedding(t, self.base_channels))
-        h = self.conv_in(x)
-        for layers in self.down:
-            h = layers[0](h) if isinstance(layers[0], Downsample) else layers[0](h, temb)
-            for layer in layers[1:]:
-                h = layer(h)
+        h = run_down_path(self.down, self.conv_in(x), temb)[-1]
         h = F.silu(self.norm_out(self.mid(h, temb)))
         return self.head(h.mean(dim=(2, 3)))
 

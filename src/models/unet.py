@@ -98,6 +98,49 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+def down_path(
+    base_channels: int,
+    channel_mult: Sequence[int],
+    num_res_blocks: int,
+    attn_resolutions: Sequence[int],
+    image_size: int,
+    temb_channels: int,
+    dropout: float,
+    norm_groups: int,
+) -> tuple[nn.ModuleList, list[int], int]:
+    """The encoder shared by the UNet and the noise-conditioned classifier: per level `num_res_blocks` residual
+    blocks (each followed by attention at `attn_resolutions`), then a stride-2 Downsample on every level but the
+    last. Returns the layers, the channels of every feature map the UNet keeps as a skip connection (the stem's
+    first; the last is the encoder's output) and the final resolution."""
+    down = nn.ModuleList()
+    skip_channels = [base_channels]
+    ch, resolution = base_channels, image_size
+    for level, mult in enumerate(channel_mult):
+        for _ in range(num_res_blocks):
+            layers = nn.ModuleList([ResBlock(ch, base_channels * mult, temb_channels, dropout, norm_groups)])
+            ch = base_channels * mult
+            if resolution in attn_resolutions:
+                layers.append(AttnBlock(ch, norm_groups))
+            down.append(layers)
+            skip_channels.append(ch)
+        if level != len(channel_mult) - 1:
+            down.append(nn.ModuleList([Downsample(ch)]))
+            skip_channels.append(ch)
+            resolution = (resolution + 1) // 2
+    return down, skip_channels, resolution
+
+
+def run_down_path(down: nn.ModuleList, h: Tensor, temb: Tensor) -> list[Tensor]:
+    """Every feature map of the encoder `down` (from `down_path`) for input h, in order; the last is its output."""
+    features = []
+    for layers in down:
+        h = layers[0](h) if isinstance(layers[0], Downsample) else layers[0](h, temb)
+        for layer in layers[1:]:
+            h = layer(h)
+        features.append(h)
+    return features
+
+
 class UNet(nn.Module):
     """eps_theta(x_t, t[, y]): (B, C, H, W) images in [-1, 1] and int64 timesteps (B,) -> eps (B, C, H, W).
 
@@ -162,22 +205,17 @@ class UNet(nn.Module):
         def block(cin: int, cout: int) -> ResBlock:
             return ResBlock(cin, cout, temb_channels, dropout, norm_groups)
 
-        # Down path: remember every feature map's channels for the skip connections.
-        self.down = nn.ModuleList()
-        skip_channels = [base_channels]
-        ch, resolution = base_channels, image_size
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers = nn.ModuleList([block(ch, base_channels * mult)])
-                ch = base_channels * mult
-                if resolution in attn_resolutions:
-                    layers.append(AttnBlock(ch, norm_groups))
-                self.down.append(layers)
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                self.down.append(nn.ModuleList([Downsample(ch)]))
-                skip_channels.append(ch)
-                resolution = (resolution + 1) // 2
+        self.down, skip_channels, resolution = down_path(
+            base_channels,
+            channel_mult,
+            num_res_blocks,
+            attn_resolutions,
+            image_size,
+            temb_channels,
+            dropout,
+            norm_groups,
+        )
+        ch = skip_channels[-1]
 
         self.mid = nn.ModuleList(
             [block(ch, ch), AttnBlock(ch, norm_groups) if mid_attention else nn.Identity(), block(ch, ch)]
@@ -215,12 +253,8 @@ class UNet(nn.Module):
             raise ValueError("labels y given to an unconditional UNet (num_classes is None)")
 
         h = self.conv_in(x)
-        skips = [h]
-        for layers in self.down:
-            h = layers[0](h) if isinstance(layers[0], Downsample) else layers[0](h, temb)
-            for layer in layers[1:]:
-                h = layer(h)
-            skips.append(h)
+        skips = [h, *run_down_path(self.down, h, temb)]
+        h = skips[-1]
 
         h = self.mid[0](h, temb)
         h = self.mid[1](h)
