@@ -106,6 +106,39 @@ def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path: Path, num_wor
         assert torch.equal(value, resumed[key]), key
 
 
+class EpochEndSignal(Record):
+    """A SIGTERM during the first epoch's end hooks: after its last batch, before the next epoch starts."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.sent = False
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_signal_between_epochs_resumes_exactly(tmp_path: Path) -> None:
+    # Lightning raises the SIGTERMException only once the epoch is complete; the checkpoint then written must not
+    # carry the finished epoch's batch counters into the next one (the resumed run would train one batch of it).
+    reference = Record()
+    expected = state(fit(tmp_path / "reference", reference, num_workers=0))
+    first = EpochEndSignal()
+    root = tmp_path / "killed"
+    with pytest.raises(SystemExit):
+        fit(root, first, num_workers=0)
+    last = root / "checkpoints" / "last.ckpt"
+    assert torch.load(last, weights_only=True)["global_step"] == 4  # the whole first epoch (4 batches)
+
+    second = Record()
+    resumed = state(fit(root, second, num_workers=0, ckpt_path=str(last)))
+    assert sorted(second.losses) == list(range(5, STEPS + 1))
+    assert {**{s: v for s, v in first.losses.items() if s <= 4}, **second.losses} == reference.losses
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+
+
 def test_loader_state_skips_consumed_batches_and_flips_depend_only_on_position() -> None:
     images = torch.arange(12, dtype=torch.float32).reshape(12, 1, 1, 1).expand(12, 1, 2, 2).contiguous()
     images[..., 1] += 100  # left and right columns differ, so a flip shows
