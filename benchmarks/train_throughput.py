@@ -1,7 +1,7 @@
 """Training throughput, TFLOP/s and MFU of a config's full training step, against diffusers' UNet2DModel.
 
 The step is what `DiffusionModule` does: uniform t, q_sample, L_simple, backward, gradient clipping at 1,
-AdamW (fused on CUDA) and the EMA update. Both networks run the same step with the same precision and batch,
+AdamW (fused, as in training) and the EMA update. Both networks run the same step with the same precision and batch,
 timed alternately in one process. FLOPs are counted once with torch's FlopCounterMode (matmuls and
 convolutions, forward and backward); MFU = achieved FLOP/s / the device's dense peak (pass --peak-tflops on
 devices not in benchmarks/common.py).
@@ -29,7 +29,9 @@ def make_step(net, name, schedule, x, device, dtype, channels_last):
         x = x.contiguous(memory_format=torch.channels_last)
     eps = as_eps_fn(name, net)
     ema = EMA(net, decay=0.9999)
-    opt = torch.optim.AdamW(net.parameters(), lr=2e-4, weight_decay=0.0, fused=device.type == "cuda")
+    opt = torch.optim.AdamW(
+        net.parameters(), lr=2e-4, weight_decay=0.0, fused=device.type in ("cuda", "cpu")
+    )  # as DiffusionModule
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def step() -> None:

@@ -27,10 +27,11 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
 
 
-def tiny_module() -> DiffusionModule:
+def tiny_module(fused: bool | None = None) -> DiffusionModule:
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                dropout=0.0, image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
-    return DiffusionModule(net, timesteps=50, warmup_steps=2, lr=1e-3, ema_decay=0.9, sampling_steps=5)
+    return DiffusionModule(net, timesteps=50, warmup_steps=2, lr=1e-3, ema_decay=0.9, sampling_steps=5,
+                           fused_optimizer=fused)  # fmt: skip
 
 
 def loader() -> DataLoader:
@@ -53,12 +54,22 @@ class Inject(L.Callback):
             os.kill(os.getpid(), self.signum)
 
 
-def fit(root: Path, inject: Inject, guard: NonFiniteGuard | None = None, max_steps: int = 5) -> L.Trainer:
+def fit(
+    root: Path,
+    inject: Inject,
+    guard: NonFiniteGuard | None = None,
+    max_steps: int = 5,
+    fused: bool | None = None,
+    precision: str | L.pytorch.plugins.Precision = "32-true",
+) -> L.Trainer:
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=1)
     callbacks = [checkpoints, SignalCheckpoint(), guard or NonFiniteGuard(), inject]
+    plugins = (
+        {"plugins": [precision]} if isinstance(precision, L.pytorch.plugins.Precision) else {"precision": precision}
+    )
     trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
-                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(tiny_module(), loader())
+                        callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, **plugins)  # fmt: skip
+    trainer.fit(tiny_module(fused), loader())
     return trainer
 
 
@@ -81,13 +92,68 @@ def test_nonfinite_step_is_skipped_up_to_the_limit(tmp_path: Path) -> None:
 
 
 def test_nonfinite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path: Path) -> None:
+    # Fused AdamW (the default): the bad step is skipped on the device and counted when the next step starts, so
+    # the run stops one step later; the checkpoint of that step holds the weights from before the bad step.
+    inject = Inject(nan_at=3)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*loss nan.*t \[.*stopped") as error:
-        fit(tmp_path, Inject(nan_at=3))
+        fit(tmp_path, inject)
     assert "\n" not in str(error.value)
+    checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
+    assert checkpoint["global_step"] == 4
+    saved = [checkpoint["state_dict"][f"net.{name}"] for name, _ in tiny_module().net.named_parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(inject.weights[3], saved, strict=True))  # the NaN step changed nothing
+    assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
+    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]  # no stray temporary files
+
+
+def test_nonfinite_step_without_fused_optimizer_stops_before_the_update(tmp_path: Path) -> None:
+    # An optimizer without found_inf support: the flag is read at once and the run stops before the bad update.
+    with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*stopped"):
+        fit(tmp_path, Inject(nan_at=3), fused=False)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3  # the step before the NaN, not overwritten by the failed one
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
-    assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]  # no stray temporary files
+
+
+def test_fp16_with_grad_scaler_skips_and_counts_a_nonfinite_loss(tmp_path: Path) -> None:
+    # 16-mixed: the GradScaler owns found_inf and skips the step; the guard watches the loss and counts it.
+    guard = NonFiniteGuard(max_skips=1)
+    inject = Inject(nan_at=2)
+    with pytest.warns(UserWarning, match=r"non-finite loss at step 2 .*skipped this update \(1 of at most 1\)"):
+        precision = L.pytorch.plugins.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        trainer = fit(tmp_path, inject, guard, precision=precision)
+    assert trainer.precision_plugin.scaler is not None and guard.num_skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(inject.weights[2], inject.weights[3], strict=True))
+    assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
+
+
+def test_guard_skips_on_the_device_and_reads_the_flag_later() -> None:
+    # The mechanism without Lightning's loop: the fused kernel gets found_inf and leaves weights and moments alone;
+    # the guard has not looked at the flag yet (no host read in the step) and counts it at the next batch start.
+    net = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    before = [p.detach().clone() for p in net.parameters()]
+    moments = [optimizer.state[p]["exp_avg"].clone() for p in net.parameters()]
+    net.weight.grad[0, 0] = float("inf")
+    guard = NonFiniteGuard(max_skips=1)
+
+    class Stub:
+        global_step, current_epoch, precision_plugin = 7, 0, None
+
+    module = torch.nn.Module()
+    module.last_loss, module.last_t = torch.tensor(1.0), torch.tensor([3])
+    guard.on_train_batch_start(Stub(), module, (torch.zeros(1, 1, 2, 2),), 0)
+    guard.on_before_optimizer_step(Stub(), module, optimizer)
+    optimizer.step()
+    assert guard.num_skipped == 0 and len(guard._pending) == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
+    assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, net.parameters(), strict=True))
+    assert int(optimizer.state[net.weight]["step"]) == 1  # the skipped step is not counted by Adam either
+    with pytest.warns(UserWarning, match=r"non-finite gradient at step 7 .*grad norm inf.*t \[3\]"):
+        guard.on_train_batch_start(Stub(), module, None, 1)
+    assert guard.num_skipped == 1 and not guard._pending
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])

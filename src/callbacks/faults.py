@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import signal
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -139,15 +140,39 @@ def tensor_stats(x: Tensor) -> str:
     return stats + (f" ({num_bad} non-finite)" if num_bad else "")
 
 
-class NonFiniteGuard(Callback):
-    """Detects a non-finite loss or gradient before the optimizer applies it.
+@dataclass
+class _StepRecord:
+    """What the guard keeps of one optimizer step until it knows whether the step was finite."""
 
-    It checks the total gradient norm of the optimizer's parameters just before the optimizer step (a
-    non-finite loss always gives non-finite gradients). On a bad step it reports the step, the loss, the
-    images' min/max/mean/std and the t values, then either skips the update (its gradients are dropped, so
-    the optimizer leaves the weights and its moments alone; step counters, learning-rate schedule and EMA
-    move on as for any step) or, once more than `max_skips` steps were skipped, raises `NonFiniteLossError`,
-    which stops the run before the bad update; checkpoints written so far stay as they are.
+    step: int
+    epoch: int
+    nonfinite: Tensor  # the step's flag; on CUDA a pinned host copy, filled asynchronously
+    ready: Any  # a CUDA event recorded after that copy, or None when the flag can be read at once
+    batch: Any
+    loss: Tensor | None
+    t: Tensor | None
+    grad_norm: Tensor
+
+
+class NonFiniteGuard(Callback):
+    """Detects a non-finite loss or gradient, keeps it out of the weights, reports it and stops when asked to.
+
+    Every step, the total gradient norm of the optimizer's parameters is computed on the device just before the
+    optimizer step (a non-finite loss always gives non-finite gradients). What happens next depends on the
+    optimizer:
+
+    - Optimizers that take torch.amp's `found_inf` flag (fused AdamW/Adam/SGD, our default): the flag goes to
+      the fused kernel, which then leaves the weights, the moments and the step count alone, all on the device,
+      as under `torch.amp.GradScaler`. The guard copies the flag to the host without waiting and reads it when
+      the next step starts (on CUDA: once the copy has landed), so the training step has no host-device sync.
+    - Other optimizers: the guard reads the flag at once (a sync per step on an accelerator) and drops the bad
+      step's gradients, so the optimizer leaves those parameters alone.
+
+    A bad step is reported with its step number, loss, gradient norm, the images' min/max/mean/std and the t
+    values; step counters, learning-rate schedule and EMA move on as for any step. Once more than `max_skips`
+    steps were non-finite, `NonFiniteLossError` stops the run. No bad update reaches the weights, so every
+    checkpoint holds finite weights (with the deferred flag, the run stops one step after the bad one). Under
+    fp16 with a GradScaler, overflowing gradients are the scaler's business: the guard then watches the loss.
 
     Args:
         max_skips: how many non-finite steps to skip over the whole run (counted across resumes) before
@@ -160,10 +185,14 @@ class NonFiniteGuard(Callback):
         self.max_skips = max_skips
         self.num_skipped = 0
         self._batch: Any = None
+        self._pending: list[_StepRecord] = []
+        self._last_report = ""
 
     def on_train_batch_start(
         self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, batch_idx: int
     ) -> None:
+        self._check_pending(wait=False)
+        self._stop_if_over_limit()  # also for a step counted while a checkpoint was being written
         self._batch = batch
 
     def on_before_optimizer_step(
@@ -173,34 +202,84 @@ class NonFiniteGuard(Callback):
         if not grads:
             return
         norm = torch.nn.utils.get_total_norm(grads)
-        if torch.isfinite(norm):  # one device sync per step
-            return
-        report = self._report(trainer, pl_module, norm)
-        if self.num_skipped >= self.max_skips:
-            raise NonFiniteLossError(
-                f"{report}; stopped (skipped {self.num_skipped} of at most {self.max_skips}: raise "
-                "--max_nonfinite_skips to skip more); the weights and checkpoints hold the last finite step"
-            )
-        self.num_skipped += 1
-        optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
-        rank_zero_warn(f"{report}; skipped this update ({self.num_skipped} of at most {self.max_skips})")
-
-    def _report(self, trainer: L.Trainer, pl_module: L.LightningModule, norm: Tensor) -> str:
         loss = getattr(pl_module, "last_loss", None)
-        what = "loss" if loss is not None and not torch.isfinite(loss) else "gradient"
-        parts = [f"non-finite {what} at step {trainer.global_step} (epoch {trainer.current_epoch})"]
+        scaled = getattr(trainer.precision_plugin, "scaler", None) is not None
+        if scaled and loss is None:
+            return
+        # fp16 + GradScaler: the scaler skips overflowing steps itself (and owns found_inf); watch the loss only.
+        nonfinite = ~torch.isfinite(loss.detach()).all() if scaled else ~torch.isfinite(norm)
+        record = _StepRecord(trainer.global_step, trainer.current_epoch, nonfinite, None, self._batch, loss,
+                             getattr(pl_module, "last_t", None), norm)  # fmt: skip
+        if scaled or getattr(optimizer, "_step_supports_amp_scaling", False):
+            if not scaled:
+                # The fused kernel skips the update where found_inf is nonzero (torch.amp.GradScaler's mechanism).
+                optimizer.found_inf = nonfinite.float()
+            self._defer(record)
+        elif bool(nonfinite):  # a host sync; only optimizers without found_inf support get here
+            optimizer.zero_grad(set_to_none=True)  # AdamW leaves parameters without a gradient untouched
+            self._handle(record, stop=True)
+
+    def _defer(self, record: _StepRecord) -> None:
+        if record.nonfinite.device.type == "cuda":
+            flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+            flag.copy_(record.nonfinite, non_blocking=True)
+            record.nonfinite, record.ready = flag, torch.cuda.Event()
+            record.ready.record()
+        self._pending.append(record)
+
+    def _check_pending(self, wait: bool) -> None:
+        """Count the recorded steps whose flags have reached the host (all of them with `wait`), oldest first."""
+        while self._pending:
+            record = self._pending[0]
+            if record.ready is not None:
+                if not wait and not record.ready.query():
+                    return
+                record.ready.synchronize()
+            self._pending.pop(0)
+            if bool(record.nonfinite):
+                self._handle(record, stop=False)
+
+    def _handle(self, record: _StepRecord, stop: bool) -> None:
+        self.num_skipped += 1
+        self._last_report = self._report(record)
+        if stop:
+            self._stop_if_over_limit()
+        if self.num_skipped <= self.max_skips:
+            rank_zero_warn(f"{self._last_report}; skipped this update ({self.num_skipped} of at most {self.max_skips})")
+
+    def _stop_if_over_limit(self) -> None:
+        if self.num_skipped > self.max_skips:
+            raise NonFiniteLossError(
+                f"{self._last_report}; stopped ({self.num_skipped} non-finite steps, at most {self.max_skips} "
+                "allowed: raise --max_nonfinite_skips to skip more); the weights and checkpoints hold the last "
+                "finite update"
+            )
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._check_pending(wait=True)
+        self._stop_if_over_limit()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._pending.clear()
+
+    def _report(self, record: _StepRecord) -> str:
+        loss = record.loss
+        what = "loss" if loss is not None and not torch.isfinite(loss).all() else "gradient"
+        parts = [f"non-finite {what} at step {record.step} (epoch {record.epoch})"]
         if loss is not None:
             parts.append(f"loss {loss.item():.4g}")
-        parts.append(f"grad norm {norm.item():.4g}")
-        images = self._batch[0] if isinstance(self._batch, (tuple, list)) else self._batch
+        parts.append(f"grad norm {record.grad_norm.item():.4g}")
+        images = record.batch[0] if isinstance(record.batch, (tuple, list)) else record.batch
         if isinstance(images, Tensor):
             parts.append(f"images {tuple(images.shape)} {tensor_stats(images)}")
-        t = getattr(pl_module, "last_t", None)
-        if isinstance(t, Tensor):
-            parts.append(f"t {t.tolist() if t.numel() <= 16 else tensor_stats(t)}")
+        if isinstance(record.t, Tensor):
+            parts.append(f"t {record.t.tolist() if record.t.numel() <= 16 else tensor_stats(record.t)}")
         return ", ".join(parts)
 
     def state_dict(self) -> dict[str, int]:
+        # A checkpoint counts every step before it, so flags still on their way are read now; a limit passed
+        # here stops the run when the next step starts, not in the middle of writing the checkpoint.
+        self._check_pending(wait=True)
         return {"num_skipped": self.num_skipped}
 
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
