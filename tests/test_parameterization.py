@@ -74,7 +74,9 @@ def test_l_simple_regresses_the_chosen_target(prediction: str) -> None:
     assert perfect.abs().max() < 1e-24
     zero = l_simple(lambda x, tt: torch.zeros_like(x), x0, SCHEDULE, t, noise, prediction=prediction)
     target = training_target(prediction, x0, noise, SCHEDULE, t)
-    torch.testing.assert_close(zero, target.pow(2).flatten(1).mean(1).float())
+    # float32 at least (bf16 nets), float64 for float64 inputs
+    assert zero.dtype == torch.promote_types(target.dtype, torch.float32)
+    torch.testing.assert_close(zero, target.pow(2).flatten(1).mean(1).to(zero.dtype))
 
 
 def test_unknown_prediction_raises() -> None:

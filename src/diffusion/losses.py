@@ -53,9 +53,10 @@ def l_simple(
     x_t = schedule.q_sample(x0, t, noise)
     pred = model(x_t, t, **model_kwargs)[:, : x0.shape[1]]
     target = training_target(prediction, x0, noise, schedule, t)
-    # Compute the squared error in float32 even under bf16 autocast: the loss is a small difference of
-    # O(1) numbers.
-    return (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    # Compute the squared error in float32 even under bf16 autocast (the loss is a small difference of O(1)
+    # numbers), and in float64 for a float64 net (exact Hessians in the attribution tests).
+    dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
+    return (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
 
 
 def learned_variance_vb(

@@ -244,7 +244,8 @@ class UNet(nn.Module):
             raise ValueError(f"UNet expects (B, {self.in_channels}, H, W) images, got {tuple(x.shape)}")
         if t.ndim == 0:
             t = t.expand(x.shape[0])
-        temb = self.temb(timestep_embedding(t, self.base_channels))
+        # The embedding in the weights' dtype, so a float64 net (exact Hessians in tests) or a bf16 one runs as is.
+        temb = self.temb(timestep_embedding(t, self.base_channels).to(self.temb[0].weight.dtype))
         if self.label_emb is not None:
             if y is None:
                 raise ValueError("this UNet is class-conditional (num_classes set): pass labels y")
