@@ -288,6 +288,32 @@ def test_ddim_matches_diffusers_scheduler(eta):
     torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("eta", [0.0, 1.0])
+def test_ddim_with_clipping_matches_diffusers_clipped_model_output(eta):
+    # A model whose x_0 prediction leaves [-1, 1]: clipping then changes x_0, and eps is re-derived from it
+    # (ADM's ddim_sample; diffusers' clip_sample=True with use_clipped_model_output=True).
+    sched, schedule = float64_diffusers_ddim()
+    sched.config.clip_sample = True  # clip_sample_range stays 1.0
+    sched.set_timesteps(50)
+
+    def wide_model(x, t):
+        return 0.3 * toy_model(x, t) - 0.5 * x
+
+    x_T = 3.0 * torch.randn(3, 2, 2, 2, generator=torch.Generator().manual_seed(5), dtype=DTYPE)
+    g = torch.Generator().manual_seed(6)
+    x = x_T
+    clipped_steps = 0
+    for t in sched.timesteps:
+        eps = wide_model(x, torch.full((x.shape[0],), int(t)))
+        a_t = float(sched.alphas_cumprod[int(t)])
+        clipped_steps += bool(((x - math.sqrt(1 - a_t) * eps) / math.sqrt(a_t)).abs().max() > 1)
+        x = sched.step(eps, int(t), x, eta=eta, generator=g, use_clipped_model_output=True).prev_sample
+    ours = ddim_sample(wide_model, x_T, schedule, steps=50, eta=eta, clip_x0=True,
+                       generator=torch.Generator().manual_seed(6))  # fmt: skip
+    assert clipped_steps > 10  # the test exercises clipping
+    torch.testing.assert_close(ours, x, rtol=1e-10, atol=1e-10)
+
+
 def test_ddim_matches_float32_diffusers_scheduler():
     diffusers = pytest.importorskip("diffusers")
     sched = diffusers.DDIMScheduler(
