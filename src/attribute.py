@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import inspect
 import itertools
 import json
 import os
@@ -121,7 +122,9 @@ def training_set(checkpoint_path: str, data_dir: str | None, limit: int) -> tupl
         raise AttributionError(
             f"--ckpt_path {checkpoint_path}: no datamodule settings saved in it (not a src.main run?)"
         )
-    hparams = dict(hparams)
+    # Only the constructor's arguments: LightningCLI also records its own keys (_instantiator, _class_path).
+    accepted = inspect.signature(ImageDataModule).parameters
+    hparams = {k: v for k, v in hparams.items() if k in accepted}
     if data_dir is not None:
         hparams["data_dir"] = data_dir
     data = ImageDataModule(**hparams)

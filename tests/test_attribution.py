@@ -345,6 +345,20 @@ def test_planted_duplicate_is_ranked_first(trained_run, tmp_path, method_args) -
     assert {p.name for p in out.iterdir()} == {"query_0.png", "query_1.png", "overview.png", "scores.json"}
 
 
+def test_training_set_reads_a_cli_checkpoints_data_settings(trained_run, tmp_path) -> None:
+    from src.attribute import training_set
+
+    root, checkpoints = trained_run
+    checkpoint = torch.load(checkpoints[-1], weights_only=True)
+    checkpoint["datamodule_hyper_parameters"]["_instantiator"] = (
+        "lightning.pytorch.cli.instantiate_module"  # as the CLI
+    )
+    path = tmp_path / "cli.ckpt"
+    torch.save(checkpoint, path)
+    images, labels, indices, dataset = training_set(str(path), None, limit=5)
+    assert images.shape == (5, 1, 28, 28) and indices.tolist() == [0, 1, 2, 3, 4] and dataset == "fashion_mnist"
+
+
 def test_attribution_command_refuses_a_non_empty_output_dir(trained_run, tmp_path, capsys) -> None:
     from src.attribute import main
 
