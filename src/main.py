@@ -124,8 +124,11 @@ class DiffusionCLI(LightningCLI):
             ckpt = latest_checkpoint(root, run_name)
             (self.config_init[self.subcommand] if self.subcommand else self.config_init)["ckpt_path"] = str(ckpt)
             version = ckpt.parent.parent.name if self.subcommand == "fit" else None
+        if self.subcommand == "predict":
+            # Predict writes PNG files only: no config.yaml dropped into the root folder, no empty log folders.
+            self.save_config_callback = None
         if self.subcommand == "predict" and config.get("logger") in (None, True):
-            kwargs["logger"] = False  # predict writes PNG files only; no empty log folders
+            kwargs["logger"] = False
         elif config.get("logger") in (None, True):
             kwargs["logger"] = auto_logger(root, run_name, self._get(self.config_init, "logger_backend"), version)
         if not config.get("plugins"):

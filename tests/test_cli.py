@@ -71,7 +71,10 @@ def test_fit_then_predict_round_trip(tmp_path: Path) -> None:
     assert Image.open(grids[-1]).size[0] > 28
 
     out = tmp_path / "pngs"
+    before_predict = sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("*"))
     _predict(ckpt, tmp_path / "runs", out)
+    # predict writes its PNG files and nothing else: no config.yaml or log folder in the runs folder
+    assert sorted(p.relative_to(tmp_path) for p in (tmp_path / "runs").rglob("*")) == before_predict
     files = sorted(out.iterdir(), key=lambda p: int(p.stem))
     assert [p.name for p in files] == [f"{i}.png" for i in range(5)]
     first = np.asarray(Image.open(files[0]))
