@@ -264,17 +264,15 @@ def attribution_scores(args: argparse.Namespace, queries: Tensor, query_labels, 
             for idx in torch.randperm(len(train_images), generator=generator).split(batch_size):
                 yield batch(idx)
 
-    s_test = []
-    for q in tqdm(range(len(query_grads)), desc="s_test = H^-1 grad L(query)", leave=False):
-        try:
-            if args.solver == "cg":
-                s_test.append(conjugate_gradient(fixed_hvp, query_grads[q], args.damping, args.cg_iters))
-            else:
-                hvp = batch_hvp(loss_fn, params, minibatches())
-                s_test.append(lissa(hvp, query_grads[q], args.damping, scale, args.depth, args.repeats))
-        except (FloatingPointError, ArithmeticError) as e:
-            raise AttributionError(str(e)) from e
-    s_test_matrix = torch.stack(s_test)
+    try:
+        if args.solver == "cg":  # one query at a time: CG's step sizes are per vector
+            s_test = [conjugate_gradient(fixed_hvp, g, args.damping, args.cg_iters) for g in query_grads]
+            s_test_matrix = torch.stack(s_test)
+        else:  # all queries in one recursion: each mini-batch's forward pass serves every query
+            hvp = batch_hvp(loss_fn, params, minibatches())
+            s_test_matrix = lissa(hvp, query_grads, args.damping, scale, args.depth, args.repeats)
+    except (FloatingPointError, ArithmeticError) as e:
+        raise AttributionError(str(e)) from e
     # Ranked by -I_up,loss: a helpful training image (upweighting it lowers the query's loss) scores high.
     return stream_scores(
         loss_fn, params, lambda g: -influence_on_loss(s_test_matrix, g), train_images, ty, device, args.normalize

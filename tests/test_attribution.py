@@ -255,6 +255,17 @@ def test_top_k_is_descending_and_stable() -> None:
     assert indices.tolist() == [[1, 2, 0]] and values.tolist() == [[2.0, 2.0, 0.5]]
 
 
+def test_batched_hessian_vector_products_equal_one_at_a_time(setup) -> None:
+    net, probe, train, query = setup
+    params = [p for _, p in select_parameters(net, ["up.4.0.conv2.*", "conv_out.*"])]
+    hvp = batch_hvp(loss_fn_for(net, probe), params, itertools.repeat((train, None)))
+    vectors = per_example_gradients(loss_fn_for(net, probe), params, query)
+    torch.testing.assert_close(hvp(vectors), torch.stack([hvp(v) for v in vectors]), rtol=1e-12, atol=1e-15)
+    damping, scale = 0.05, 10.0
+    torch.testing.assert_close(lissa(hvp, vectors, damping, scale, 20),
+                               torch.stack([lissa(hvp, v, damping, scale, 20) for v in vectors]), rtol=1e-12, atol=1e-15)  # fmt: skip
+
+
 def test_hessian_vector_product_of_a_quadratic() -> None:
     # Closed form: for f(w) = 1/2 w^T A w, H v = A v.
     a = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)

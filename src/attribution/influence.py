@@ -110,9 +110,13 @@ def select_parameters(net: nn.Module, patterns: Sequence[str]) -> list[tuple[str
     return selected
 
 
-def flat_gradient(loss: Tensor, params: Sequence[Tensor], create_graph: bool = False) -> Tensor:
+def flat_gradient(
+    loss: Tensor, params: Sequence[Tensor], create_graph: bool = False, retain_graph: bool | None = None
+) -> Tensor:
     """d loss / d params as one flat vector (zeros for parameters the loss does not depend on)."""
-    grads = torch.autograd.grad(loss, list(params), create_graph=create_graph, allow_unused=True)
+    grads = torch.autograd.grad(
+        loss, list(params), create_graph=create_graph, retain_graph=retain_graph, allow_unused=True
+    )
     return torch.cat(
         [(torch.zeros_like(p) if g is None else g).reshape(-1) for g, p in zip(grads, params, strict=True)]
     )
@@ -133,11 +137,17 @@ def per_example_gradients(
 
 def hessian_vector_product(loss: Callable[[], Tensor], params: Sequence[Tensor], vector: Tensor) -> Tensor:
     """H v for the Hessian of the scalar `loss()` with respect to `params`, by double backpropagation
-    (Pearlmutter 1994): H v = d/dparams (grad . v), without forming H."""
+    (Pearlmutter 1994): H v = d/dparams (grad . v), without forming H.
+
+    `vector` may be (D,) or (K, D): K products share one forward pass and one first backward (each row costs one
+    more backward through the selected parameters only), which is what makes LiSSA for many queries affordable.
+    """
     # The math attention kernel: fused (flash / memory-efficient) kernels have no double backward.
     with sdpa_kernel(SDPBackend.MATH):
         grad = flat_gradient(loss(), params, create_graph=True)
-        return flat_gradient(grad @ vector.to(grad.dtype), params)
+        rows = vector.to(grad.dtype).reshape(-1, grad.numel())
+        products = [flat_gradient(grad @ row, params, retain_graph=k + 1 < len(rows)) for k, row in enumerate(rows)]
+        return torch.stack(products).reshape(vector.shape)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -158,7 +168,7 @@ def lissa(
     The truncated Neumann series A^-1 = sum_j (I - A)^j with A = (H + damping I) / scale, computed by the recursion
         h_0 = v,  h_j = v + h_{j-1} - (H_j h_{j-1} + damping h_{j-1}) / scale,  estimate h_depth / scale,
     where H_j h is `hvp(h)`, which may use a fresh mini-batch on each call (the stochastic estimator; the
-    estimates of `repeats` runs are averaged). It converges when H + damping I is positive definite and `scale`
+    estimates of `repeats` runs are averaged). `vector` may be (K, D): K right-hand sides in one recursion. It converges when H + damping I is positive definite and `scale`
     exceeds its largest eigenvalue; the error falls like (1 - lambda_min / scale)^depth.
     """
     if scale <= 0 or depth < 1 or repeats < 1:
