@@ -40,6 +40,7 @@ SAMPLER_HPARAMS = {
     "skip": "skip",
     "ddpm_variance": "variance",
     "clip_denoised": "clip_x0",
+    "prediction": "prediction",  # what the net outputs: eps, x0 or v (sample() converts)
 }
 
 
@@ -139,7 +140,8 @@ def load_exported(path: str | os.PathLike, device: torch.device | str = "cpu") -
     """(UNet in eval mode, NoiseSchedule, sampler options) from an `export_checkpoint` folder.
 
     The options are keyword arguments of `src.diffusion.samplers.sample` (sampler, steps, eta, skip, variance,
-    clip_x0), the values the model was trained to sample with.
+    clip_x0, prediction), the values the model was trained to sample with: `sample(net, x_T, schedule, **options)`
+    (an x0- or v-predicting net is then converted to eps; call the net directly and it returns its own target).
     """
     from safetensors.torch import load_file
 

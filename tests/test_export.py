@@ -54,7 +54,8 @@ def test_export_gives_the_ema_model(checkpoint, tmp_path):
     out = export_checkpoint(ckpt, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
     net, schedule, options = load_exported(out)
-    assert options == dict(sampler="ddim", steps=7, eta=0.3, skip="uniform", variance="fixed_small", clip_x0=False)
+    assert options == dict(sampler="ddim", steps=7, eta=0.3, skip="uniform", variance="fixed_small", clip_x0=False,
+                           prediction="eps")  # fmt: skip
     assert schedule.num_timesteps == 1000 and torch.equal(schedule.betas, module.schedule.betas.cpu())
     ema, raw = module.ema.model.eval(), module.net.eval()
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 900])
@@ -67,6 +68,27 @@ def test_export_gives_the_ema_model(checkpoint, tmp_path):
     for source in (out, ckpt):
         with torch.no_grad():
             assert torch.equal(load_model(source)[0](x, t), ema(x, t))
+
+
+@pytest.mark.parametrize("prediction", ["v", "x0"])
+def test_exported_x0_and_v_models_sample_as_the_module_does(tmp_path, prediction):
+    # The export records what the net predicts, and sample(net, x_T, schedule, **options) converts it to eps.
+    from src.diffusion.samplers import sample
+
+    torch.manual_seed(0)
+    module = DiffusionModule(UNet(**NET), lr=1e-2, warmup_steps=0, ema_decay=0.9, sampling_steps=6,
+                             prediction=prediction)  # fmt: skip
+    with torch.no_grad():  # non-zero output layer, so that the parameterisation matters
+        for p in module.ema.model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = tmp_path / "model.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
+    net, schedule, options = load_model(ckpt)
+    assert options["prediction"] == prediction
+    x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(sample(net, x_T, schedule, **options), module.sample(x_T), rtol=0, atol=1e-6)
+        assert not torch.allclose(sample(net, x_T, schedule, **{**options, "prediction": "eps"}), module.sample(x_T))
 
 
 def test_network_arguments_sources(checkpoint, tmp_path):

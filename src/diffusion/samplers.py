@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from src.diffusion.parameterization import EpsPredictor
 from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -370,10 +371,15 @@ def sample(
     generator: torch.Generator | None = None,
     clip_x0: bool = False,
     progress: bool = False,
+    prediction: str = "eps",
 ) -> Tensor:
     """Dispatch to the sampler named `sampler`: "ddim" (`steps`, `eta`, `skip`), "ddpm" (all T steps,
     `variance`), "ddpm_respaced" (ancestral sampling on the respaced schedule of `timestep_sequence(T, steps,
-    skip)`, `variance`; Improved DDPM section 4) or "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`)."""
+    skip)`, `variance`; Improved DDPM section 4) or "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`).
+
+    `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor."""
+    if prediction != "eps":
+        model = EpsPredictor(model, schedule, prediction)
     # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.
     timesteps = logsnr_timesteps(schedule, steps) if skip == "logsnr" and sampler != "ddpm" else None
     if sampler == "dpmpp_2m":
