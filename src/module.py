@@ -226,9 +226,9 @@ class DiffusionModule(L.LightningModule):
     on_validation_start = on_test_start = on_predict_start
 
     # ------------------------------------------------------------------ training (Algorithm 1)
-    def forward(self, x_t: Tensor, t: Tensor) -> Tensor:
-        """eps predicted by the EMA weights (what sampling uses)."""
-        return self.ema(x_t, t)
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The EMA net's output (what sampling uses), in its `prediction` target; `y`: labels of a conditional net."""
+        return self.ema(x_t, t) if y is None else self.ema(x_t, t, y)
 
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images = batch[0]

@@ -163,6 +163,15 @@ def test_predict_step_returns_labels_in_turn_or_as_configured() -> None:
         tiny_conditional(sample_labels=[3])
 
 
+def test_module_forward_takes_the_labels_of_a_conditional_net() -> None:
+    module = tiny_conditional()
+    x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), torch.tensor([0, 2])
+    with torch.no_grad():
+        torch.testing.assert_close(module(x, t, y), module.ema.model(x, t, y))
+    with pytest.raises(ValueError, match="class-conditional"):
+        module(x, t)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 REPO = Path(__file__).resolve().parents[1]
 
