@@ -127,12 +127,18 @@ def test_fp16_with_grad_scaler_skips_and_counts_a_nonfinite_loss(tmp_path: Path)
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
 
 
-def test_guard_skips_on_the_device_and_reads_the_flag_later() -> None:
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                         reason="needs CUDA")])],
+)  # fmt: skip
+def test_guard_skips_on_the_device_and_reads_the_flag_later(device: str) -> None:
     # The mechanism without Lightning's loop: the fused kernel gets found_inf and leaves weights and moments alone;
     # the guard has not looked at the flag yet (no host read in the step) and counts it at the next batch start.
-    net = torch.nn.Linear(3, 2)
+    # On CUDA the guard's hook and the optimizer step run under torch's sync debug mode, which raises on a sync.
+    net = torch.nn.Linear(3, 2).to(device)
     optimizer = torch.optim.AdamW(net.parameters(), lr=0.1, fused=True)
-    net(torch.ones(1, 3)).sum().backward()
+    net(torch.ones(1, 3, device=device)).sum().backward()
     optimizer.step()
     before = [p.detach().clone() for p in net.parameters()]
     moments = [optimizer.state[p]["exp_avg"].clone() for p in net.parameters()]
@@ -143,10 +149,18 @@ def test_guard_skips_on_the_device_and_reads_the_flag_later() -> None:
         global_step, current_epoch, precision_plugin = 7, 0, None
 
     module = torch.nn.Module()
-    module.last_loss, module.last_t = torch.tensor(1.0), torch.tensor([3])
-    guard.on_train_batch_start(Stub(), module, (torch.zeros(1, 1, 2, 2),), 0)
-    guard.on_before_optimizer_step(Stub(), module, optimizer)
-    optimizer.step()
+    module.last_loss, module.last_t = torch.tensor(1.0, device=device), torch.tensor([3], device=device)
+    guard.on_train_batch_start(Stub(), module, (torch.zeros(1, 1, 2, 2, device=device),), 0)
+    if device == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+    try:
+        guard.on_before_optimizer_step(Stub(), module, optimizer)
+        optimizer.step()
+    finally:
+        if device == "cuda":
+            torch.cuda.set_sync_debug_mode("default")
+            torch.cuda.synchronize()
     assert guard.num_skipped == 0 and len(guard._pending) == 1
     assert all(torch.equal(a, b) for a, b in zip(before, net.parameters(), strict=True))
     assert all(torch.equal(m, optimizer.state[p]["exp_avg"]) for m, p in zip(moments, net.parameters(), strict=True))
