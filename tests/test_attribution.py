@@ -301,28 +301,33 @@ def write_fake_fashion_mnist(root, n_train: int = 48, n_test: int = 8) -> None:
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
 
 
-@pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
-    """A tiny model trained 60 steps on the fake data, with checkpoints every 20 steps (for TracIn)."""
+def train_tiny(root, num_classes: int | None = None, max_steps: int = 60):
+    """A tiny model trained on the fake data in `root / "data"`, with checkpoints every 20 steps (for TracIn)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from src.data import ImageDataModule
     from src.module import DiffusionModule
 
-    root = tmp_path_factory.mktemp("attribution")
-    write_fake_fashion_mnist(root / "data")
     L.seed_everything(0)
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, image_size=28, norm_groups=4, mid_attention=False)  # fmt: skip
+               dropout=0.0, image_size=28, norm_groups=4, mid_attention=False, num_classes=num_classes)  # fmt: skip
     module = DiffusionModule(net, timesteps=100, lr=2e-3, warmup_steps=5, ema_decay=0.9, sampling_steps=5)
     data = ImageDataModule("fashion_mnist", data_dir=str(root / "data"), batch_size=16, val_size=0)
-    checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_top_k=-1, every_n_train_steps=20,
-                                  filename="{step}")  # fmt: skip
-    trainer = L.Trainer(default_root_dir=root, max_steps=60, accelerator="cpu", logger=False, callbacks=[checkpoints],
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    folder = root / ("checkpoints" if num_classes is None else "checkpoints_cond")
+    checkpoints = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=20, filename="{step}")
+    trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
+                        callbacks=[checkpoints], limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
     trainer.fit(module, datamodule=data)
-    return root, sorted((root / "checkpoints").glob("step=*.ckpt"))
+    return sorted(folder.glob("step=*.ckpt"))
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("attribution")
+    write_fake_fashion_mnist(root / "data")
+    return root, train_tiny(root)
 
 
 @pytest.mark.slow
@@ -387,3 +392,34 @@ def test_attribution_command_refuses_a_non_empty_output_dir(trained_run, tmp_pat
         main(["--ckpt_path", str(checkpoints[-1]), "--queries", "train:0", "--output_dir", str(tmp_path / "new"),
               "--params", "nope.*"])  # fmt: skip
     assert capsys.readouterr().err.startswith("error: --params: no parameter matches ['nope.*']")
+
+
+@pytest.mark.slow
+def test_conditional_model_uses_the_labels_of_queries_and_training_images(trained_run, tmp_path, capsys) -> None:
+    from PIL import Image
+
+    from src.attribute import main
+    from src.data import load_dataset
+
+    root, _ = trained_run
+    checkpoint = train_tiny(root, num_classes=10, max_steps=20)[-1]
+    report = main(["--ckpt_path", str(checkpoint), "--queries", f"train:{PLANTED}", "--output_dir",
+                   str(tmp_path / "a"), "--method", "tracin", "--num_t", "4"])  # fmt: skip
+    assert report["queries"][0]["top"][0]["train_index"] == PLANTED
+    # PNG queries: the label comes from the <label>_<index>.png name that predict writes.
+    images, labels = load_dataset("fashion_mnist", "train", str(root / "data"))
+    folder = tmp_path / "pngs"
+    folder.mkdir()
+    Image.fromarray(images[PLANTED, 0].numpy()).save(folder / f"{int(labels[PLANTED])}_0.png")
+    report = main(["--ckpt_path", str(checkpoint), "--queries", str(folder), "--output_dir", str(tmp_path / "b"),
+                   "--method", "tracin", "--num_t", "4"])  # fmt: skip
+    assert report["queries"][0]["query"] == f"{int(labels[PLANTED])}_0"
+    assert report["queries"][0]["top"][0]["train_index"] == PLANTED
+    # Without labels a conditional model cannot be asked: one line saying how to name the files.
+    (folder / f"{int(labels[PLANTED])}_0.png").rename(folder / "0.png")
+    capsys.readouterr()  # the progress bars so far
+    with pytest.raises(SystemExit):
+        main(["--ckpt_path", str(checkpoint), "--queries", str(folder), "--output_dir", str(tmp_path / "c")])
+    assert capsys.readouterr().err.strip() == (
+        "error: this model is class-conditional: name query files <label>_<index>.png or use train:/test: queries"
+    )
