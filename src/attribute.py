@@ -114,10 +114,11 @@ def load_module(path: str | os.PathLike, device: str):
     return DiffusionModule.load_from_checkpoint(path, map_location=device, weights_only=True).eval()
 
 
-def training_set(checkpoint_path: str, data_dir: str | None, limit: int) -> tuple[Tensor, Tensor, Tensor, str]:
-    """The images the checkpoint's run trained on (its data set minus the validation split), uint8, with their
-    labels, their indices in the data set's training file, and the data set's name."""
-    hparams = torch.load(checkpoint_path, map_location="cpu", weights_only=True).get("datamodule_hyper_parameters")
+def data_module(checkpoint_path: str, data_dir: str | None) -> ImageDataModule:
+    """The ImageDataModule of the checkpoint's run (its saved settings), with `data_dir` replaced if given."""
+    # mmap: only the small settings dict is read, not the weights and optimizer state.
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True, mmap=True)
+    hparams = checkpoint.get("datamodule_hyper_parameters")
     if not hparams:
         raise AttributionError(
             f"--ckpt_path {checkpoint_path}: no datamodule settings saved in it (not a src.main run?)"
@@ -127,7 +128,13 @@ def training_set(checkpoint_path: str, data_dir: str | None, limit: int) -> tupl
     hparams = {k: v for k, v in hparams.items() if k in accepted}
     if data_dir is not None:
         hparams["data_dir"] = data_dir
-    data = ImageDataModule(**hparams)
+    return ImageDataModule(**hparams)
+
+
+def training_set(checkpoint_path: str, data_dir: str | None, limit: int) -> tuple[Tensor, Tensor, Tensor, str]:
+    """The images the checkpoint's run trained on (its data set minus the validation split), uint8, with their
+    labels, their indices in the data set's training file, and the data set's name."""
+    data = data_module(checkpoint_path, data_dir)
     images, labels = load_dataset(data.dataset, "train", data.data_dir)
     indices = data.train_val_indices(len(images))[0] if data.val_size > 0 else torch.arange(len(images))
     if limit > 0:
@@ -139,10 +146,8 @@ def load_queries(spec: str, checkpoint_path: str, data_dir: str | None) -> tuple
     """uint8 query images, their labels where known, and a name for each."""
     match = re.fullmatch(r"(train|test):([\d,]+)", spec)
     if match:
-        hparams = dict(
-            torch.load(checkpoint_path, map_location="cpu", weights_only=True)["datamodule_hyper_parameters"]
-        )
-        images, labels = load_dataset(hparams["dataset"], match[1], data_dir or hparams.get("data_dir"))
+        data = data_module(checkpoint_path, data_dir)
+        images, labels = load_dataset(data.dataset, match[1], data.data_dir)
         idx = torch.tensor([int(i) for i in match[2].split(",") if i])
         if len(idx) == 0 or idx.max() >= len(images):
             raise AttributionError(f"--queries {spec}: indices must be in [0, {len(images)})")
