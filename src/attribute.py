@@ -174,11 +174,9 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 # ------------------------------------------------------------------------------------------------ scores
 
 
-def _batches(images: Tensor, labels: Tensor | None, batch_size: int, device: str):
-    for start in range(0, len(images), batch_size):
-        x = to_model_range(images[start : start + batch_size]).to(device)
-        y = None if labels is None else labels[start : start + batch_size].to(device)
-        yield x, y
+def _model_batch(images: Tensor, labels: Tensor | None, index: Tensor | slice, device: str):
+    """uint8 images[index] in the model's [-1, 1] on `device`, with their labels (or None)."""
+    return to_model_range(images[index]).to(device), None if labels is None else labels[index].to(device)
 
 
 def stream_scores(
@@ -190,7 +188,9 @@ def stream_scores(
     gradients otherwise top every query's list (Barshan et al. 2020), no longer dominate; for TracIn this is the
     gradient cosine similarity (up to the query's norm, which does not change a query's ranking)."""
     columns = []
-    batches = _batches(train_images, train_labels, 16, device)
+    batches = (
+        _model_batch(train_images, train_labels, slice(i, i + 16), device) for i in range(0, len(train_images), 16)
+    )
     for x, y in tqdm(batches, total=-(-len(train_images) // 16), desc="training gradients", leave=False):
         grads = per_example_gradients(loss_fn, params, x, y)
         scores = score_fn(grads)
@@ -254,10 +254,7 @@ def attribution_scores(args: argparse.Namespace, queries: Tensor, query_labels, 
     generator = torch.Generator().manual_seed(args.seed)
     batch_size = min(args.hvp_batch_size, len(train_images))
 
-    def batch(indices: Tensor) -> tuple[Tensor, Tensor | None]:
-        return to_model_range(train_images[indices]).to(device), None if ty is None else ty[indices].to(device)
-
-    fixed = batch(torch.randperm(len(train_images), generator=generator)[:batch_size])
+    fixed = _model_batch(train_images, ty, torch.randperm(len(train_images), generator=generator)[:batch_size], device)
     fixed_hvp = batch_hvp(loss_fn, params, itertools.repeat(fixed))
     scale = args.scale
     if args.solver == "lissa" and scale <= 0:
@@ -267,7 +264,7 @@ def attribution_scores(args: argparse.Namespace, queries: Tensor, query_labels, 
     def minibatches():
         while True:
             for idx in torch.randperm(len(train_images), generator=generator).split(batch_size):
-                yield batch(idx)
+                yield _model_batch(train_images, ty, idx, device)
 
     try:
         if args.solver == "cg":  # one query at a time: CG's step sizes are per vector
