@@ -97,11 +97,12 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": linear_warmup(optimizer, hp.warmup_steps)}
 
     def on_train_end(self) -> None:
-        if not self.trainer.is_global_zero:
-            return
         from src.callbacks.sampling import run_dir
 
+        # run_dir is a broadcast under DDP: every rank resolves the path, then rank 0 alone writes.
         path = Path(self.hparams.export_path or run_dir(self.trainer) / "classifier.pt")
+        if not self.trainer.is_global_zero:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
         self.net.save(str(path))
         self.saved_path = path

@@ -9,6 +9,7 @@ A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's o
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -24,8 +25,12 @@ from src.data import DatasetNotFoundError, ImageDataModule
 from src.errors import SuggestingArgumentParser, UserError, check_checkpoint, check_image_shape, read_checkpoint
 from src.loggers import auto_logger
 from src.module import DiffusionModule
+from src.signals import exit_on_second_signal, register_children
 
 # The EMA copy is kept in eval mode on purpose (no dropout in the averaged weights).
+# "Seed set to N" on every start adds nothing to config.yaml (which records the seed), and would stand before a
+# bad option's one-line error.
+logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
@@ -138,6 +143,8 @@ class DiffusionCLI(LightningCLI):
             max_skips = self._get(self.config_init, "max_nonfinite_skips")
             kwargs["callbacks"] = configured + fault_callbacks(configured, max_skips)
         trainer = super().instantiate_trainer(**kwargs)
+        # A forced exit on a second signal takes the DDP ranks this process launched with it.
+        register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])
         if self.subcommand == "predict":
             output_dir = self._get(self.config_init, "output_dir") or os.path.join(
                 root, "predictions", time.strftime("%Y%m%d-%H%M%S")
@@ -160,6 +167,7 @@ def cli_main(args: list[str] | None = None, run: bool = True, model_class: type 
 
 def run(model_class: type = DiffusionModule) -> None:
     """The command-line entry point, for `model_class` (also used by `python -m src.classifier_main`)."""
+    exit_on_second_signal()
     try:
         cli_main(model_class=model_class)
     except (UserError, DatasetNotFoundError, FileExistsError) as error:

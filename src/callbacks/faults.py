@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
-from src.errors import NonFiniteLossError
+from src.errors import ConfigError, NonFiniteLossError
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
@@ -37,56 +37,75 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
 
 
 class SignalCheckpoint(Callback):
-    """Save `last.ckpt` and exit cleanly (status 0) when the job is told to stop.
+    """Save `last.ckpt` and exit cleanly (status 0) when the job is told to stop (SIGTERM, or SIGUSR1 outside
+    SLURM's auto-requeue, which keeps Lightning's own handling: an hpc checkpoint and a requeue).
 
-    Lightning's own SIGTERM handler only sets `trainer.received_sigterm`; its training loop then raises
-    `SIGTERMException` (a `SystemExit`) after the current step. This callback writes the checkpoint from
-    `on_exception` at that point, through the trainer's checkpoint IO (atomic with `src.checkpoint_io`).
-    SIGUSR1 is routed to the same path, unless Lightning's SLURM auto-requeue handler already owns it (that
-    one saves an hpc checkpoint and requeues the job itself).
+    The handler only records the request. Whether to stop is decided at the end of a training step, by all
+    processes together (a max all-reduce of the request under DDP), so that every rank writes the checkpoint and
+    stops after the same step, even when the signal reached only one of them (`timeout`, a scheduler signalling
+    rank 0). It then sets Lightning's own flag, and Lightning's loop raises `SIGTERMException` (a `SystemExit`)
+    right after that step on every rank. Lightning's SIGTERM handler is replaced for the run because it makes a
+    collective call (`dist.broadcast`) from inside the signal handler, on the signalled rank alone, and raises on
+    that rank alone: under DDP that leaves the other ranks waiting forever.
+
+    A second SIGTERM or SIGINT ends the process at once (`src.signals`), also while it waits in a collective.
     """
 
     def __init__(self) -> None:
-        self._previous_sigusr1: Any = None
-        self._installed = False
+        self._previous_handlers: dict[int, Any] = {}
         self._trainer: L.Trainer | None = None
+        self.stop_requested = False
         self.saved_path: Path | None = None
         self._saved_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After Lightning registered its handlers (in Trainer._run): only take SIGUSR1 if nobody else has it.
-        if not hasattr(signal, "SIGUSR1") or signal.getsignal(signal.SIGUSR1) not in (signal.SIG_DFL, None):
-            return
+        # After Lightning registered its handlers (in Trainer._run): SIGTERM is always ours; SIGUSR1 only if nobody
+        # else has it (Lightning's SLURM auto-requeue handler does).
         self._trainer = trainer
-        try:
-            self._previous_sigusr1 = signal.signal(signal.SIGUSR1, self._on_sigusr1)
-            self._installed = True
-        except ValueError:  # not the main thread: signals cannot be handled here
-            pass
+        self.stop_requested = False
+        signals = [signal.SIGTERM]
+        if hasattr(signal, "SIGUSR1") and signal.getsignal(signal.SIGUSR1) in (signal.SIG_DFL, None):
+            signals.append(signal.SIGUSR1)
+        for signum in signals:
+            try:
+                self._previous_handlers[signum] = signal.signal(signum, self._on_signal)
+            except ValueError:  # not the main thread: signals cannot be handled here
+                return
 
-    def _on_sigusr1(self, signum: int, frame: FrameType | None) -> None:
-        rank_zero_info(f"Received signal {signum}: saving last.ckpt after this step, then exiting")
-        if self._trainer is not None:
-            # The same flag Lightning's SIGTERM handler sets; `trainer.received_sigterm` is a read-only view of it.
-            self._trainer._signal_connector.received_sigterm = True
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
+        if not self.stop_requested:
+            rank_zero_info(f"Received signal {signum}: saving last.ckpt after this step, then exiting")
+        self.stop_requested = True
 
-    def _restore_handler(self) -> None:
-        if self._installed:
-            signal.signal(signal.SIGUSR1, self._previous_sigusr1)
-            self._installed = False
+    def _restore_handlers(self) -> None:
+        for signum, handler in self._previous_handlers.items():
+            signal.signal(signum, handler)
+        self._previous_handlers = {}
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._restore_handler()
+        self._restore_handlers()
+
+    def _stop_agreed(self, trainer: L.Trainer) -> bool:
+        """Whether any process was asked to stop: a collective under DDP, called by every rank after every step
+        (one scalar all-reduce, like the sigterm broadcast Lightning itself makes there under DDP)."""
+        stop = self.stop_requested
+        if trainer.world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized():
+            flag = torch.tensor([float(stop)], device=trainer.strategy.root_device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item() > 0)
+        return stop
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        # Save here, at the end of the step the signal arrived in: the same point as ModelCheckpoint's periodic
-        # saves, which Lightning's restart logic resumes exactly (also at an epoch's last batch). The loop then
-        # raises SIGTERMException after this step.
-        if trainer.received_sigterm and self._saved_step != trainer.global_step:
+        # Save here, at the end of the step: the same point as ModelCheckpoint's periodic saves, which Lightning's
+        # restart logic resumes exactly (also at an epoch's last batch). Setting Lightning's flag makes its loop
+        # raise SIGTERMException after this step, on every rank at once.
+        if self._stop_agreed(trainer) and self._saved_step != trainer.global_step:
+            self.stop_requested = True
+            trainer._signal_connector.received_sigterm = True  # `received_sigterm` is a read-only view of it
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._restore_handler()
+        self._restore_handlers()
         if not isinstance(exception, SIGTERMException) or trainer.sanity_checking or not trainer.training:
             return
         # The signal came after the last step's end (during validation, say): save what there is; a run
@@ -181,7 +200,7 @@ class NonFiniteGuard(Callback):
 
     def __init__(self, max_skips: int = 0) -> None:
         if max_skips < 0:
-            raise ValueError(f"max_skips must be >= 0, got {max_skips}")
+            raise ConfigError(f"max_skips must be >= 0, got {max_skips}")
         self.max_skips = max_skips
         self.num_skipped = 0
         self._batch: Any = None

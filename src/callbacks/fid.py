@@ -5,6 +5,8 @@ from __future__ import annotations
 import lightning as L
 from lightning.pytorch.callbacks import Callback
 
+from src.errors import ConfigError
+
 
 class FIDCallback(Callback):
     """Every `every_n_steps` optimizer steps, generate `num_samples` images with the EMA weights (sharded over
@@ -22,7 +24,7 @@ class FIDCallback(Callback):
 
     def __init__(self, every_n_steps: int = 10_000, num_samples: int = 5_000) -> None:
         if every_n_steps < 1 or num_samples < 2:
-            raise ValueError("FIDCallback needs every_n_steps >= 1 and num_samples >= 2")
+            raise ConfigError("FIDCallback needs every_n_steps >= 1 and num_samples >= 2")
         self.every_n_steps = every_n_steps
         self.num_samples = num_samples
         self.last: dict[str, float] = {}
@@ -35,4 +37,9 @@ class FIDCallback(Callback):
         self._last_step = step  # once per optimizer step, also under gradient accumulation
         self.last = pl_module.compute_fid(self.num_samples)
         for name, value in self.last.items():
+            # For ModelCheckpoint(monitor=...) and the progress bar (callback metrics)...
             pl_module.log(name, value, on_step=True, on_epoch=False)
+        # ...and straight to the loggers: a step's logged values reach them only every `log_every_n_steps` steps,
+        # which would drop an FID computed at any other step.
+        for logger in trainer.loggers:
+            logger.log_metrics(self.last, step=step)

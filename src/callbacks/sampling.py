@@ -15,7 +15,11 @@ from src.images import make_grid, save_png, to_uint8
 
 
 def run_dir(trainer: L.Trainer) -> Path:
-    """The folder of this run: the logger's versioned log dir, else the trainer's root dir."""
+    """The folder of this run: the logger's versioned log dir, else the trainer's root dir.
+
+    A collective under DDP (`trainer.log_dir` broadcasts rank 0's folder): every rank must call it, never rank 0
+    alone, or rank 0 waits for a broadcast the other ranks never join.
+    """
     log_dir = trainer.log_dir if trainer.loggers else None
     return Path(log_dir or trainer.default_root_dir)
 
@@ -46,16 +50,15 @@ class SampleGrid(Callback):
         if step == self._last_step:
             return
         self._last_step = step
+        folder = run_dir(trainer) / "samples"  # on every rank: a broadcast under DDP
         if not trainer.is_global_zero:
             return
         start = time.perf_counter()
-        x_T = pl_module.initial_noise(torch.arange(self.num_samples), seed=self.seed)
         overrides = {"steps": self.sampling_steps} if self.sampling_steps else {}
-        # Fixed noise and a seeded generator: the grid at step N depends only on the weights.
-        generator = torch.Generator().manual_seed(self.seed)
-        images = pl_module.sample(x_T, generator=generator, **overrides)
+        # Fixed noise (sample i's own seeded generator): the grid at step N depends only on the weights.
+        images = pl_module.sample_indices(torch.arange(self.num_samples), seed=self.seed, **overrides)
         grid = make_grid(to_uint8(images))
-        self.last_path = save_png(grid, run_dir(trainer) / "samples" / f"step_{step:07d}.png")
+        self.last_path = save_png(grid, folder / f"step_{step:07d}.png")
         rank_zero_info(f"Saved sample grid {self.last_path} ({time.perf_counter() - start:.1f}s)")
         for logger in trainer.loggers:
             _log_image(logger, "samples", grid, step)

@@ -1,0 +1,80 @@
+"""A second SIGTERM or SIGINT ends the process at once, even while its main thread waits in a collective.
+
+The first SIGTERM asks the run to save a checkpoint and stop after the current step (`SignalCheckpoint`); the
+first SIGINT (Ctrl-C) makes Lightning shut down gracefully. Both are Python-level handlers, and Python runs
+those only when the main thread comes back to the interpreter: a process whose main thread waits in a
+distributed collective (a DDP rank whose peer died or took another path) never runs them and stays until the
+collective's timeout (30 minutes by default). So a watcher thread reads the signal numbers that Python's C-level
+handler writes to a wake-up socket (`signal.set_wakeup_fd`), which happens at once whatever the main thread is
+doing, and on the second SIGTERM or SIGINT kills the local DDP processes this one started and exits with status
+128 + the signal number, as the default handlers would.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import threading
+from collections.abc import Callable, Iterable
+
+_TERMINATING = (signal.SIGTERM, signal.SIGINT)
+_children: list[Callable[[], Iterable[object]]] = []
+_installed = False
+
+
+def register_children(get_processes: Callable[[], Iterable[object]]) -> None:
+    """Processes (with `.kill()`, e.g. `subprocess.Popen`) to kill before a forced exit: the DDP ranks that
+    Lightning's launcher started from this process."""
+    _children.append(get_processes)
+
+
+def _force_exit(signum: int) -> None:
+    sys.stderr.write(f"\nReceived a second termination signal ({signal.Signals(signum).name}): exiting now\n")
+    sys.stderr.flush()
+    for get_processes in _children:
+        for process in get_processes():
+            try:
+                process.kill()
+            except Exception:  # already gone
+                pass
+    os._exit(128 + signum)
+
+
+def _watch(reader: socket.socket) -> None:
+    received = 0
+    while True:
+        try:
+            data = reader.recv(64)
+        except OSError:
+            return
+        if not data:
+            return
+        for signum in data:
+            if signum in _TERMINATING:
+                received += 1
+                if received >= 2:
+                    _force_exit(signum)
+
+
+def exit_on_second_signal() -> bool:
+    """Install the watcher (once per process, from the main thread); False where that is not possible."""
+    global _installed
+    if _installed:
+        return True
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    reader, writer = socket.socketpair()
+    writer.setblocking(False)
+    try:
+        signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    except ValueError:
+        reader.close()
+        writer.close()
+        return False
+    threading.Thread(target=_watch, args=(reader,), name="second-signal-exit", daemon=True).start()
+    # Keep the writer alive for the life of the process (the wake-up fd must stay open).
+    exit_on_second_signal._sockets = (reader, writer)  # type: ignore[attr-defined]
+    _installed = True
+    return True

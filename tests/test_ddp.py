@@ -1,0 +1,211 @@
+"""Multi-process runs through the command line, as a cluster job runs them: 2 CPU processes (DDP over gloo).
+
+Each run has a time limit and is killed with its whole process group when it passes it, so a hang (a collective
+that only some ranks call) fails the test instead of stalling the suite.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from test_faults import write_fake_fashion_mnist
+
+REPO = Path(__file__).resolve().parents[1]
+DDP = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+TINY_NET = [
+    "--model.net.init_args.base_channels", "8",
+    "--model.net.init_args.norm_groups", "4",
+    "--model.net.init_args.channel_mult", "[1, 2]",
+    "--model.net.init_args.attn_resolutions", "[14]",
+    "--model.sampling_steps", "2",
+    "--data.batch_size", "4",
+    "--data.val_size", "8",
+    "--logger_backend", "csv",
+    "--trainer.enable_model_summary", "false",
+]  # fmt: skip
+
+# Every callback class the shipped configs list (configs/*.yaml), at periods small enough to fire in a few steps,
+# plus the periodic FID callback the README describes (with the offline stand-in extractor).
+EVERY_CALLBACK = [
+    {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 50}},
+    {
+        "class_path": "src.callbacks.checkpoint.ModelCheckpoint",
+        "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2},
+    },
+    {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 2, "num_samples": 4}},
+    {"class_path": "src.callbacks.fid.FIDCallback", "init_args": {"every_n_steps": 2, "num_samples": 6}},
+]
+FID_OPTIONS = ["--model.fid_extractor", "standin", "--model.fid_ref_split", "test", "--model.fid_batch_size", "4"]
+
+
+def config_callbacks() -> set[str]:
+    """The callback classes of every shipped config."""
+    import yaml
+
+    names = set()
+    for path in (REPO / "configs").glob("*.yaml"):
+        for callback in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
+            names.add(callback["class_path"])
+    return names
+
+
+def run(args: list[str], timeout: float, module: str = "src.main", env: dict | None = None) -> tuple[int, str]:
+    """`python -m module args` in its own process group; (return code, output). A run past `timeout` is killed
+    with all its processes and fails the test as a hang."""
+    process = subprocess.Popen([sys.executable, "-m", module, *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})  # fmt: skip
+    try:
+        output, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        output, _ = process.communicate()
+        pytest.fail(f"hung: no exit within {timeout} s\n{output[-3000:]}")
+    return process.returncode, output
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_fake_fashion_mnist(tmp_path_factory.mktemp("data"), n_train=48, n_test=12)
+
+
+@pytest.fixture(scope="module")
+def ddp_fit(tmp_path_factory, data: Path) -> tuple[Path, str]:
+    """A 2-process fit with every shipped callback (grids, checkpoints, periodic FID, signal handling), 4 steps."""
+    root = tmp_path_factory.mktemp("runs")
+    code, output = run(["fit", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, *FID_OPTIONS,
+                        "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
+                        "--model.fid_cache_dir", str(root / "fid_cache"),
+                        "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
+                        "--trainer.limit_val_batches", "1", "--trainer.callbacks", json.dumps(EVERY_CALLBACK)],
+                       timeout=600)  # fmt: skip
+    assert code == 0, output[-3000:]
+    return root, output
+
+
+@pytest.mark.slow
+def test_the_callbacks_tested_here_are_those_the_configs_ship() -> None:
+    assert config_callbacks() <= {c["class_path"] for c in EVERY_CALLBACK}
+
+
+@pytest.mark.slow
+def test_two_process_fit_with_every_callback_ends_and_checkpoints_once(ddp_fit: tuple[Path, str]) -> None:
+    root, output = ddp_fit
+    (run_dir,) = root.glob("fashion_mnist/version_*")  # one run folder, not one per rank
+    names = sorted(p.name for p in (run_dir / "checkpoints").iterdir())
+    assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"], names
+    assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+    assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    metrics = (run_dir / "metrics.csv").read_text()
+    assert "val/fid_standin" in metrics and "val/loss" in metrics
+
+
+@pytest.mark.slow
+def test_two_process_predict_writes_each_sample_once_as_one_process_does(ddp_fit: tuple[Path, str], tmp_path: Path,
+                                                                         data: Path) -> None:  # fmt: skip
+    root, _ = ddp_fit
+    (ckpt,) = root.glob("fashion_mnist/version_*/checkpoints/last.ckpt")
+    # eta = 1: a stochastic sampler, whose per-step noise must also depend on the sample index alone.
+    common = ["predict", "--config", "configs/fashion_mnist.yaml", *TINY_NET, "--ckpt_path", str(ckpt),
+              "--data.data_dir", str(data), "--model.eta", "1", "--data.num_samples", "5",
+              "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    outputs = {}
+    for name, extra in {
+        "ddp": [*DDP, "--data.predict_batch_size", "2"],
+        "one": ["--data.predict_batch_size", "5"],
+    }.items():
+        code, output = run([*common, *extra, "--output_dir", str(tmp_path / name)], timeout=300)
+        assert code == 0, output[-3000:]
+        outputs[name] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / name).iterdir()}
+    assert sorted(outputs["ddp"]) == [f"{i}.png" for i in range(5)]
+    assert len(set(outputs["ddp"].values())) == 5  # distinct samples
+    assert outputs["ddp"] == outputs["one"]  # byte for byte, whatever the processes and batch size
+
+
+@pytest.mark.slow
+def test_two_process_classifier_training_ends_and_saves_the_classifier(tmp_path: Path, data: Path) -> None:
+    code, output = run(["fit", "--config", "configs/fashion_mnist_classifier.yaml", *DDP,
+                        "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
+                        "--model.net.init_args.channel_mult", "[1, 2]", "--model.net.init_args.attn_resolutions", "[]",
+                        "--data.batch_size", "4", "--data.val_size", "8", "--data.data_dir", str(data),
+                        "--logger_backend", "csv", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1",
+                        "--trainer.default_root_dir", str(tmp_path)],
+                       timeout=300, module="src.classifier_main")  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert len(list(tmp_path.rglob("classifier.pt"))) == 1
+
+
+@pytest.mark.slow
+def test_sigterm_to_rank_zero_stops_both_processes_after_one_checkpoint(tmp_path: Path, data: Path) -> None:
+    """The scheduler (or `timeout`) signals rank 0 only: both ranks agree to stop after the same step."""
+    callbacks = [{"class_path": "src.callbacks.checkpoint.ModelCheckpoint",
+                  "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}]  # fmt: skip
+    args = ["fit", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, "--data.data_dir", str(data),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.max_steps", "100000",
+            "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.callbacks", json.dumps(callbacks)]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "src.main", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not list(tmp_path.glob("*/version_0/checkpoints/last.ckpt")):  # training is under way
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        pytest.fail(f"hung after SIGTERM\n{process.communicate()[0][-3000:]}")
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 0, output[-3000:]
+    assert output.count("Stopping on a signal after step") == 1  # rank 0's message, once
+    (last,) = tmp_path.glob("*/version_0/checkpoints/last.ckpt")
+    assert torch.load(last, weights_only=True)["global_step"] >= 1
+
+
+WAITS_IN_A_COLLECTIVE = """
+import signal, sys, datetime
+import torch.distributed as dist
+from src.signals import exit_on_second_signal
+exit_on_second_signal()
+signal.signal(signal.SIGTERM, lambda *a: None)  # like Lightning's: only sets a flag
+print("waiting", flush=True)
+# Rank 0 of 2: waits in C++ for a peer that never comes, where no Python signal handler can run.
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:{port}", rank=0, world_size=2,
+                        timeout=datetime.timedelta(seconds=600))
+"""
+
+
+@pytest.mark.slow
+def test_a_second_sigterm_ends_a_process_that_waits_in_a_collective(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-c", WAITS_IN_A_COLLECTIVE.format(port=port)], cwd=REPO,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        assert process.stdout.readline().strip() == "waiting"
+        time.sleep(2)
+        process.send_signal(signal.SIGTERM)
+        time.sleep(2)
+        assert process.poll() is None  # the first SIGTERM asks, it does not kill
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signal.SIGTERM
+    assert "second termination signal" in process.stdout.read()
