@@ -21,11 +21,13 @@ from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.samplers import DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
 from src.diffusion.schedule import NoiseSchedule
+from src.errors import ConfigError
 from src.images import to_uint8
 from src.metrics import evaluation
 from src.metrics.features import EXTRACTORS, build_feature_extractor
 from src.models.ema import EMA
 from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
+from src.seeding import sample_generators
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
@@ -149,32 +151,32 @@ class DiffusionModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         if sampler not in SAMPLERS:
-            raise ValueError(f"--model.sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+            raise ConfigError(f"--model.sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
         if skip not in SKIP_TYPES:
-            raise ValueError(f"--model.skip {skip!r} is unknown; choose one of {', '.join(SKIP_TYPES)}")
+            raise ConfigError(f"--model.skip {skip!r} is unknown; choose one of {', '.join(SKIP_TYPES)}")
         if ddpm_variance not in DDPM_VARIANCES + ("learned",):
-            raise ValueError(
+            raise ConfigError(
                 f"--model.ddpm_variance {ddpm_variance!r} is unknown; choose one of {', '.join(DDPM_VARIANCES)}, "
                 "learned"
             )
         if prediction not in PREDICTIONS:
-            raise ValueError(f"--model.prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+            raise ConfigError(f"--model.prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
         if not 0.0 <= p_uncond <= 1.0:
-            raise ValueError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
+            raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
         if classifier_scale != 0.0 and not classifier_path:
-            raise ValueError("--model.classifier_scale needs --model.classifier_path (a NoisyClassifier file)")
+            raise ConfigError("--model.classifier_scale needs --model.classifier_path (a NoisyClassifier file)")
         if not 0.0 <= eta <= 1.0:
-            raise ValueError(f"--model.eta must be in [0, 1], got {eta}")
+            raise ConfigError(f"--model.eta must be in [0, 1], got {eta}")
         if not 1 <= sampling_steps <= timesteps:
-            raise ValueError(
+            raise ConfigError(
                 f"--model.sampling_steps must be in [1, {timesteps}] (--model.timesteps), got {sampling_steps}"
             )
         if fid_extractor not in EXTRACTORS:
-            raise ValueError(
+            raise ConfigError(
                 f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)}"
             )
         if fid_ref_split not in ("train", "test"):
-            raise ValueError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")
+            raise ConfigError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")
         if isinstance(net, dict):  # load_from_checkpoint passes the recorded {"class_path", "init_args"}
             net = _build_net(net)
         if hasattr(net, "config"):
@@ -186,13 +188,13 @@ class DiffusionModule(L.LightningModule):
         # Improved DDPM: a net with twice the image channels predicts (eps-or-x0-or-v, v_variance).
         self.learned_variance = getattr(net, "out_channels", None) == 2 * getattr(net, "in_channels", -1)
         if ddpm_variance == "learned" and not self.learned_variance:
-            raise ValueError(
+            raise ConfigError(
                 "--model.ddpm_variance learned needs a net with 2 x in_channels outputs "
                 "(--model.net.init_args.out_channels)"
             )
         num_classes = getattr(net, "num_classes", None)
         if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
-            raise ValueError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
+            raise ConfigError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
         # FID extractor and reference statistics, built on first use; a plain dict keeps them out of checkpoints.
         self._fid: dict[str, object] = {}
         self._guidance_classifier: dict[str, nn.Module] = {}  # likewise for the classifier-guidance classifier
@@ -348,7 +350,7 @@ class DiffusionModule(L.LightningModule):
         else:
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is None or not hasattr(datamodule, "dataset"):
-                raise ValueError("FID needs reference statistics: pass --model.fid_ref_stats FILE.npz or a datamodule")
+                raise ConfigError("FID needs reference statistics: pass --model.fid_ref_stats FILE.npz or a datamodule")
             from src.data import load_dataset
 
             images = load_dataset(datamodule.dataset, hp.fid_ref_split, datamodule.data_dir)[0]
@@ -378,9 +380,7 @@ class DiffusionModule(L.LightningModule):
         ref_mu, ref_sigma = self.fid_reference()
 
         def sample_fn(indices: Tensor) -> Tensor:
-            generator = torch.Generator().manual_seed(self.hparams.sample_seed * 1_000_003 + int(indices[0]) + 7)
-            labels = self.labels_for(indices)
-            return to_uint8(self.sample(self.initial_noise(indices), generator=generator, labels=labels))
+            return to_uint8(self.sample_indices(indices))
 
         stats, seconds_per_1k = evaluation.sample_statistics(
             sample_fn, extractor, num_samples, self.hparams.fid_batch_size, self.device, progress=True
@@ -396,13 +396,22 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ sampling
     def initial_noise(self, indices: Tensor, seed: int | None = None) -> Tensor:
         """x_T for sample indices: sample i's noise depends only on (seed, i), never on batching or the
-        number of processes."""
+        number of processes (the first draw of sample i's own generator, `src.seeding.sample_generators`)."""
         seed = self.hparams.sample_seed if seed is None else seed
-        noise = [
-            torch.randn(self.image_shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + int(i)))
-            for i in indices.tolist()
-        ]
-        return torch.stack(noise).to(self.device)
+        return self._noise_from(sample_generators(seed, indices))
+
+    def _noise_from(self, generators: list[torch.Generator]) -> Tensor:
+        return torch.stack([torch.randn(self.image_shape, generator=g) for g in generators]).to(self.device)
+
+    @torch.no_grad()
+    def sample_indices(self, indices: Tensor, seed: int | None = None, progress: bool = False, **overrides) -> Tensor:
+        """Samples number `indices` (images in [-1, 1]): everything random about sample i (x_T, then every noise a
+        stochastic sampler adds) comes from its own generator seeded by (seed, i), and its label (conditional
+        nets, classifier guidance) from `labels_for(i)`, so sample i is the same whatever batch or process
+        computes it. `seed` defaults to --model.sample_seed; `overrides` as in `sample`."""
+        generators = sample_generators(self.hparams.sample_seed if seed is None else seed, indices)
+        x_T = self._noise_from(generators)
+        return self.sample(x_T, generator=generators, labels=self.labels_for(indices), progress=progress, **overrides)
 
     @property
     def conditional(self) -> bool:
@@ -413,12 +422,16 @@ class DiffusionModule(L.LightningModule):
         """The noise-conditioned classifier of `classifier_path` (loaded once, frozen), or None without one."""
         if not self.hparams.classifier_path:
             return None
-        if "model" not in self._guidance_classifier:
+        model = self._guidance_classifier.get("model")
+        if model is None or next(model.parameters()).device != self.device:
             from src.models.classifier import NoisyClassifier
 
-            classifier = NoisyClassifier.load(self.hparams.classifier_path).requires_grad_(False)
-            self._guidance_classifier["model"] = classifier
-        return self._guidance_classifier["model"].to(self.device)
+            # Loaded and moved outside inference mode (Lightning's predict / validate / test run in it): weights
+            # made there are inference tensors, which the guidance gradient cannot use.
+            with torch.inference_mode(False):
+                model = model or NoisyClassifier.load(self.hparams.classifier_path).requires_grad_(False)
+                self._guidance_classifier["model"] = model.to(self.device)
+        return self._guidance_classifier["model"]
 
     def labels_for(self, indices: Tensor) -> Tensor | None:
         """The class label of each sample index: `sample_labels[i % len]`, or i % num_classes; None when neither
@@ -461,7 +474,7 @@ class DiffusionModule(L.LightningModule):
         self,
         x_T: Tensor,
         progress: bool = False,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         labels: Tensor | None = None,
         guidance_scale: float | None = None,
         **overrides: object,
@@ -488,9 +501,8 @@ class DiffusionModule(L.LightningModule):
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """`batch` holds sample indices; returns them with the images in [-1, 1]."""
         indices = batch[0] if isinstance(batch, (list, tuple)) else batch
-        generator = torch.Generator().manual_seed(self.hparams.sample_seed * 1_000_003 + int(indices[0]) + 7)
         labels = self.labels_for(indices)
-        images = self.sample(self.initial_noise(indices), generator=generator, labels=labels)
+        images = self.sample_indices(indices)
         if labels is None:
             return {"index": indices, "images": images}
         return {"index": indices, "images": images, "labels": labels}  # PNGWriter names files <label>_<index>.png

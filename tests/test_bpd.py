@@ -135,3 +135,20 @@ def test_module_test_step_logs_bpd(tmp_path: Path) -> None:
                         enable_model_summary=False)  # fmt: skip
     metrics = trainer.test(module, loader)[0]
     assert "test/loss" in metrics and np.isfinite(metrics["test/bpd"]) and metrics["test/bpd"] > 0
+
+
+def test_edge_bins_have_the_same_floor_as_interior_bins() -> None:
+    """A confident wrong prediction at x = -1 or x = +1 costs at most -log(1e-12) nats, as in the official code
+    (and as an interior pixel already did), instead of an unbounded NLL."""
+    x = torch.tensor([-1.0, 1.0, 0.0], dtype=torch.float64)
+    mean = torch.tensor([1.0, -1.0, 1.0], dtype=torch.float64)  # each far from x
+    log_p = discretized_gaussian_log_likelihood(x, mean, torch.full_like(x, math.log(1e-3)))
+    torch.testing.assert_close(log_p, torch.full_like(x, math.log(1e-12)), rtol=0, atol=1e-12)
+    # Reference: the official formula, clamp(min=1e-12) on each bin's probability.
+    log_scale = torch.full_like(x, math.log(0.5))
+    upper, lower = (x - mean + 1 / 255) / 0.5, (x - mean - 1 / 255) / 0.5
+    cdf_plus, cdf_min = norm.cdf(upper.numpy()), norm.cdf(lower.numpy())
+    expected = np.where(x.numpy() < -0.999, np.log(np.maximum(cdf_plus, 1e-12)),
+                        np.where(x.numpy() > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)),
+                                 np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))  # fmt: skip
+    np.testing.assert_allclose(discretized_gaussian_log_likelihood(x, mean, log_scale).numpy(), expected, rtol=1e-9)

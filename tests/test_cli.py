@@ -167,3 +167,83 @@ def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path) -> None:
     module = DiffusionModule(net, sampling_steps=2, classifier_path=str(path), classifier_scale=1.0)
     images = module.sample(module.initial_noise(torch.arange(2)))
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
+
+
+# ------------------------------------------------------------------------------------------------ review fixes
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_classifier_guided_predict_through_the_cli(tmp_path: Path) -> None:
+    """Lightning predicts under torch.inference_mode(), where the classifier's gradient needs care."""
+    from src.models.classifier import NoisyClassifier
+
+    ckpt = _fit(tmp_path / "runs", 2)
+    classifier = tmp_path / "classifier.pt"
+    NoisyClassifier(num_classes=10, in_channels=1, base_channels=8, channel_mult=(1, 2), image_size=28,
+                    norm_groups=4).save(str(classifier))  # fmt: skip
+    out = tmp_path / "guided"
+    _predict(ckpt, tmp_path / "runs", out, "--model.classifier_path", str(classifier),
+             "--model.classifier_scale", "2", "--model.sampler", "ddpm_respaced")  # fmt: skip
+    # An unconditional net guided by a classifier: labels in turn, in the file names.
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i % 10}_{i}.png" for i in range(5))
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm_respaced"])
+def test_stochastic_predict_is_the_same_at_every_batch_size(tmp_path: Path, sampler: str) -> None:
+    """Sample i depends on (seed, i) alone, also for samplers that add noise at every step (eta = 1)."""
+    ckpt = _fit(tmp_path / "runs", 2)
+    files = {}
+    for batch in ("2", "5"):
+        out = tmp_path / f"batch{batch}"
+        _predict(ckpt, tmp_path / "runs", out, "--model.sampler", sampler, "--model.eta", "1",
+                 "--data.predict_batch_size", batch)  # fmt: skip
+        files[batch] = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert files["2"] == files["5"] and len(set(files["2"].values())) == 5
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_continuing_a_finished_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    """Train 6 steps (mid-epoch: 4 batches of 4 per epoch), then continue the same run to 10 steps
+    from the last.ckpt written when max_steps ended it: bit for bit the 12-step run."""
+    data = ["--data.data_dir", str(_fake_data(tmp_path)), "--trainer.val_check_interval", "4",
+            "--trainer.limit_val_batches", "1", "--data.batch_size", "4", "--data.val_size", "8",
+            "--trainer.callbacks", json.dumps([{"class_path": "src.callbacks.checkpoint.ModelCheckpoint",
+                                                 "init_args": {"save_last": True, "save_top_k": 0,
+                                                               "every_n_train_steps": 4}}])]  # fmt: skip
+
+    def fit(root: Path, steps: int, *extra: str) -> dict:
+        cli_main(["fit", *TINY, *data, "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
+                  *extra])  # fmt: skip
+        (ckpt,) = root.glob("*/version_0/checkpoints/last.ckpt")
+        return torch.load(ckpt, weights_only=False, map_location="cpu")
+
+    straight = fit(tmp_path / "straight", 10)
+    first = fit(tmp_path / "continued", 6)
+    assert first["global_step"] == 6  # not the periodic step-4 checkpoint: the steps after it are kept
+    continued = fit(tmp_path / "continued", 10, "--ckpt_path", "last")
+    assert continued["global_step"] == straight["global_step"] == 10
+    assert continued["epoch"] == straight["epoch"]
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(value, continued["state_dict"][key]), key
+    for (i, a), (_, b) in zip(straight["optimizer_states"][0]["state"].items(),
+                              continued["optimizer_states"][0]["state"].items()):  # fmt: skip
+        for name in a:
+            assert torch.equal(torch.as_tensor(a[name]), torch.as_tensor(b[name])), (i, name)
+
+
+def _fake_data(tmp_path: Path) -> Path:
+    from test_faults import write_fake_fashion_mnist
+
+    return write_fake_fashion_mnist(tmp_path / "data", n_train=24, n_test=8)
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "predict"])
+def test_a_bad_sampler_option_is_one_line(subcommand: str, tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "src.main", subcommand, "--config", CONFIG, "--model.eta", "7",
+                             "--output_dir" if subcommand == "predict" else "--run_name", str(tmp_path / "x")],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert lines == ["error: --model.eta must be in [0, 1], got 7.0"], lines

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from src.diffusion.samplers import ddim_invert, ddim_sample, ddpm_sample, timestep_sequence
+from src.diffusion.samplers import ddim_invert, ddim_sample, ddpm_sample, logsnr_timesteps, sample, timestep_sequence
 from src.diffusion.schedule import NoiseSchedule
 
 try:  # pytest puts tests/ on sys.path (rootdir-relative import when tests/ becomes a package)
@@ -541,3 +541,43 @@ def test_ddim_invert_reconstructs_gaussian_data():
     assert errors[50] < 0.2
     assert errors[200] < 0.055
     assert errors[200] < errors[50] / 2
+
+
+# ---------------------------------------------------------------------------------------------- review fixes
+@pytest.mark.parametrize("schedule", [NoiseSchedule.linear(1000, 1e-4, 0.02), NoiseSchedule.cosine(1000)],
+                         ids=["linear", "cosine"])  # fmt: skip
+@pytest.mark.parametrize("steps", [1, 2, 5, 10, 20, 50, 100, 500, 1000])
+def test_logsnr_spacing_gives_exactly_the_steps_asked_for(schedule: NoiseSchedule, steps: int) -> None:
+    seq = logsnr_timesteps(schedule, steps)
+    assert len(seq) == len(set(seq)) == steps and seq == sorted(seq) and 0 <= seq[0] and seq[-1] == 999
+
+
+def test_logsnr_spacing_is_unchanged_where_nothing_collided() -> None:
+    # The linear schedule's grids of 5 to 20 steps had no duplicate to move: the same timesteps as before.
+    linear = NoiseSchedule.linear(1000, 1e-4, 0.02)
+    assert logsnr_timesteps(linear, 5) == [0, 30, 302, 722, 999]
+    assert logsnr_timesteps(linear, 10) == [0, 5, 22, 73, 202, 410, 603, 757, 886, 999]
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "ddpm", "ddpm_respaced"])
+def test_per_sample_generators_make_each_sample_independent_of_its_batch(sampler: str) -> None:
+    """One generator per sample: sample i's every noise draw comes from its own stream."""
+    schedule = NoiseSchedule.linear(100, 1e-4, 0.02)
+
+    def model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return 0.1 * x + 1e-3 * t[:, None, None, None]
+
+    def generators(indices):
+        return [torch.Generator().manual_seed(1000 + i) for i in indices]
+
+    x_T = torch.randn(5, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    options = dict(sampler=sampler, steps=10, eta=1.0)
+    whole = sample(model, x_T, schedule, generator=generators(range(5)), **options)
+    parts = [sample(model, x_T[i : i + 2], schedule, generator=generators(range(i, i + 2)), **options)
+             for i in (0, 2)] + [sample(model, x_T[4:], schedule, generator=generators([4]), **options)]  # fmt: skip
+    assert torch.equal(whole, torch.cat(parts))
+    # A single generator for the batch (the previous behaviour) does depend on the batch.
+    shared = sample(model, x_T[2:4], schedule, generator=torch.Generator().manual_seed(0), **options)
+    assert not torch.equal(shared, whole[2:4])
+    with pytest.raises(ValueError, match="one generator per sample"):
+        sample(model, x_T, schedule, generator=generators(range(4)), **options)

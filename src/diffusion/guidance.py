@@ -1,7 +1,6 @@
 """Guidance: turning a class-conditional denoiser into the plain `model(x_t, t) -> eps` that samplers take.
 
-Classifier-free guidance (Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", eq. 6; seed 001, section
-"Classifier-Free Guidance"): one network eps_theta(x_t, t, y) is trained with the label replaced by a null label
+Classifier-free guidance (Ho & Salimans 2021, "Classifier-Free Diffusion Guidance", eq. 6): one network eps_theta(x_t, t, y) is trained with the label replaced by a null label
 with probability p_uncond (`drop_labels`), so it is both conditional and unconditional, and sampling uses
 
     eps~(x_t, t, y) = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null)
@@ -14,7 +13,7 @@ w = 0 is the plain conditional model, w = -1 the unconditional one, w > 0 sharpe
 so s = 1 is the conditional model and s = 0 the unconditional one; `guidance_scale_from_w` converts.
 
 Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", Algorithm 2 and
-eq. 14; seed 001 section "Classifier Guided Diffusion"): with a classifier p_phi(y | x_t, t) trained on noisy
+eq. 14): with a classifier p_phi(y | x_t, t) trained on noisy
 images, eps^ = eps_theta(x_t, t) - sqrt(1 - a_t) s grad_{x_t} log p_phi(y | x_t, t) (`ClassifierGuidance`).
 """
 
@@ -130,15 +129,21 @@ class ClassifierGuidance:
     def grad_log_prob(self, x_t: Tensor, t: Tensor) -> Tensor:
         """grad_{x_t} log p_phi(y | x_t, t), one gradient per image (the log-probabilities are summed over the
         batch, which does not mix images since each depends only on its own x_t)."""
-        with torch.enable_grad():
-            x = x_t.detach().requires_grad_(True)
+        # Lightning runs predict, validate and test under torch.inference_mode(), where enable_grad() alone does
+        # nothing and tensors made there ("inference tensors") cannot take part in autograd: leave inference mode
+        # for this gradient and work on clones made outside it (the classifier's weights must not be inference
+        # tensors either: load it outside inference mode).
+        with torch.inference_mode(False), torch.enable_grad():
+            x = x_t.detach().clone().requires_grad_(True)
+            t, labels = t.clone(), self.labels.to(x.device).clone()
             logits = self.classifier(x, t)
             # log-softmax in at least float32 (half-precision logits under autocast lose the small differences).
             log_probs = torch.log_softmax(
                 logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits, -1
             )
-            selected = log_probs[torch.arange(x.shape[0], device=x.device), self.labels.to(x.device)]
-            return torch.autograd.grad(selected.sum(), x)[0].to(x_t.dtype)
+            selected = log_probs[torch.arange(x.shape[0], device=x.device), labels]
+            grad = torch.autograd.grad(selected.sum(), x)[0].to(x_t.dtype)
+        return grad
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
         out = self.model(x_t, t)

@@ -49,8 +49,11 @@ def discretized_gaussian_log_likelihood(x: Tensor, mean: Tensor, log_scale: Tens
     inv_std = torch.exp(-log_scale)
     upper = inv_std * (x - mean + half_bin)
     lower = inv_std * (x - mean - half_bin)
-    log_cdf_upper = torch.special.log_ndtr(upper)  # log Phi(upper): the bin (-inf, x + 1/255] at x = -1
-    log_sf_lower = torch.special.log_ndtr(-lower)  # log (1 - Phi(lower)): the bin [x - 1/255, inf) at x = 1
+    # The edge bins get the same floor as the interior ones (the official code clamps cdf_plus and 1 - cdf_min at
+    # 1e-12 too): without it a confident wrong edge pixel has an unbounded NLL, which the bound then sums.
+    log_floor = math.log(1e-12)
+    log_cdf_upper = torch.special.log_ndtr(upper).clamp(min=log_floor)  # the bin (-inf, x + 1/255] at x = -1
+    log_sf_lower = torch.special.log_ndtr(-lower).clamp(min=log_floor)  # the bin [x - 1/255, inf) at x = 1
     # Phi(upper) - Phi(lower), taken in the tail where it does not cancel.
     delta = torch.where(
         lower > 0,

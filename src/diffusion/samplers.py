@@ -24,6 +24,8 @@ from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
+# One generator for the batch, or one per sample (see `randn_like`); None: torch's global RNG.
+Generator = torch.Generator | Sequence[torch.Generator] | None
 
 SKIP_TYPES = ("uniform", "quad", "trailing", "linspace", "logsnr")
 DDPM_VARIANCES = ("fixed_small", "fixed_large")
@@ -33,7 +35,7 @@ DDPM_VARIANCES = ("fixed_small", "fixed_large")
 def timestep_sequence(num_timesteps: int, steps: int, skip: str = "uniform") -> list[int]:
     """The ascending sub-sequence tau of {0, ..., T-1} that a `steps`-step sampler visits.
 
-    - "uniform": `range(0, T, T // steps)`, seed 000 / the DDIM reference code. When `steps` does not
+    - "uniform": `range(0, T, T // steps)`, as the DDIM authors' reference code (`generalized_steps`). When `steps` does not
       divide T this yields more than `steps` entries (e.g. T=1000, steps=300 gives 334), exactly as there.
     - "quad": `int(s)` for s in `linspace(0, sqrt(0.8 T), steps) ** 2` (DDIM paper, appendix D.2; used for
       CIFAR-10). For many steps its first entries repeat (0, 0, 0, ...); a repeated timestep is an exact
@@ -65,13 +67,23 @@ def logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
     rounded to the nearest discrete t and deduplicated: DPM-Solver's "logSNR" spacing (Lu et al. 2022, DPM-Solver
     section 3.3 / appendix, recommended for pixel-space models). Uniform steps in lambda keep the step ratios
     r_i = h_{i-1} / h_i of multistep solvers near 1; uniform-in-t grids on the linear schedule end with one huge
-    lambda step (t = T / steps -> 0) where DPM-Solver++(2M) extrapolates badly."""
-    if not 1 <= steps <= schedule.num_timesteps:
-        raise ValueError(f"steps must be in [1, {schedule.num_timesteps}] (the schedule's T), got {steps}")
+    lambda step (t = T / steps -> 0) where DPM-Solver++(2M) extrapolates badly.
+
+    Always exactly `steps` distinct timesteps: where several targets round to the same t (lambda jumps between
+    neighbouring t, as at the cosine schedule's clipped last beta, or many steps are asked for), the later
+    duplicates move to the next free t, keeping the order."""
+    T = schedule.num_timesteps
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}] (the schedule's T), got {steps}")
     a = schedule.alphas_cumprod.cpu().to(torch.float64).numpy()
     lam = 0.5 * (np.log(a) - np.log1p(-a))
     targets = np.linspace(lam[-1], lam[0], steps)
-    return sorted({int(np.abs(lam - target).argmin()) for target in targets})
+    nearest = sorted(int(np.abs(lam - target).argmin()) for target in targets)
+    # Strictly increasing: push each duplicate up past its predecessor, then pull the tail back under T - 1. Both
+    # passes keep the order, and a t that was already distinct from its neighbours stays where it was.
+    for k in range(1, steps):
+        nearest[k] = max(nearest[k], nearest[k - 1] + 1)
+    return [min(t, T - steps + k) for k, t in enumerate(nearest)]
 
 
 def predict_x0_from_eps(x_t: Tensor, eps: Tensor, alpha_cumprod_t: float) -> Tensor:
@@ -103,12 +115,18 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_cumprod_prev: float, sigma: float, 
     return x_prev
 
 
-def randn_like(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
+def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
     """Standard normal noise shaped like `x`, drawn on the generator's device so that a CPU generator gives
-    the same numbers whatever device `x` is on."""
+    the same numbers whatever device `x` is on. `generator` is one generator for the whole batch, or one per
+    sample (row i from generator i), which makes each sample's noise independent of the batch it is in."""
     if generator is None:
         return torch.randn_like(x)
-    noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    else:
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"need one generator per sample: {len(generator)} generators for {x.shape[0]} samples")
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator])
     return noise.to(x.device)
 
 
@@ -176,7 +194,7 @@ def ddim_sample(
     steps: int = 50,
     eta: float = 0.0,
     skip: str = "uniform",
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     timesteps: Sequence[int] | None = None,
     clip_x0: bool = False,
     progress: bool = False,
@@ -185,7 +203,7 @@ def ddim_sample(
     """DDIM sampling (Song, Meng & Ermon 2021, eq. 12) on the sub-sequence `timestep_sequence(T, steps, skip)`
     or on an explicit ascending `timesteps` sequence.
 
-    With eta = 0 it returns what seed 000's `generalized_steps(x_T, seq, model, betas, eta=0)` returns as its
+    With eta = 0 it returns what the DDIM authors' `generalized_steps(x_T, seq, model, betas, eta=0)` returns as its
     last `xs` element; eta = 1 is DDPM-like ancestral sampling on the sub-sequence. `clip_x0` clamps the
     predicted x_0 to [-1, 1] (off in the DDIM reference code).
     """
@@ -212,7 +230,7 @@ def ddpm_sample(
     x_T: Tensor,
     schedule: NoiseSchedule,
     variance: str = "fixed_small",
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     clip_x0: bool = False,
     progress: bool = False,
     callback: Callback | None = None,
@@ -368,7 +386,7 @@ def sample(
     eta: float = 0.0,
     skip: str = "uniform",
     variance: str = "fixed_small",
-    generator: torch.Generator | None = None,
+    generator: Generator = None,
     clip_x0: bool = False,
     progress: bool = False,
     prediction: str = "eps",
