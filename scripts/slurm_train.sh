@@ -12,7 +12,7 @@
 # SLURMEnvironment then saves hpc_ckpt_N.ckpt in that folder (atomically, through our checkpoint IO) and requeues
 # the job. On (re)start the job resumes from the newest of that folder's hpc_ckpt_*.ckpt and last.ckpt (the one
 # our SIGTERM handler writes on preemption), if any. To continue a finished run in a new job, pass its checkpoint:
-# `sbatch scripts/slurm_train.sh CONFIG --ckpt_path runs/slurm-123/<run_name>/version_0/checkpoints/last.ckpt`
+# `sbatch scripts/slurm_train.sh CONFIG --ckpt_path runs/slurm-123/<run_name>/version_<N>/checkpoints/last.ckpt`
 # (used for the first start only; a requeue of the new job resumes from the new job's own folder).
 #
 # The log goes to <job name>-<job id>.out in the submit directory: SLURM opens it before this script runs, so it
