@@ -7,6 +7,10 @@
 MODEL is a diffusers folder (e.g. a local copy of google/ddpm-cifar10-32, with scheduler_config.json), an exported
 folder or a Lightning checkpoint. The paper uses 50,000 samples against the CIFAR-10 training set; fewer samples
 bias FID upwards, so numbers from --num_samples < 50000 are not comparable to the published ones.
+
+Caveat: the published column (`PUBLISHED` below) was transcribed from memory, not copied from the paper, and still
+awaits checking against Table 1 of Song, Meng & Ermon, "Denoising Diffusion Implicit Models" (ICLR 2021,
+arXiv:2010.02502). Check it against the paper before quoting or comparing with it.
 Writes --out (markdown) and a CSV beside it; each finished cell is appended to the CSV at once, and cells already
 in it are skipped on a rerun (a 16 x 2 grid of 50k samples is days of GPU time at 100 steps).
 
@@ -81,7 +85,8 @@ def reference_statistics(args, extractor, device) -> tuple[np.ndarray, np.ndarra
 def markdown(results: dict[tuple[str, int, float], float], steps=STEPS, etas=ETAS, skips=SKIPS) -> str:
     lines = [
         "DDIM Table 1, CIFAR-10: FID (lower is better). `published` is the paper's value (`PUBLISHED` in",
-        "scripts/ddim_table1.py; the paper uses the quad sub-sequence).",
+        "scripts/ddim_table1.py; the paper uses the quad sub-sequence), transcribed from memory: check it against",
+        "the paper (arXiv:2010.02502, Table 1) before quoting it.",
         "",
         "| skip | eta | " + " | ".join(f"S={s} ours | S={s} published" for s in steps) + " |",
         "| --- | ---: | " + " | ".join("---: | ---:" for _ in steps) + " |",

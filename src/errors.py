@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import sys
 
 import torch
 from lightning.pytorch.cli import LightningArgumentParser
@@ -54,6 +55,27 @@ def did_you_mean(message: str, known: list[str]) -> str:
     return message + (" (" + "; ".join(hints) + ")" if hints else "")
 
 
+def one_line(message: str) -> str:
+    """jsonargparse's multi-line type errors as one line: "--key VALUE: expected TYPE", plus a hint for a list or
+    dict the shell split at a space (`--model.sample_labels [3, 7]` gives the value "[3,")."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    key = re.fullmatch(r'Parser key "([^"]+)":?', lines[0]) if lines else None
+    if len(lines) < 2 or key is None:
+        return " ".join(lines)
+    rest = "\n".join(lines[1:])
+    given = re.search(r"^Given value: (.*)$", rest, flags=re.MULTILINE) or re.search(r"Got value: (.*)$", rest)
+    expected = re.search(r"^Subtypes: \[(.*)\]$", rest, flags=re.MULTILINE) or re.search(r"Expected an? (.*?)\.", rest)
+    if given is None or expected is None:
+        return f"--{key[1]}: " + " ".join(lines[1:])
+    types = re.sub(r"<class '(?:\w+\.)*(\w+)'>", r"\1", expected[1]).replace("typing.", "").replace("NoneType", "None")
+    types = f"one of {types}" if expected.re.pattern.startswith("^Subtypes") else types
+    value = given[1]
+    hint = ""
+    if value.count("[") > value.count("]") or value.count("{") > value.count("}"):
+        hint = " (the shell split the value at a space: quote the whole value, '[3, 7]', or drop the spaces, [3,7])"
+    return f"--{key[1]} {value}: expected {types}{hint}"
+
+
 class SuggestingArgumentParser(LightningArgumentParser):
     """LightningCLI's parser, whose "unrecognized arguments" / unknown-key errors suggest the closest option, and
     which takes no abbreviations: argparse would otherwise run `--trainer.max_step 3` as `--trainer.max_steps 3`."""
@@ -63,7 +85,24 @@ class SuggestingArgumentParser(LightningArgumentParser):
         super().__init__(*args, **kwargs)
 
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
-        return super().error(did_you_mean(message, _option_names(self)), ex)
+        """The error in one line and a pointer to --help, without argparse's usage (a hundred lines here, which
+        pushed the error itself off the screen)."""
+        message = did_you_mean(one_line(message), _option_names(self))
+        if not self.exit_on_error or "JSONARGPARSE_DEBUG" in os.environ:  # it raises the ArgumentError instead
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        self.logger.error(message)
+        sys.stderr.write(f"error: {message}\nsee `{_command(parser.prog)} --help` for every option\n")
+        self.exit(2)
+
+
+def _command(prog: str) -> str:
+    """The command line that reaches a parser: "main.py [options] fit" -> "python -m src.main fit" under `-m`."""
+    words = prog.replace(" [options]", "").split()
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and words and spec.name.rpartition(".")[2] == os.path.splitext(words[0])[0]:
+        words[0] = f"python -m {spec.name}"
+    return " ".join(words)
 
 
 def _option_names(parser) -> list[str]:

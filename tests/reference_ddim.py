@@ -1,7 +1,7 @@
-"""DDIM reference code, copied from seed 000 (/work/shared/seeds/000_*.txt: `compute_alpha` and `generalized_steps`,
-themselves from the DDIM authors' repository, `functions/denoising.py`).
+"""The DDIM authors' reference code, copied: github.com/ermongroup/ddim, functions/denoising.py (`compute_alpha` and
+`generalized_steps`, which runners/diffusion.py calls to sample).
 
-The only change is that it is device-agnostic: the seed's `xs[-1].to('cuda')` became `xs[-1]`. Everything else is
+The only change is that it is device-agnostic: the original's `xs[-1].to('cuda')` became `xs[-1]`. Everything else is
 kept as it is, on purpose: the model is called with a *float* `t` (`torch.ones(n) * i`), the noise comes from the
 global RNG through `torch.randn_like(x)` at every step (also where its coefficient is zero), and intermediate
 states are moved to the CPU. Tests compare `src.diffusion.samplers` against this code, so do not "fix" it.

@@ -148,3 +148,67 @@ def test_abbreviated_options_are_not_taken_for_others() -> None:
     config = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml")
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", config, "--trainer.max_step", "3", "--print_config"])
+
+
+# ---------------------------------------------------------------------------------------------- bad flags, briefly
+def test_a_mistyped_flag_is_one_line_and_a_pointer_to_help() -> None:
+    # Through the command line as users run it: argparse's usage (about 100 lines) used to bury the error.
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-m", "src.main", "fit", "--config", "configs/fashion_mnist.yaml", "--trainer.max_step", "4"],
+        cwd=REPO, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    assert result.returncode == 2
+    assert len(lines) <= 3, lines
+    assert "error: unrecognized arguments: --trainer.max_step 4" in lines[0]
+    assert "did you mean --trainer.max_steps?" in lines[0]
+    assert any("python -m src.main fit --help" in line for line in lines)
+
+
+@pytest.mark.parametrize("subcommand", ["fit", "validate", "test", "predict"])
+def test_every_subcommand_prints_no_usage(subcommand: str, capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main([subcommand, "--config", CONFIG, "--model.emma_decay", "0.5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) <= 3 and not any(line.startswith("usage:") for line in err), err
+    assert "--model.emma_decay: did you mean --model.ema_decay?" in err[0]
+    assert f"{subcommand} --help" in err[-1]
+
+
+def test_a_bad_value_is_one_line(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", CONFIG, "--trainer.max_steps", "abc"])
+    assert capsys.readouterr().err.strip().splitlines()[0] == "error: --trainer.max_steps abc: expected int"
+
+
+def test_one_line_names_a_list_the_shell_split() -> None:
+    from src.errors import one_line
+
+    message = one_line(
+        'Parser key "model.sample_labels":\n  Does not validate against any of the Union subtypes\n'
+        "  Subtypes: [list[int], <class 'NoneType'>]\n  Errors:\n    - Expected a <class 'list'>\n"
+        "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: [3,"
+    )
+    assert "\n" not in message
+    assert message.startswith("--model.sample_labels [3,: expected one of list[int], None")
+    assert "quote the whole value, '[3, 7]'" in message
+
+
+def test_the_readme_sample_labels_flag_parses(capsys) -> None:
+    # The flag exactly as the README writes it, split as a POSIX shell splits it.
+    import re
+    import shlex
+
+    readme = (REPO / "README.md").read_text()
+    written = re.findall(r"`(--model\.sample_labels [^`]+)`", readme)
+    assert written, "the README no longer shows --model.sample_labels"
+    cond = str(REPO / "configs" / "fashion_mnist_cond.yaml")
+    for flag in written:
+        with pytest.raises(SystemExit) as exit_info:
+            cli_main(["predict", "--config", cond, *shlex.split(flag), "--print_config"])
+        assert exit_info.value.code in (0, None), capsys.readouterr().err
+        assert "  sample_labels:\n  - 3\n  - 7\n" in capsys.readouterr().out

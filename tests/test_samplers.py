@@ -1,6 +1,7 @@
-"""Samplers (src/diffusion/samplers.py) against independent references: the DDIM authors' code (seed 000, copied in
-tests/reference_ddim.py), diffusers' schedulers, DDPM's Algorithm 2 written out, and Gaussian data whose optimal
-denoiser and sampler output distribution are known in closed form.
+"""Samplers (src/diffusion/samplers.py) against independent references: the DDIM authors' reference code
+(github.com/ermongroup/ddim, functions/denoising.py generalized_steps, copied in tests/reference_ddim.py),
+diffusers' schedulers, DDPM's Algorithm 2 written out, and Gaussian data whose optimal denoiser and sampler output
+distribution are known in closed form.
 
 Everything runs in float64 on tiny shapes.
 """
@@ -220,7 +221,7 @@ def test_unknown_skip_raises():
         timestep_sequence(1000, 10, "cubic")
 
 
-# ---------------------------------------------------------------------------------------------- DDIM vs seed 000
+# ------------------------------------------------------------------------ DDIM vs the authors' generalized_steps
 @pytest.mark.parametrize(
     ("skip", "steps"), [("uniform", 50), ("uniform", 30), ("uniform", 1), ("quad", 10), ("quad", 100)]
 )

@@ -6,7 +6,7 @@ Two first-order estimates of how much a training image z_i contributed to the mo
 - **TracIn** (Pruthi et al. 2020, TracInCP, eq. 3): sum over saved checkpoints k of
   eta_k grad L(w_k, z_i) . grad L(w_k, x), the decrease of x's loss that the gradient steps on z_i produced,
   to first order (a step w' = w - eta grad L(w, z_i) changes L(w, x) by -eta grad L(w, x) . grad L(w, z_i)).
-- **Influence functions** (Koh & Liang 2017, eq. 2; seed 000's derivation):
+- **Influence functions** (Koh & Liang 2017, eq. 2, derived in their Appendix A):
   I_up,loss(z_i, x) = -grad L(x)^T H^-1 grad L(z_i), the derivative of x's loss with respect to upweighting z_i
   by epsilon in the training risk, the model retrained. H is the Hessian of the empirical risk
   R = 1/n sum_i L(z_i), here restricted to a chosen parameter subset (Koh & Liang use the last layer, where
@@ -14,10 +14,11 @@ Two first-order estimates of how much a training image z_i contributed to the mo
   LiSSA (Agarwal, Bullins & Hazan 2017, the stochastic estimator Koh & Liang use) or conjugate gradients, once
   per query; then every training image costs one gradient and one dot product.
 
-Sign: seed 000 reads "the larger the influence function, the greater the influence z has on z_test". In the paper
-the sign matters: a training image whose upweighting *lowers* the query's loss (a helpful one, a proponent) has
-I_up,loss < 0. We follow the paper: `influence_on_loss` returns I_up,loss with its sign, and attribution ranks
-by -I_up,loss, like TracIn's scores: larger means the training image did more to make the query likely.
+Sign: informal summaries read "the larger the influence function, the greater the influence z has on z_test". In
+the paper the sign matters: a training image whose upweighting *lowers* the query's loss (a helpful one, a
+proponent) has I_up,loss < 0. We follow the paper: `influence_on_loss` returns I_up,loss with its sign, and
+attribution ranks by -I_up,loss, like TracIn's scores: larger means the training image did more to make the query
+likely.
 
 The diffusion loss of one image is L_simple (Ho et al. 2020, eq. 14) averaged over a fixed probe of P (t, noise)
 pairs, so every score is deterministic and the same function is differentiated for queries, training images
