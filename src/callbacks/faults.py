@@ -40,7 +40,7 @@ class SignalCheckpoint(Callback):
     """Save `last.ckpt` and exit cleanly (status 0) when the job is told to stop (SIGTERM, or SIGUSR1 outside
     SLURM's auto-requeue, which keeps Lightning's own handling: an hpc checkpoint and a requeue).
 
-    The handler only records the request. Whether to stop is decided at the end of a training step, by all
+    Under DDP the handler only records the request. Whether to stop is decided at the end of a training step, by all
     processes together (a max all-reduce of the request under DDP), so that every rank writes the checkpoint and
     stops after the same step, even when the signal reached only one of them (`timeout`, a scheduler signalling
     rank 0). It then sets Lightning's own flag, and Lightning's loop raises `SIGTERMException` (a `SystemExit`)
@@ -76,6 +76,10 @@ class SignalCheckpoint(Callback):
         if not self.stop_requested:
             rank_zero_info(f"Received signal {signum}: saving last.ckpt after this step, then exiting")
         self.stop_requested = True
+        if self._trainer is not None and self._trainer.world_size == 1:
+            # One process has nobody to agree with: Lightning's own flag at once, so that its loop also stops at
+            # the points it checks between steps (an epoch's end, validation), as with its own handler.
+            self._trainer._signal_connector.received_sigterm = True
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
