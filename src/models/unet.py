@@ -8,9 +8,9 @@ paper's 35.7M parameters, layer for layer as the official TensorFlow code (`diff
 
 Options for larger images, each off by default so that the default network stays DDPM's:
 - multi-head attention (`num_heads`, or `head_channels` per head), as improved DDPM (Nichol & Dhariwal 2021,
-  section 4 / appendix A) and ADM (Dhariwal & Nichol 2021, section 3);
+  4 heads) and ADM (Dhariwal & Nichol 2021, section 3: 64 channels per head);
 - `use_scale_shift_norm`: the time embedding modulates the second GroupNorm, h = GN(h) * (1 + s) + b with
-  (s, b) projected from the embedding (improved DDPM, appendix A; ADM's "AdaGN", section 3);
+  (s, b) projected from the embedding (improved DDPM; ADM's adaptive group normalization, section 3);
 - `resblock_updown`: residual blocks that resample their input (BigGAN, Brock et al. 2019) in place of the
   strided-conv Downsample and the nearest+conv Upsample, as ADM;
 - `gradient_checkpointing`: recompute each residual and attention block in the backward pass instead of keeping
@@ -62,7 +62,7 @@ class ResBlock(nn.Module):
     """GroupNorm -> SiLU -> conv, + projected time embedding, GroupNorm -> SiLU -> dropout -> conv, + skip.
 
     use_scale_shift_norm: the embedding is projected to (scale, shift) and applied after the second GroupNorm,
-        GN(h) * (1 + scale) + shift (improved DDPM, appendix A), instead of added before it.
+        GN(h) * (1 + scale) + shift (improved DDPM; ADM's AdaGN), instead of added before it.
     resample: "down" or "up" makes a BigGAN-style resampling block (ADM): input and hidden state are resampled
         after the first GroupNorm -> SiLU (`resample`), so the block halves or doubles the feature map.
     """
