@@ -170,7 +170,7 @@ def test_unsupported_config_lists_every_reason():
         flip_sin_to_cos=True,
         freq_shift=0,
         resnet_time_scale_shift="scale_shift",
-        attention_head_dim=8,
+        attention_head_dim=48,  # 256 is not a whole number of 48-channel heads
         class_embed_type="timestep",
         norm_eps=1e-5,
         downsample_padding=1,
@@ -182,7 +182,7 @@ def test_unsupported_config_lists_every_reason():
         "flip_sin_to_cos",
         "freq_shift",
         "resnet_time_scale_shift",
-        "attention_head_dim=8 gives [32] heads",
+        "attention_head_dim=48 does not divide the attention widths [256]",
         "class_embed_type",
         "norm_eps",
         "downsample_padding",
@@ -250,3 +250,95 @@ def test_scheduler_config_to_noise_schedule(tmp_path, kwargs):
 def test_unsupported_scheduler_config_is_refused(kwargs, match):
     with pytest.raises(ValueError, match=match):
         NoiseSchedule.from_diffusers(dict(diffusers.DDPMScheduler(**kwargs).config))
+
+
+# ---------------------------------------------------------------------------------------------- large-image options
+# A 32x32 model with attention at two widths (16x16: 32 channels, 8x8 and the middle: 64), so that head counts differ
+# between layers; 32 -> 16 -> 8 halves exactly, as diffusers' resampling needs.
+OPTIONS_32 = dict(
+    DDPM_CIFAR10,
+    block_out_channels=(16, 32, 64),
+    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
+    layers_per_block=1,
+    norm_num_groups=4,
+)
+RESNET_UPDOWN = dict(
+    down_block_types=("ResnetDownsampleBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
+    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "ResnetUpsampleBlock2D"),
+    downsample_type="resnet",
+    upsample_type="resnet",
+)
+SCALE_SHIFT = dict(resnet_time_scale_shift="scale_shift", attn_norm_num_groups=4)
+
+
+@pytest.mark.parametrize(
+    ("changes", "options"),
+    [
+        (dict(attention_head_dim=8), dict(head_channels=8)),  # 4 heads at 16x16, 8 at 8x8 and in the middle
+        (SCALE_SHIFT, dict(use_scale_shift_norm=True)),
+        (RESNET_UPDOWN, dict(resblock_updown=True)),
+        (
+            dict(attention_head_dim=16, **SCALE_SHIFT, **RESNET_UPDOWN),
+            dict(head_channels=16, use_scale_shift_norm=True, resblock_updown=True),
+        ),
+    ],
+    ids=["heads", "scale_shift", "resblock_updown", "all"],
+)
+def test_large_image_options_from_and_to_diffusers(tmp_path, changes, options):
+    """Each option against diffusers' own implementation (Attention with attention_head_dim, ResnetBlock2D with
+    time_embedding_norm="scale_shift" and with down/up=True): same outputs both ways, the same weights back."""
+    ref = perturbed_diffusers(dict(OPTIONS_32, **changes))
+    ref.save_pretrained(tmp_path / "diffusers")
+    net = UNet.from_diffusers(tmp_path / "diffusers")
+    assert {k: v for k, v in net.config.items() if k in options} == options
+    assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in ref.parameters())
+    x, t = inputs(ref)
+    assert max_error(ref, net, x, t) < 1e-5
+
+    net.to_diffusers(tmp_path / "ours")
+    written = json.loads((tmp_path / "ours" / "config.json").read_text())
+    for key, value in changes.items():
+        assert written[key] == (list(value) if isinstance(value, tuple) else value), key
+    back = diffusers.UNet2DModel.from_pretrained(tmp_path / "ours").eval()
+    assert max_error(back, net, x, t) < 1e-5
+    for key, value in ref.state_dict().items():
+        assert torch.equal(value, back.state_dict()[key]), key
+
+
+def test_num_heads_to_diffusers(tmp_path):
+    """num_heads=2 with every attention layer 64 wide is diffusers' attention_head_dim=32; with layers of two widths
+    the head widths differ, which diffusers' single attention_head_dim cannot express: refused, pointing to
+    head_channels."""
+    torch.manual_seed(0)
+    small = dict(in_channels=3, base_channels=16, channel_mult=(1, 2, 4), num_res_blocks=1, dropout=0.0,
+                 image_size=16, norm_groups=4)  # fmt: skip
+    net = UNet(**small, attn_resolutions=(4,), num_heads=2)  # attention at 4x4 (64 channels) and in the middle (64)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.02 * torch.randn_like(p))
+    net.to_diffusers(tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["attention_head_dim"] == 32
+    ref = diffusers.UNet2DModel.from_pretrained(tmp_path).eval()
+    assert ref.mid_block.attentions[0].heads == 2
+    x, t = inputs(ref)
+    assert max_error(ref, net.eval(), x, t) < 1e-5
+
+    mixed = UNet(**small, attn_resolutions=(8,), num_heads=2)  # 32 channels at 8x8, 64 in the middle
+    with pytest.raises(DiffusersConversionError, match=r"heads of \[16, 32\] channels.*use head_channels"):
+        mixed.to_diffusers(tmp_path / "mixed")
+
+
+def test_large_image_option_refusals():
+    """Scale-shift without attn_norm_num_groups (diffusers' middle attention then has no GroupNorm) and a mix of conv
+    and residual resampling have no equivalent."""
+    with pytest.raises(DiffusersConversionError, match="attn_norm_num_groups=None"):
+        unet_args_from_diffusers(dict(OPTIONS_32, resnet_time_scale_shift="scale_shift"))
+    assert unet_args_from_diffusers(dict(OPTIONS_32, resnet_time_scale_shift="scale_shift", add_attention=False))
+    mixed = dict(OPTIONS_32, **{**RESNET_UPDOWN, "upsample_type": "conv"})  # residual down, conv up in the Attn blocks
+    with pytest.raises(DiffusersConversionError, match="mix conv and residual-block resampling"):
+        unet_args_from_diffusers(mixed)
+    # Residual downsampling needs no downsample_padding; the conv one keeps requiring TensorFlow's SAME.
+    assert unet_args_from_diffusers(dict(OPTIONS_32, **RESNET_UPDOWN, downsample_padding=1))["resblock_updown"]
+    with pytest.raises(DiffusersConversionError, match="downsample_padding=1"):
+        unet_args_from_diffusers(dict(OPTIONS_32, downsample_padding=1))

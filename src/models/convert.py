@@ -22,10 +22,21 @@ checked against the network built from the config:
     AttnBlock: norm <-> group_norm; qkv, a 1x1 conv with 3C outputs ordered (q, k, v), <-> to_q, to_k, to_v
                (C x C Linear layers, concatenated along the output axis); proj_out (1x1 conv) <-> to_out.0 (Linear)
 
+The options for large images map as well:
+    num_heads / head_channels    attention_head_dim (one head width for every layer: C / num_heads, or
+                                 head_channels); both split q, k, v into heads of consecutive channels
+    use_scale_shift_norm         resnet_time_scale_shift="scale_shift": temb_proj / time_emb_proj has 2C outputs,
+                                 (scale, shift) in that order; attn_norm_num_groups = norm_num_groups, because
+                                 diffusers' middle attention otherwise has no GroupNorm in this mode
+    resblock_updown              ResnetDownsampleBlock2D / ResnetUpsampleBlock2D (AttnDownBlock2D / AttnUpBlock2D
+                                 with downsample_type / upsample_type="resnet" where there is attention):
+    down.k.0 (ResBlock, down)    down_blocks.<level>.downsamplers.0 (a ResnetBlock2D with down=True)
+    up.k.0 (ResBlock, up)        up_blocks.<L - 1 - level>.upsamplers.0 (a ResnetBlock2D with up=True)
+
 Both networks compute the same function when the config has DDPM's choices: sin-then-cos timestep embedding with
 frequencies 10000^(-i / (d/2 - 1)) (flip_sin_to_cos=False, freq_shift=1), the TensorFlow "SAME" stride-2
-downsampling (downsample_padding=0 pads right/bottom only), GroupNorm eps 1e-6, single-head attention with the
-residual added unscaled. Configurations without an equivalent are refused with one error listing every reason.
+downsampling (downsample_padding=0 pads right/bottom only), GroupNorm eps 1e-6, attention with the residual added
+unscaled. Configurations without an equivalent are refused with one error listing every reason.
 
 Sizes: diffusers' `Upsample2D` doubles the feature map (`UNet2DModel` passes no `output_size`), ours upsamples to
 the skip connection's size. They agree whenever `image_size` is divisible by 2^(levels - 1) (32 -> 4, 28 -> 7);
@@ -44,7 +55,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
-from src.models.unet import Downsample, UNet, Upsample
+from src.models.unet import OPTION_DEFAULTS, Downsample, UNet, Upsample
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
@@ -52,6 +63,11 @@ NORM_EPS = 1e-6  # our GroupNorms' eps (DDPM's TensorFlow default)
 
 # diffusers' UNet2DModel config keys that we read or check (below) and those that do not change the function.
 _IGNORED_KEYS = {"num_train_timesteps", "sample_size", "in_channels", "out_channels", "block_out_channels"}
+
+# diffusers' down / up block types and how they resample: None for the Attn blocks, which follow downsample_type /
+# upsample_type ("conv" or "resnet").
+_DOWN_RESAMPLING = {"DownBlock2D": "conv", "ResnetDownsampleBlock2D": "resnet", "AttnDownBlock2D": None}
+_UP_RESAMPLING = {"UpBlock2D": "conv", "ResnetUpsampleBlock2D": "resnet", "AttnUpBlock2D": None}
 
 # Our ResBlock's submodules and diffusers' ResnetBlock2D's.
 _RES_NAMES = {
@@ -106,10 +122,9 @@ def unet_args_from_diffusers(config: dict) -> dict:
     require("time_embedding_type", ("positional",), "positional", "sinusoidal embedding only")
     require("center_input_sample", (False,), False, "inputs are already in [-1, 1]")
     require("act_fn", ("silu",), "silu", "SiLU everywhere")
-    require("downsample_padding", (0,), 1, "we pad right/bottom only, as TensorFlow's SAME")
-    require("downsample_type", ("conv",), "conv", "strided-conv downsampling")
-    require("upsample_type", ("conv",), "conv", "nearest-neighbour + conv upsampling")
-    require("resnet_time_scale_shift", ("default",), "default", "the time embedding is added, not FiLM")
+    require("downsample_type", ("conv", "resnet"), "conv", "strided conv or residual-block downsampling")
+    require("upsample_type", ("conv", "resnet"), "conv", "nearest + conv or residual-block upsampling")
+    require("resnet_time_scale_shift", ("default", "scale_shift"), "default", "added or scale-shift time embedding")
     require("mid_block_type", ("UNetMidBlock2D",), "UNetMidBlock2D", "DDPM's middle block")
     require("mid_block_scale_factor", (1, 1.0), 1, "unscaled residuals")
     require("class_embed_type", (None,), None, "classes go through a learned embedding table")
@@ -128,16 +143,38 @@ def unet_args_from_diffusers(config: dict) -> dict:
         problems.append("norm_num_groups=None (set the number of GroupNorm groups explicitly)")
     if config.get("attn_norm_num_groups") not in (None, groups):
         problems.append(f"attn_norm_num_groups={config['attn_norm_num_groups']} (must equal norm_num_groups)")
+    scale_shift = config.get("resnet_time_scale_shift", "default") == "scale_shift"
+    add_attention = bool(config.get("add_attention", True))
+    if scale_shift and add_attention and config.get("attn_norm_num_groups") is None:
+        problems.append(
+            "resnet_time_scale_shift='scale_shift' with attn_norm_num_groups=None (diffusers' middle attention then "
+            "has no GroupNorm, ours always has one; set attn_norm_num_groups to norm_num_groups)"
+        )
 
     down_types = list(config.get("down_block_types", ()))
     up_types = list(config.get("up_block_types", ()))
     levels = len(channels)
     if len(down_types) != levels or len(up_types) != levels:
         problems.append(f"{len(down_types)} down / {len(up_types)} up block types for {levels} block_out_channels")
-    bad_down = [t for t in down_types if t not in ("DownBlock2D", "AttnDownBlock2D")]
-    bad_up = [t for t in up_types if t not in ("UpBlock2D", "AttnUpBlock2D")]
+    bad_down = [t for t in down_types if t not in _DOWN_RESAMPLING]
+    bad_up = [t for t in up_types if t not in _UP_RESAMPLING]
     if bad_down or bad_up:
-        problems.append(f"block types {bad_down + bad_up} (supported: [Attn]DownBlock2D, [Attn]UpBlock2D)")
+        problems.append(
+            f"block types {bad_down + bad_up} (supported: {', '.join(_DOWN_RESAMPLING)}, {', '.join(_UP_RESAMPLING)})"
+        )
+    # How each level but the last resamples: "conv" (DDPM's strided conv / nearest + conv) or "resnet" (a ResBlock
+    # that resamples); the Attn blocks follow downsample_type / upsample_type. Ours does one or the other throughout.
+    down_kinds = {_DOWN_RESAMPLING.get(t) or config.get("downsample_type", "conv") for t in down_types[:-1]}
+    up_kinds = {_UP_RESAMPLING.get(t) or config.get("upsample_type", "conv") for t in up_types[:-1]}
+    kinds = down_kinds | up_kinds
+    if len(kinds) > 1:
+        problems.append(
+            f"down blocks {down_types} and up blocks {up_types} with downsample_type="
+            f"{config.get('downsample_type', 'conv')!r}, upsample_type={config.get('upsample_type', 'conv')!r} mix "
+            "conv and residual-block resampling (ours uses one or the other at every level: resblock_updown)"
+        )
+    if "conv" in down_kinds:
+        require("downsample_padding", (0,), 1, "we pad right/bottom only, as TensorFlow's SAME")
 
     size = config.get("sample_size")
     if isinstance(size, (list, tuple)):
@@ -158,16 +195,20 @@ def unet_args_from_diffusers(config: dict) -> dict:
             f"attention in down levels {attn_down} and up levels {sorted(attn_up)} (ours places attention by "
             "resolution, the same levels on both paths)"
         )
-    add_attention = bool(config.get("add_attention", True))
+    # Heads: diffusers gives every attention layer width // attention_head_dim heads (None: one head); a head
+    # width equal to every layer's width is our single head, any other is our head_channels.
     head_dim = config.get("attention_head_dim")
-    if head_dim is not None:
-        widths = [channels[i] for i in set(attn_down) | set(attn_up)] + ([channels[-1]] if add_attention else [])
-        multi = sorted({w // head_dim for w in widths if w // head_dim != 1})
-        if multi:
+    head_channels = None
+    widths = {channels[i] for i in set(attn_down) | set(attn_up) if 0 <= i < levels}
+    widths |= {channels[-1]} if add_attention else set()
+    if head_dim is not None and any(w != head_dim for w in widths):
+        uneven = sorted(w for w in widths if head_dim < 1 or w % head_dim)
+        if uneven:
             problems.append(
-                f"attention_head_dim={head_dim} gives {multi} heads (our AttnBlock is single-head: "
-                "attention_head_dim must be None or the block width)"
+                f"attention_head_dim={head_dim} does not divide the attention widths {uneven} (diffusers then "
+                "attends over fewer channels than the block has; ours needs whole heads)"
             )
+        head_channels = int(head_dim)
 
     num_class_embeds = config.get("num_class_embeds")
     if num_class_embeds is not None and num_class_embeds < 2:
@@ -195,7 +236,15 @@ def unet_args_from_diffusers(config: dict) -> dict:
         out_channels=int(config.get("out_channels", 3)),
         norm_groups=int(groups) if groups is not None else 32,
         mid_attention=add_attention,
+        **_nondefault(
+            head_channels=head_channels, use_scale_shift_norm=scale_shift, resblock_updown=kinds == {"resnet"}
+        ),
     )
+
+
+def _nondefault(**options: object) -> dict:
+    """The options for large images that differ from their defaults (the form of `UNet.config`)."""
+    return {k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]}
 
 
 # Keys written by `diffusers_config_from_unet` (the UNet2DModel constructor arguments).
@@ -210,7 +259,7 @@ UNET2D_KEYS = (
 
 def diffusers_config_from_unet(net: UNet) -> dict:
     """The diffusers `UNet2DModel` config that builds the same network as `net`."""
-    args = net.config
+    args = {**OPTION_DEFAULTS, **net.config}
     mult, size = list(args["channel_mult"]), int(args["image_size"])
     levels = len(mult)
     if size % 2 ** (levels - 1):
@@ -221,6 +270,26 @@ def diffusers_config_from_unet(net: UNet) -> dict:
     down_res, up_res = level_resolutions(size, levels)
     attn = set(args["attn_resolutions"])
     up_levels = list(reversed(range(levels)))
+    widths = {args["base_channels"] * mult[i] for i in range(levels) if down_res[i] in attn}
+    widths |= {args["base_channels"] * mult[-1]} if args["mid_attention"] else set()
+    if args["head_channels"] is not None:
+        head_dim = args["head_channels"]
+    elif args["num_heads"] == 1 or not widths:
+        head_dim = None  # one head of full width in every layer
+    else:
+        head_dims = sorted({w // args["num_heads"] for w in widths})
+        if len(head_dims) > 1:
+            raise DiffusersConversionError(
+                f"num_heads={args['num_heads']} gives heads of {head_dims} channels in attention layers of widths "
+                f"{sorted(widths)}; diffusers' UNet2DModel has one attention_head_dim for all layers (use "
+                "head_channels, or attention at one width)"
+            )
+        head_dim = head_dims[0]
+    updown = bool(args["resblock_updown"])
+    scale_shift = bool(args["use_scale_shift_norm"])
+    down_plain, up_plain = (
+        ("ResnetDownsampleBlock2D", "ResnetUpsampleBlock2D") if updown else ("DownBlock2D", "UpBlock2D")
+    )
     return {
         "_class_name": "UNet2DModel",
         "_diffusers_version": _diffusers_version(),
@@ -232,22 +301,23 @@ def diffusers_config_from_unet(net: UNet) -> dict:
         "time_embedding_dim": None,
         "freq_shift": 1,
         "flip_sin_to_cos": False,
-        "down_block_types": ["AttnDownBlock2D" if down_res[i] in attn else "DownBlock2D" for i in range(levels)],
+        "down_block_types": ["AttnDownBlock2D" if down_res[i] in attn else down_plain for i in range(levels)],
         "mid_block_type": "UNetMidBlock2D",
-        "up_block_types": ["AttnUpBlock2D" if up_res[i] in attn else "UpBlock2D" for i in up_levels],
+        "up_block_types": ["AttnUpBlock2D" if up_res[i] in attn else up_plain for i in up_levels],
         "block_out_channels": [args["base_channels"] * m for m in mult],
         "layers_per_block": args["num_res_blocks"],
         "mid_block_scale_factor": 1,
         "downsample_padding": 0,
-        "downsample_type": "conv",
-        "upsample_type": "conv",
+        "downsample_type": "resnet" if updown else "conv",
+        "upsample_type": "resnet" if updown else "conv",
         "dropout": args["dropout"],
         "act_fn": "silu",
-        "attention_head_dim": None,  # one head of full width, as our AttnBlock
+        "attention_head_dim": head_dim,
         "norm_num_groups": args["norm_groups"],
-        "attn_norm_num_groups": None,
+        # With scale_shift, diffusers' middle attention has a GroupNorm only when this is set (ours always has one).
+        "attn_norm_num_groups": args["norm_groups"] if scale_shift else None,
         "norm_eps": NORM_EPS,
-        "resnet_time_scale_shift": "default",
+        "resnet_time_scale_shift": "scale_shift" if scale_shift else "default",
         "add_attention": bool(args["mid_attention"]),
         "class_embed_type": None,
         "num_class_embeds": None if args["num_classes"] is None else args["num_classes"] + 1,
@@ -314,6 +384,10 @@ def key_rules(net: UNet) -> list[KeyRule]:
         for k, layers in enumerate(modules):
             if isinstance(layers[0], resample):
                 rules.extend(_module_rules(f"{ours}.{k}.0.conv", f"{theirs}.{level}.{resample_name}.0.conv", wb))
+                level, j = level + 1, 0
+                continue
+            if getattr(layers[0], "resample", None) is not None:  # a resampling ResBlock (resblock_updown)
+                rules.extend(_res_rules(f"{ours}.{k}.0", f"{theirs}.{level}.{resample_name}.0", False))
                 level, j = level + 1, 0
                 continue
             has_skip = not isinstance(layers[0].skip, torch.nn.Identity)

@@ -5,6 +5,16 @@ fed through a sinusoidal embedding (Transformer positional encoding) and an MLP 
 and single-head self-attention at the configured resolutions. With the CIFAR-10 settings
 (base_channels=128, channel_mult=(1, 2, 2, 2), num_res_blocks=2, attn_resolutions=(16,)) it has the
 paper's 35.7M parameters, layer for layer as the official TensorFlow code (`diffusion_tf/models/unet.py`).
+
+Options for larger images, each off by default so that the default network stays DDPM's:
+- multi-head attention (`num_heads`, or `head_channels` per head), as improved DDPM (Nichol & Dhariwal 2021,
+  4 heads) and ADM (Dhariwal & Nichol 2021, section 3: 64 channels per head);
+- `use_scale_shift_norm`: the time embedding modulates the second GroupNorm, h = GN(h) * (1 + s) + b with
+  (s, b) projected from the embedding (improved DDPM; ADM's adaptive group normalization, section 3);
+- `resblock_updown`: residual blocks that resample their input (BigGAN, Brock et al. 2019) in place of the
+  strided-conv Downsample and the nearest+conv Upsample, as ADM;
+- `gradient_checkpointing`: recompute each residual and attention block in the backward pass instead of keeping
+  its activations (Chen et al. 2016), same outputs and gradients, less memory.
 """
 
 from __future__ import annotations
@@ -15,6 +25,7 @@ from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import Tensor, nn
 
 
@@ -34,14 +45,46 @@ def group_norm(channels: int, num_groups: int) -> nn.GroupNorm:
     return nn.GroupNorm(num_groups, channels, eps=1e-6)
 
 
-class ResBlock(nn.Module):
-    """GroupNorm -> SiLU -> conv, + projected time embedding, GroupNorm -> SiLU -> dropout -> conv, + skip."""
+def resample(x: Tensor, kind: str | None, size: Sequence[int] | None = None) -> Tensor:
+    """The parameter-free resampling of a residual up/down block (ADM's ResBlock(up/down=True)): a 2x2 average pool
+    ("down") or nearest-neighbour upsampling ("up", to `size`, by default twice the input). ceil_mode averages the
+    last odd row/column alone, so odd sizes halve rounding up (7 -> 4) as the strided-conv Downsample does."""
+    if kind == "down":
+        return F.avg_pool2d(x, 2, ceil_mode=True)
+    if kind == "up" and size is not None:
+        return F.interpolate(x, size=tuple(size), mode="nearest")
+    if kind == "up":
+        return F.interpolate(x, scale_factor=2.0, mode="nearest")
+    return x
 
-    def __init__(self, in_channels: int, out_channels: int, temb_channels: int, dropout: float, norm_groups: int):
+
+class ResBlock(nn.Module):
+    """GroupNorm -> SiLU -> conv, + projected time embedding, GroupNorm -> SiLU -> dropout -> conv, + skip.
+
+    use_scale_shift_norm: the embedding is projected to (scale, shift) and applied after the second GroupNorm,
+        GN(h) * (1 + scale) + shift (improved DDPM; ADM's AdaGN), instead of added before it.
+    resample: "down" or "up" makes a BigGAN-style resampling block (ADM): input and hidden state are resampled
+        after the first GroupNorm -> SiLU (`resample`), so the block halves or doubles the feature map.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        temb_channels: int,
+        dropout: float,
+        norm_groups: int,
+        use_scale_shift_norm: bool = False,
+        resample: str | None = None,
+    ):
         super().__init__()
+        if resample not in (None, "down", "up"):
+            raise ValueError(f"resample must be None, 'down' or 'up', got {resample!r}")
+        self.use_scale_shift_norm = use_scale_shift_norm
+        self.resample = resample
         self.norm1 = group_norm(in_channels, norm_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.temb_proj = nn.Linear(temb_channels, out_channels)
+        self.temb_proj = nn.Linear(temb_channels, (2 if use_scale_shift_norm else 1) * out_channels)
         self.norm2 = group_norm(out_channels, norm_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
@@ -50,18 +93,51 @@ class ResBlock(nn.Module):
         nn.init.zeros_(self.conv2.bias)
         self.skip = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else nn.Identity()
 
-    def forward(self, x: Tensor, temb: Tensor) -> Tensor:
-        h = self.conv1(F.silu(self.norm1(x)))
-        h = h + self.temb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.dropout(F.silu(self.norm2(h))))
+    def forward(self, x: Tensor, temb: Tensor, size: Sequence[int] | None = None) -> Tensor:
+        """`size`: the output size of an "up" block (the skip connection's; default twice the input)."""
+        h = F.silu(self.norm1(x))
+        if self.resample is not None:
+            h, x = resample(h, self.resample, size), resample(x, self.resample, size)
+        h = self.conv1(h)
+        emb = self.temb_proj(F.silu(temb))[:, :, None, None]
+        if self.use_scale_shift_norm:
+            scale, shift = emb.chunk(2, dim=1)
+            h = self.norm2(h) * (1 + scale) + shift
+        else:
+            h = self.norm2(h + emb)
+        h = self.conv2(self.dropout(F.silu(h)))
         return self.skip(x) + h
 
 
-class AttnBlock(nn.Module):
-    """Single-head self-attention over the H*W positions, with a residual connection."""
+def attention_heads(channels: int, num_heads: int = 1, head_channels: int | None = None) -> int:
+    """The number of heads of an attention layer `channels` wide: channels // head_channels when head_channels is
+    set (ADM's num_head_channels, which overrides num_heads), else num_heads; the width must divide evenly."""
+    if head_channels is not None:
+        if head_channels < 1 or channels % head_channels:
+            raise ValueError(
+                f"head_channels={head_channels} does not divide the attention width {channels}: choose a divisor "
+                "of every attention layer's width (base_channels * channel_mult)"
+            )
+        return channels // head_channels
+    if num_heads < 1 or channels % num_heads:
+        raise ValueError(
+            f"num_heads={num_heads} does not divide the attention width {channels}: choose a divisor of every "
+            "attention layer's width, or set head_channels instead"
+        )
+    return num_heads
 
-    def __init__(self, channels: int, norm_groups: int):
+
+class AttnBlock(nn.Module):
+    """Self-attention over the H*W positions with `num_heads` heads, with a residual connection.
+
+    The qkv conv's 3C outputs are (q, k, v), each split into heads of C / num_heads consecutive channels; every head
+    attends with softmax(q k^T / sqrt(C / num_heads)) (Vaswani et al. 2017, multi-head attention)."""
+
+    def __init__(self, channels: int, norm_groups: int, num_heads: int = 1):
         super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide the attention width ({channels})")
+        self.num_heads = num_heads
         self.norm = group_norm(channels, norm_groups)
         self.qkv = nn.Conv2d(channels, 3 * channels, 1)
         self.proj_out = nn.Conv2d(channels, channels, 1)
@@ -70,8 +146,9 @@ class AttnBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         b, c, h, w = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(b, 3, c, h * w).transpose(-1, -2).unbind(1)  # (B, HW, C) each
-        out = F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]  # one head
+        qkv = self.qkv(self.norm(x)).reshape(b, 3, self.num_heads, c // self.num_heads, h * w)
+        q, k, v = qkv.transpose(-1, -2).unbind(1)  # (B, heads, HW, C / heads) each
+        out = F.scaled_dot_product_attention(q, k, v)  # (B, heads, HW, C / heads)
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
@@ -107,38 +184,74 @@ def down_path(
     temb_channels: int,
     dropout: float,
     norm_groups: int,
+    num_heads: int = 1,
+    head_channels: int | None = None,
+    use_scale_shift_norm: bool = False,
+    resblock_updown: bool = False,
 ) -> tuple[nn.ModuleList, list[int], int]:
     """The encoder shared by the UNet and the noise-conditioned classifier: per level `num_res_blocks` residual
-    blocks (each followed by attention at `attn_resolutions`), then a stride-2 Downsample on every level but the
-    last. Returns the layers, the channels of every feature map the UNet keeps as a skip connection (the stem's
-    first; the last is the encoder's output) and the final resolution."""
+    blocks (each followed by attention at `attn_resolutions`), then a stride-2 Downsample (or, with
+    `resblock_updown`, a downsampling ResBlock) on every level but the last. Returns the layers, the channels of
+    every feature map the UNet keeps as a skip connection (the stem's first; the last is the encoder's output) and
+    the final resolution."""
     down = nn.ModuleList()
     skip_channels = [base_channels]
     ch, resolution = base_channels, image_size
     for level, mult in enumerate(channel_mult):
         for _ in range(num_res_blocks):
-            layers = nn.ModuleList([ResBlock(ch, base_channels * mult, temb_channels, dropout, norm_groups)])
-            ch = base_channels * mult
+            out = base_channels * mult
+            layers = nn.ModuleList(
+                [ResBlock(ch, out, temb_channels, dropout, norm_groups, use_scale_shift_norm=use_scale_shift_norm)]
+            )
+            ch = out
             if resolution in attn_resolutions:
-                layers.append(AttnBlock(ch, norm_groups))
+                layers.append(AttnBlock(ch, norm_groups, attention_heads(ch, num_heads, head_channels)))
             down.append(layers)
             skip_channels.append(ch)
         if level != len(channel_mult) - 1:
-            down.append(nn.ModuleList([Downsample(ch)]))
+            if resblock_updown:
+                downsample = ResBlock(ch, ch, temb_channels, dropout, norm_groups, use_scale_shift_norm, "down")
+            else:
+                downsample = Downsample(ch)
+            down.append(nn.ModuleList([downsample]))
             skip_channels.append(ch)
             resolution = (resolution + 1) // 2
     return down, skip_channels, resolution
 
 
-def run_down_path(down: nn.ModuleList, h: Tensor, temb: Tensor) -> list[Tensor]:
+def run_layer(layer: nn.Module, h: Tensor, temb: Tensor, size: Sequence[int] | None, checkpoint: bool) -> Tensor:
+    """One layer of the UNet's lists on h: a ResBlock takes the embedding (and an up block the output size), an
+    Upsample the size. With `checkpoint`, residual and attention blocks keep no activations for the backward pass
+    and run again in it (torch.utils.checkpoint; the RNG state is restored, so dropout draws the same mask)."""
+    if isinstance(layer, Downsample):
+        return layer(h)
+    if isinstance(layer, Upsample):
+        return layer(h, size)
+    if isinstance(layer, ResBlock):
+        args = (h, temb, size)
+    elif isinstance(layer, AttnBlock):
+        args = (h,)
+    else:
+        return layer(h)  # nn.Identity (no middle attention)
+    if checkpoint:
+        return torch.utils.checkpoint.checkpoint(layer, *args, use_reentrant=False)
+    return layer(*args)
+
+
+def run_down_path(down: nn.ModuleList, h: Tensor, temb: Tensor, checkpoint: bool = False) -> list[Tensor]:
     """Every feature map of the encoder `down` (from `down_path`) for input h, in order; the last is its output."""
     features = []
     for layers in down:
-        h = layers[0](h) if isinstance(layers[0], Downsample) else layers[0](h, temb)
-        for layer in layers[1:]:
-            h = layer(h)
+        for layer in layers:
+            h = run_layer(layer, h, temb, None, checkpoint)
         features.append(h)
     return features
+
+
+# The options for large images and their defaults (DDPM's network): UNet.config records only those that differ.
+OPTION_DEFAULTS = dict(
+    num_heads=1, head_channels=None, use_scale_shift_norm=False, resblock_updown=False, gradient_checkpointing=False
+)
 
 
 class UNet(nn.Module):
@@ -157,6 +270,14 @@ class UNet(nn.Module):
         out_channels: output channels (defaults to in_channels; 2 * in_channels for a learned variance).
         norm_groups: GroupNorm groups (32 in the paper; smaller for narrow models).
         mid_attention: self-attention in the middle block (DDPM has it).
+        num_heads: attention heads in every attention layer (1 in DDPM; 4 in improved DDPM).
+        head_channels: channels per head instead (64 in ADM); overrides num_heads: heads = width // head_channels.
+        use_scale_shift_norm: the time embedding scales and shifts the normalised activations of every residual
+            block, GN(h) * (1 + scale) + shift, instead of being added (improved DDPM, ADM).
+        resblock_updown: resample with residual blocks (avg-pool / nearest inside the block, BigGAN and ADM)
+            instead of DDPM's strided conv and nearest + conv.
+        gradient_checkpointing: in training, recompute residual and attention blocks in the backward pass instead
+            of storing their activations: less memory, ~1/3 more compute, the same outputs and gradients.
     """
 
     def __init__(
@@ -172,9 +293,16 @@ class UNet(nn.Module):
         out_channels: int | None = None,
         norm_groups: int = 32,
         mid_attention: bool = True,
+        num_heads: int = 1,
+        head_channels: int | None = None,
+        use_scale_shift_norm: bool = False,
+        resblock_updown: bool = False,
+        gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        # The constructor arguments, JSON-ready: what `to_diffusers` and `src.export` write beside the weights.
+        # The constructor arguments, JSON-ready: what checkpoints, `to_diffusers` and `src.export` write beside the
+        # weights. The options for large images appear only when set, so the DDPM network's config (and every file
+        # written before they existed) stays as it was; a missing option is its default.
         self.config = dict(
             in_channels=in_channels,
             base_channels=base_channels,
@@ -188,11 +316,20 @@ class UNet(nn.Module):
             norm_groups=norm_groups,
             mid_attention=mid_attention,
         )
+        options = dict(
+            num_heads=num_heads,
+            head_channels=head_channels,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
+            gradient_checkpointing=gradient_checkpointing,
+        )
+        self.config.update({k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]})
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.image_size = image_size
         self.num_classes = num_classes
         self.base_channels = base_channels
+        self.gradient_checkpointing = gradient_checkpointing
         temb_channels = 4 * base_channels
 
         self.temb = nn.Sequential(
@@ -202,8 +339,11 @@ class UNet(nn.Module):
         self.label_emb = nn.Embedding(num_classes + 1, temb_channels) if num_classes else None
         self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
 
-        def block(cin: int, cout: int) -> ResBlock:
-            return ResBlock(cin, cout, temb_channels, dropout, norm_groups)
+        def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
+            return ResBlock(cin, cout, temb_channels, dropout, norm_groups, use_scale_shift_norm, resample)
+
+        def attention(channels: int) -> AttnBlock:
+            return AttnBlock(channels, norm_groups, attention_heads(channels, num_heads, head_channels))
 
         self.down, skip_channels, resolution = down_path(
             base_channels,
@@ -214,12 +354,14 @@ class UNet(nn.Module):
             temb_channels,
             dropout,
             norm_groups,
+            num_heads=num_heads,
+            head_channels=head_channels,
+            use_scale_shift_norm=use_scale_shift_norm,
+            resblock_updown=resblock_updown,
         )
         ch = skip_channels[-1]
 
-        self.mid = nn.ModuleList(
-            [block(ch, ch), AttnBlock(ch, norm_groups) if mid_attention else nn.Identity(), block(ch, ch)]
-        )
+        self.mid = nn.ModuleList([block(ch, ch), attention(ch) if mid_attention else nn.Identity(), block(ch, ch)])
 
         # Up path: num_res_blocks + 1 blocks per level, each consuming one skip connection.
         self.up = nn.ModuleList()
@@ -228,10 +370,10 @@ class UNet(nn.Module):
                 layers = nn.ModuleList([block(ch + skip_channels.pop(), base_channels * mult)])
                 ch = base_channels * mult
                 if resolution in attn_resolutions:
-                    layers.append(AttnBlock(ch, norm_groups))
+                    layers.append(attention(ch))
                 self.up.append(layers)
             if level != 0:
-                self.up.append(nn.ModuleList([Upsample(ch)]))
+                self.up.append(nn.ModuleList([block(ch, ch, "up") if resblock_updown else Upsample(ch)]))
                 resolution *= 2
 
         self.norm_out = group_norm(ch, norm_groups)
@@ -252,22 +394,24 @@ class UNet(nn.Module):
             temb = temb + self.label_emb(y)
         elif y is not None:
             raise ValueError("labels y given to an unconditional UNet (num_classes is None)")
+        # Only where activations are kept for a backward pass: sampling and evaluation run as without it.
+        checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         h = self.conv_in(x)
-        skips = [h, *run_down_path(self.down, h, temb)]
+        skips = [h, *run_down_path(self.down, h, temb, checkpoint)]
         h = skips[-1]
 
-        h = self.mid[0](h, temb)
-        h = self.mid[1](h)
-        h = self.mid[2](h, temb)
+        for layer in self.mid:
+            h = run_layer(layer, h, temb, None, checkpoint)
 
         for layers in self.up:
-            if isinstance(layers[0], Upsample):
-                h = layers[0](h, skips[-1].shape[-2:])
+            if isinstance(layers[0], Upsample) or getattr(layers[0], "resample", None) == "up":
+                # Upsampling to the skip's size (not a fixed x2) lets odd sizes (7 -> 14 -> 28) round-trip.
+                h = run_layer(layers[0], h, temb, tuple(skips[-1].shape[-2:]), checkpoint)
                 continue
-            h = layers[0](torch.cat([h, skips.pop()], dim=1), temb)
-            for layer in layers[1:]:
-                h = layer(h)
+            h = torch.cat([h, skips.pop()], dim=1)
+            for layer in layers:
+                h = run_layer(layer, h, temb, None, checkpoint)
 
         return self.conv_out(F.silu(self.norm_out(h)))
 
