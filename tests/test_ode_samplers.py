@@ -21,10 +21,12 @@ from diffusers import (
 
 from src.diffusion import k_samplers as K
 from src.diffusion.continuous import (
+    DiscreteVEDenoiser,
     DiscreteVPDenoiser,
     append_zero,
     exponential_sigmas,
     karras_sigmas,
+    ve_sigmas,
     vp_sigmas,
 )
 from src.diffusion.parameterization import prediction_from_eps
@@ -97,6 +99,29 @@ def test_euler_on_discrete_levels_is_ddim_and_2m_is_ours() -> None:
     torch.testing.assert_close(
         K.sample_dpmpp_2m(denoiser, x, sigmas), dpm_solver_pp_2m_sample(model, x_T, schedule, timesteps=seq)
     )
+
+
+def test_ve_denoiser_of_an_ncsn_style_network() -> None:
+    """A VE network eps(x_0 + sigma_t n, t) on geometric NCSN levels: the wrapper feeds x~ unscaled, gives the exact
+    denoiser at the discrete levels and between them (the exact eps at the interpolated level), and Euler on the
+    discrete levels with quantized timesteps uses exactly the network's levels."""
+    problem = PROBLEMS["mixture"]
+    levels = ve_sigmas(0.01, 50.0, 100)
+
+    def network(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # the exact eps at the level of (fractional) t
+        sigma = DiscreteVEDenoiser(None, levels).t_to_sigma(t)
+        return (x - problem(x, sigma)) / sigma.reshape(-1, 1, 1, 1)
+
+    denoiser = DiscreteVEDenoiser(network, levels)
+    assert denoiser.sigma_min == pytest.approx(0.01) and denoiser.sigma_max == pytest.approx(50.0)
+    assert denoiser.prior_std(50.0) == 50.0
+    x, sigma = noise(4) * 2, torch.tensor([0.01, 0.0123, 1.7, 50.0], dtype=DTYPE)
+    torch.testing.assert_close(denoiser(x, sigma), problem(x, sigma), rtol=1e-12, atol=1e-12)
+    quantized = DiscreteVEDenoiser(lambda x, t: network(x, t.to(DTYPE)), levels, quantize=True)
+    grid = append_zero(levels.flip(0)[::9])
+    torch.testing.assert_close(K.sample_euler(quantized, x * 50, grid), K.sample_euler(problem, x * 50, grid))
+    with pytest.raises(ValueError, match="v-prediction"):
+        DiscreteVEDenoiser(network, levels, prediction="v")
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
