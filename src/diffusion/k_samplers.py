@@ -129,14 +129,15 @@ def _lambda(sigma: float) -> float:
     return -math.log(sigma)
 
 
-def _multistep_order(i: int, steps: int, order: int, lower_order_final: bool) -> int:
-    """The order of step i of `steps` in a multistep solver: warm-up min(order, i + 1); the last step (to sigma = 0)
-    is first order; with `lower_order_final` and fewer than 15 steps the one before it is at most second order
-    (diffusers' DPMSolverMultistepScheduler, which reports it stabilises few-step sampling)."""
+def _multistep_order(i: int, steps: int, order: int, lower_order_final: bool, to_zero: bool) -> int:
+    """The order of step i of `steps` in a multistep solver: warm-up min(order, i + 1); a last step to sigma = 0 is
+    first order; with `lower_order_final` and fewer than 15 steps the last step is first order and the one before it
+    at most second order (diffusers' DPMSolverMultistepScheduler, which reports it stabilises few-step sampling)."""
     this = min(order, i + 1)
-    if i == steps - 1:
+    few = lower_order_final and steps < 15
+    if i == steps - 1 and (to_zero or few):
         return 1
-    if lower_order_final and steps < 15 and i == steps - 2:
+    if few and i == steps - 2:
         return min(this, 2)
     return this
 
@@ -170,12 +171,14 @@ def sample_dpmpp_3m(
 
     (alpha = 1 in the x~ variable), the second-order step x~_next = ... - (e^-h - 1) (D0 + D1_0 / 2) and the first
     DDIM. Orders per step as `_multistep_order` (the update and the schedule of orders of diffusers'
-    `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3)`)."""
+    `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3)`). Note: D2 estimates h^2 x''/2, half
+    the second-order Taylor term of the exponential integrator, so as published (and in diffusers and k-diffusion) the
+    update's local error is O(h^3): the solver converges with order 2, not 3 (tests/test_ode_samplers.py)."""
     steps = len(sigmas) - 1
     history: list[tuple[Tensor, float]] = []  # (D, lambda) of the previous steps, newest last
     for i, sigma, sigma_next in _steps(sigmas, f"DPM-Solver++({order}M)", progress):
         denoised = _denoise(model, x, sigma)
-        this = _multistep_order(i, steps, order, lower_order_final)
+        this = _multistep_order(i, steps, order, lower_order_final, float(sigmas[-1]) == 0.0)
         if sigma_next == 0:
             x = denoised
         else:
@@ -225,14 +228,15 @@ def sample_unipc(
     sigmas: Tensor,
     order: int = 2,
     corrector: bool = True,
+    lower_order_final: bool = True,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """UniPC (Zhao et al. 2023, "UniPC: A Unified Predictor-Corrector Framework for Fast Sampling of Diffusion
     Models", Algorithms 2-3), data prediction with B(h) = e^h - 1 ("bh2"), diffusers' default: the UniP-p predictor
     and, after each model evaluation, the UniC corrector that reuses that evaluation to raise the previous step's
-    order by one (no extra evaluations). Orders per step: min(order, i + 1, steps - i), so the last step (to
-    sigma = 0) is x_0 = D. Order 2 fixes the predictor's rho to 1/2 (the paper's simplified UniP-2). Matches
+    order by one (no extra evaluations). Orders per step: min(order, i + 1, steps - i) (without
+    `lower_order_final`: min(order, i + 1)); a last step to sigma = 0 is x_0 = D. Order 2 fixes the predictor's rho to 1/2 (the paper's simplified UniP-2). Matches
     diffusers' `UniPCMultistepScheduler(solver_order=order)`."""
     if order not in (1, 2, 3):
         raise ValueError(f"UniPC order must be 1, 2 or 3, got {order}")
@@ -258,7 +262,7 @@ def sample_unipc(
             corr = sum(float(rho) * d for rho, d in zip(rhos_c[:-1], d1s, strict=True))
             x = x - math.expm1(hh) * (corr + float(rhos_c[-1]) * (denoised - m0))
         ms = (ms + [(denoised, lam)])[-order:]
-        this = min(order, steps - i, len(ms))
+        this = min(order, steps - i, len(ms)) if lower_order_final else len(ms)
         last_x = x
         if sigma_next == 0:
             x = denoised
