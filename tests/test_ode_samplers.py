@@ -247,7 +247,7 @@ ORDER_CASES = {  # solver, grid ("log": uniform in log sigma, "linear": uniform 
     "euler": (K.sample_euler, "log", 1),
     "heun": (K.sample_heun, "linear", 2),
     "dpmpp_2m": (K.sample_dpmpp_2m, "log", 2),
-    # The multistep third-order update as published and in diffusers / k-diffusion: its D2 = (D1_0 - D1_1) / (r0 + r1)
+    # The multistep third-order update of the DPM-Solver reference code and diffusers: its D2 = (D1_0 - D1_1) / (r0 + r1)
     # is h^2 x'' / 2, half the Taylor term, so the step's local error is O(h^3) and the solver second order.
     "dpmpp_3m": (lambda m, x, s: K.sample_dpmpp_3m(m, x, s, lower_order_final=False), "log", 2),
     "unipc2": (lambda m, x, s: K.sample_unipc(m, x, s, order=2, lower_order_final=False), "log", 3),  # UniC: +1

@@ -172,7 +172,7 @@ def sample_dpmpp_3m(
     (alpha = 1 in the x~ variable), the second-order step x~_next = ... - (e^-h - 1) (D0 + D1_0 / 2) and the first
     DDIM. Orders per step as `_multistep_order` (the update and the schedule of orders of diffusers'
     `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3)`). Note: D2 estimates h^2 x''/2, half
-    the second-order Taylor term of the exponential integrator, so as published (and in diffusers and k-diffusion) the
+    the second-order Taylor term of the exponential integrator, so as in the DPM-Solver reference code and diffusers the
     update's local error is O(h^3): the solver converges with order 2, not 3 (tests/test_ode_samplers.py)."""
     steps = len(sigmas) - 1
     history: list[tuple[Tensor, float]] = []  # (D, lambda) of the previous steps, newest last
