@@ -30,7 +30,14 @@ from src.diffusion.continuous import (
     vp_sigmas,
 )
 from src.diffusion.parameterization import prediction_from_eps
-from src.diffusion.samplers import SAMPLERS, ddim_sample, dpm_solver_pp_2m_sample, logsnr_timesteps, sample
+from src.diffusion.samplers import (
+    CONTINUOUS_SAMPLERS,
+    SAMPLERS,
+    ddim_sample,
+    dpm_solver_pp_2m_sample,
+    logsnr_timesteps,
+    sample,
+)
 from src.diffusion.schedule import NoiseSchedule
 
 try:
@@ -345,7 +352,7 @@ def test_dispatch_reaches_every_continuous_sampler() -> None:
     and its deterministic ones match the k_samplers functions on the Karras grid."""
     model = GaussianEps(MU, S, SCHEDULE.alphas_cumprod)
     x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
-    assert set(K.CONTINUOUS_SAMPLERS) <= set(SAMPLERS)
+    assert K.CONTINUOUS_SAMPLERS == CONTINUOUS_SAMPLERS and set(CONTINUOUS_SAMPLERS) <= set(SAMPLERS)
     for name in K.CONTINUOUS_SAMPLERS:
         out = sample(model, x_T, SCHEDULE, sampler=name, steps=10, generator=torch.Generator().manual_seed(0))
         assert out.shape == x_T.shape and torch.isfinite(out).all(), name

@@ -356,7 +356,8 @@ def dpm_solver_pp_2m_sample(
     return x
 
 
-SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m", "euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")
+CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")  # in k_samplers.py
+SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m") + CONTINUOUS_SAMPLERS
 
 
 def sample(
@@ -379,7 +380,7 @@ def sample(
 
     `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor.
     The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py."""
-    if sampler in SAMPLERS[4:]:  # continuous-time samplers: `steps` Karras noise levels (k_samplers.continuous_sample)
+    if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
         from src.diffusion.k_samplers import continuous_sample
 
         return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress)
