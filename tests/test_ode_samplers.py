@@ -360,6 +360,15 @@ def test_dispatch_reaches_every_continuous_sampler() -> None:
     sigmas = karras_sigmas(10, denoiser.sigma_min, denoiser.sigma_max)
     expected = K.sample_dpmpp_3m(denoiser, x_T * math.sqrt(1 + denoiser.sigma_max**2), sigmas)
     torch.testing.assert_close(sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10), expected)
+    # clip_x0 clamps the denoised image at every evaluation (the Gaussian's x_0-hat leaves [-1, 1] at high noise).
+    clipped = DiscreteVPDenoiser(model, SCHEDULE, quantize=True, clip_x0=True)
+    torch.testing.assert_close(
+        sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, clip_x0=True),
+        K.sample_dpmpp_3m(clipped, x_T * math.sqrt(1 + denoiser.sigma_max**2), sigmas),
+    )
+    assert not torch.allclose(
+        K.sample_euler(clipped, x_T * 20, sigmas[4:]), K.sample_euler(denoiser, x_T * 20, sigmas[4:])
+    )
     # A v-network sampled through the dispatcher gives what the eps-network gives.
     v_model = lambda x, t: prediction_from_eps("v", model(x, t), x, SCHEDULE, t)  # noqa: E731
     torch.testing.assert_close(sample(v_model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, prediction="v"), expected)

@@ -78,7 +78,9 @@ class DiscreteSigmaDenoiser:
 
     `prediction` is what the network outputs ("eps", "x0" or "v"); "x0" and "v" are converted at the continuous
     noise level here, so fractional timesteps work for them too. `quantize` rounds the timestep to the nearest
-    discrete level in log sigma. Subclasses say how x~ maps to the network's input (`input_scale`).
+    discrete level in log sigma. `clip_x0` clamps D to [-1, 1] (the samplers' derivative (x~ - D) / sigma then is
+    the eps re-derived from the clamped x_0, as `samplers._denoise` does). Subclasses say how x~ maps to the
+    network's input (`input_scale`).
     """
 
     def __init__(
@@ -87,6 +89,7 @@ class DiscreteSigmaDenoiser:
         sigmas: Tensor,
         prediction: str = "eps",
         quantize: bool = False,
+        clip_x0: bool = False,
     ) -> None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         if sigmas.ndim != 1 or sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
@@ -96,6 +99,7 @@ class DiscreteSigmaDenoiser:
         self.log_sigmas = sigmas.log()
         self.prediction = check_prediction(prediction)
         self.quantize = quantize
+        self.clip_x0 = clip_x0
 
     @property
     def sigma_min(self) -> float:
@@ -154,7 +158,8 @@ class DiscreteSigmaDenoiser:
             sigma_vp = alpha * level.to(x.device, x.dtype).reshape(shape)
             x_t = x * c_in_x
             out = (x_t - alpha * out) / sigma_vp if self.prediction == "x0" else sigma_vp * x_t + alpha * out
-        return x - s * out  # x~ = x_0 + sigma eps
+        denoised = x - s * out  # x~ = x_0 + sigma eps
+        return denoised.clamp(-1.0, 1.0) if self.clip_x0 else denoised
 
 
 class DiscreteVPDenoiser(DiscreteSigmaDenoiser):
@@ -163,9 +168,14 @@ class DiscreteVPDenoiser(DiscreteSigmaDenoiser):
     c_in = 1 / sqrt(sigma^2 + 1), D = x~ - sigma eps)."""
 
     def __init__(
-        self, model: Callable[..., Tensor], schedule: NoiseSchedule, prediction: str = "eps", quantize: bool = False
+        self,
+        model: Callable[..., Tensor],
+        schedule: NoiseSchedule,
+        prediction: str = "eps",
+        quantize: bool = False,
+        clip_x0: bool = False,
     ) -> None:
-        super().__init__(model, vp_sigmas(schedule), prediction, quantize)
+        super().__init__(model, vp_sigmas(schedule), prediction, quantize, clip_x0)
 
     def input_scale(self, sigma: Tensor) -> Tensor:
         return 1.0 / (sigma**2 + 1.0).sqrt()
@@ -181,9 +191,13 @@ class DiscreteVEDenoiser(DiscreteSigmaDenoiser):
     network -sigma s(x, t) (Vincent 2011); wrap it so before passing it here."""
 
     def __init__(
-        self, model: Callable[..., Tensor], sigmas: Sequence[float] | Tensor, prediction: str = "eps",
+        self,
+        model: Callable[..., Tensor],
+        sigmas: Sequence[float] | Tensor,
+        prediction: str = "eps",
         quantize: bool = False,
-    ) -> None:  # fmt: skip
+        clip_x0: bool = False,
+    ) -> None:
         if prediction == "v":
             raise ValueError("v-prediction is defined for VP models only; use prediction='eps' or 'x0'")
-        super().__init__(model, torch.as_tensor(sigmas, dtype=torch.float64), prediction, quantize)
+        super().__init__(model, torch.as_tensor(sigmas, dtype=torch.float64), prediction, quantize, clip_x0)

@@ -409,18 +409,20 @@ def continuous_sample(
     corrector_steps: int = 1,
     solver_order: int | None = None,
     quantize: bool | None = None,
+    clip_x0: bool = False,
 ) -> Tensor:
     """Sample with `sampler` (one of CONTINUOUS_SAMPLERS) from x_T ~ N(0, I) of a DDPM network `model(x_t, t)`.
 
     The network is wrapped as the VP denoiser (`DiscreteVPDenoiser`); the grid is `steps` Karras levels (rho) from
     the schedule's sigma_max to sigma_min, then 0. `quantize` (default: round t unless the model is a plain
     nn.Module, whose sinusoidal embedding takes fractional t, such as the UNet) rounds timesteps to integers.
-    `solver_order`: UniPC's order (default 2) or iPNDM's maximum order (default 4); DPM-Solver++(3M) is order 3."""
+    `solver_order`: UniPC's order (default 2) or iPNDM's maximum order (default 4); DPM-Solver++(3M) is order 3.
+    `clip_x0` clamps the denoised image to [-1, 1] at every evaluation."""
     if sampler not in CONTINUOUS_SAMPLERS:
         raise ValueError(f"unknown continuous sampler {sampler!r}; choose one of {', '.join(CONTINUOUS_SAMPLERS)}")
     if quantize is None:
         quantize = not isinstance(model, torch.nn.Module)
-    denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize)
+    denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize, clip_x0)
     sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
     x = x_T * math.sqrt(1.0 + denoiser.sigma_max**2)  # x~ = x_T / sqrt(a_T)
     common = {"progress": progress}

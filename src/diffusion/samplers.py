@@ -383,7 +383,7 @@ def sample(
     if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
         from src.diffusion.k_samplers import continuous_sample
 
-        return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress)
+        return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress, clip_x0=clip_x0)
     if prediction != "eps":
         model = EpsPredictor(model, schedule, prediction)
     # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.
