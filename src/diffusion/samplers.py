@@ -374,7 +374,8 @@ def dpm_solver_pp_2m_sample(
     return x
 
 
-SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m")
+CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")  # in k_samplers.py
+SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m") + CONTINUOUS_SAMPLERS
 
 
 def sample(
@@ -395,7 +396,12 @@ def sample(
     `variance`), "ddpm_respaced" (ancestral sampling on the respaced schedule of `timestep_sequence(T, steps,
     skip)`, `variance`; Improved DDPM section 4) or "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`).
 
-    `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor."""
+    `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor.
+    The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py."""
+    if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
+        from src.diffusion.k_samplers import continuous_sample
+
+        return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress, clip_x0=clip_x0)
     if prediction != "eps":
         model = EpsPredictor(model, schedule, prediction)
     # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.

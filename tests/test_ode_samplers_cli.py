@@ -1,0 +1,34 @@
+"""The continuous-time samplers through the command line: `predict --model.sampler NAME` on a tiny trained model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+try:
+    from test_cli import _fit, _predict, needs_fashion_mnist
+except ImportError:  # pragma: no cover
+    from tests.test_cli import _fit, _predict, needs_fashion_mnist
+
+
+def _images(folder: Path) -> list[np.ndarray]:
+    return [np.asarray(Image.open(p)) for p in sorted(folder.iterdir(), key=lambda p: int(p.stem))]
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_predict_with_each_continuous_sampler(tmp_path: Path) -> None:
+    ckpt = _fit(tmp_path / "runs", 2)
+    for name in ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm"):
+        out = tmp_path / name
+        _predict(ckpt, tmp_path / "runs", out, "--model.sampler", name)
+        images = _images(out)
+        assert len(images) == 5 and images[0].shape == (28, 28), name
+    # A deterministic solver's sample i does not depend on the batch it is drawn in.
+    _predict(ckpt, tmp_path / "runs", tmp_path / "dpmpp_3m_b5", "--model.sampler", "dpmpp_3m",
+             "--data.predict_batch_size", "5")  # fmt: skip
+    for a, b in zip(_images(tmp_path / "dpmpp_3m"), _images(tmp_path / "dpmpp_3m_b5"), strict=True):
+        assert np.array_equal(a, b)
