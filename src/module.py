@@ -16,10 +16,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance, drop_labels
+from src.diffusion.k_samplers import CONTINUOUS_OPTIONS
 from src.diffusion.likelihood import nll_bits_per_dim
 from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
-from src.diffusion.samplers import DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
+from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.images import to_uint8
@@ -62,8 +63,12 @@ class DiffusionModule(L.LightningModule):
         warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps (5000 in DDPM).
         ema_decay: decay of the weights' exponential moving average (0.9999 in DDPM).
         ema_warmup: use the decay warm-up min(decay, (1 + n) / (10 + n)) (helps short runs).
-        sampler: "ddim", "ddpm", "ddpm_respaced" (ancestral on `sampling_steps` respaced steps) or "dpmpp_2m"
-            (DPM-Solver++(2M)), used by validation grids, the sample callback, FID and predict.
+        sampler: "ddim", "ddpm", "ddpm_respaced" (ancestral on `sampling_steps` respaced steps), "dpmpp_2m"
+            (DPM-Solver++(2M)), or one of the SDE / probability-flow ODE samplers on `sampling_steps` Karras noise
+            levels: "euler_maruyama", "pc" (predictor-corrector), "heun" (EDM), "dpmpp_3m", "unipc", "ipndm"
+            (src/diffusion/k_samplers.py); used by validation grids, the sample callback, FID and predict.
+        sampler_options: options of the SDE / ODE samplers, e.g. {rho: 7, churn: 0, snr: 0.16, corrector_steps: 1,
+            solver_order: 2} (see `k_samplers.continuous_sample`); None: their defaults.
         sampling_steps: DDIM / DPM-Solver++ / respaced-DDPM steps (ignored by "ddpm", which runs all T steps).
         eta: DDIM eta in [0, 1]: 0 deterministic DDIM, 1 DDPM-like.
         skip: timestep spacing: "uniform", "quad", "trailing", "linspace" or "logsnr" (uniform in log-SNR,
@@ -147,11 +152,21 @@ class DiffusionModule(L.LightningModule):
         channels_last: bool = False,
         compile: bool = False,
         fused_optimizer: bool | None = None,
+        sampler_options: dict[str, float] | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
         if sampler not in SAMPLERS:
             raise ConfigError(f"--model.sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        if sampler_options and sampler not in CONTINUOUS_SAMPLERS:
+            raise ConfigError(
+                f"--model.sampler_options apply to {', '.join(CONTINUOUS_SAMPLERS)}, not to --model.sampler {sampler}"
+            )
+        unknown = sorted(set(sampler_options or {}) - set(CONTINUOUS_OPTIONS))
+        if unknown:
+            raise ConfigError(
+                f"--model.sampler_options: unknown {', '.join(unknown)}; choose from {', '.join(CONTINUOUS_OPTIONS)}"
+            )
         if skip not in SKIP_TYPES:
             raise ConfigError(f"--model.skip {skip!r} is unknown; choose one of {', '.join(SKIP_TYPES)}")
         if ddpm_variance not in DDPM_VARIANCES + ("learned",):
@@ -493,6 +508,8 @@ class DiffusionModule(L.LightningModule):
             clip_x0=hp.clip_denoised,
         )
         options.update(overrides)
+        if options["sampler"] in CONTINUOUS_SAMPLERS:
+            options = {**(hp.get("sampler_options") or {}), **options}
         schedule = self.schedule if self.schedule.betas.device == self.device else self.schedule.to(self.device)
         keep_variance = options["variance"] == "learned" and options["sampler"] in ("ddpm", "ddpm_respaced")
         model = self.eps_model(labels, guidance_scale, keep_variance)

@@ -342,7 +342,7 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch() -> None:
     )
     alone = K.sample_pc(problem, x[1:2], sigmas, generator=gens([11]))
     torch.testing.assert_close(full[1:2], alone, rtol=0, atol=1e-12)
-    with pytest.raises(ValueError, match="one per sample"):
+    with pytest.raises(ValueError, match="one generator per sample"):
         K.sample_euler_maruyama(problem, x, sigmas, generator=gens([1]))
 
 

@@ -32,3 +32,21 @@ def test_predict_with_each_continuous_sampler(tmp_path: Path) -> None:
              "--data.predict_batch_size", "5")  # fmt: skip
     for a, b in zip(_images(tmp_path / "dpmpp_3m"), _images(tmp_path / "dpmpp_3m_b5"), strict=True):
         assert np.array_equal(a, b)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_sampler_options_reach_the_solver_and_bad_ones_are_refused(tmp_path: Path) -> None:
+    from src.errors import ConfigError
+
+    ckpt = _fit(tmp_path / "runs", 2)
+    # Enough steps for the third order to be used (the first and last steps are lower order).
+    unipc = ["--model.sampler", "unipc", "--model.sampling_steps", "10"]
+    _predict(ckpt, tmp_path / "runs", tmp_path / "order2", *unipc)
+    _predict(ckpt, tmp_path / "runs", tmp_path / "order3", *unipc, "--model.sampler_options", "{solver_order: 3}")
+    assert any(not np.array_equal(a, b) for a, b in zip(_images(tmp_path / "order2"), _images(tmp_path / "order3")))
+    with pytest.raises(ConfigError, match="unknown order"):
+        _predict(ckpt, tmp_path / "runs", tmp_path / "bad", "--model.sampler", "unipc",
+                 "--model.sampler_options", "{order: 3}")  # fmt: skip
+    with pytest.raises(ConfigError, match="not to --model.sampler ddim"):
+        _predict(ckpt, tmp_path / "runs", tmp_path / "bad2", "--model.sampler_options", "{rho: 3}")

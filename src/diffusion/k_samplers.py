@@ -31,6 +31,7 @@ from src.diffusion.continuous import (
     DiscreteVPDenoiser,
     karras_sigmas,
 )
+from src.diffusion.samplers import CONTINUOUS_SAMPLERS, randn_like
 from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -39,21 +40,6 @@ Generator = torch.Generator | Sequence[torch.Generator] | None
 
 
 # ---------------------------------------------------------------------------------------------- helpers
-def randn_like_per_sample(x: Tensor, generator: Generator = None) -> Tensor:
-    """Standard normal noise shaped like `x`: from one generator, or row i from `generator[i]` when it is a list
-    (one noise stream per sample). Drawn on the generator's device so a CPU generator gives the same numbers
-    whatever device `x` is on. (The same behaviour as `samplers.randn_like` with per-sample generators; kept
-    local so this module does not depend on when that lands.)"""
-    if generator is None:
-        return torch.randn_like(x)
-    if isinstance(generator, torch.Generator):
-        return torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype).to(x.device)
-    if len(generator) != x.shape[0]:
-        raise ValueError(f"got {len(generator)} generators for a batch of {x.shape[0]}; pass one per sample")
-    rows = [torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype).to(x.device) for g in generator]
-    return torch.stack(rows)
-
-
 def to_d(x: Tensor, sigma: float, denoised: Tensor) -> Tensor:
     """dx~/dsigma = (x~ - D(x~; sigma)) / sigma, the probability-flow ODE's derivative (EDM eq. 3 / Alg. 1)."""
     return (x - denoised) / sigma
@@ -112,7 +98,7 @@ def sample_heun(
         gamma = min(churn / steps, math.sqrt(2.0) - 1.0) if s_tmin <= sigma <= s_tmax else 0.0
         sigma_hat = sigma * (1.0 + gamma)  # line 5: temporarily increase the noise level
         if gamma > 0:  # line 6: x^_i = x_i + sqrt(t^_i^2 - t_i^2) eps_i, eps_i ~ N(0, S_noise^2 I)
-            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * randn_like_per_sample(x, generator)
+            x = x + math.sqrt(sigma_hat**2 - sigma**2) * s_noise * randn_like(x, generator)
         denoised = _denoise(model, x, sigma_hat)
         d = to_d(x, sigma_hat, denoised)  # line 7: evaluate dx/dt at t^_i
         x_next = x + (sigma_next - sigma_hat) * d  # line 8: Euler step from t^_i to t_{i+1}
@@ -346,7 +332,7 @@ def sample_euler_maruyama(
             x = denoised
         else:
             dvar = sigma**2 - sigma_next**2
-            x = x + dvar * _score(x, sigma, denoised) + math.sqrt(dvar) * randn_like_per_sample(x, generator)
+            x = x + dvar * _score(x, sigma, denoised) + math.sqrt(dvar) * randn_like(x, generator)
         _report(callback, x, i, sigma, denoised)
     return x
 
@@ -376,7 +362,7 @@ def sample_pc(
     for i, sigma, sigma_next in _steps(sigmas, "PC", progress):
         for _ in range(corrector_steps):  # Algorithm 4: Langevin corrector at level sigma
             g = _score(x, sigma, _denoise(model, x, sigma))
-            z = randn_like_per_sample(x, generator)
+            z = randn_like(x, generator)
             ratio = z.flatten(1).norm(dim=1) / g.flatten(1).norm(dim=1)
             step = (2.0 * (snr * ratio) ** 2).reshape(-1, *([1] * (x.ndim - 1)))
             x = x + step * g + (2.0 * step).sqrt() * z
@@ -385,13 +371,16 @@ def sample_pc(
             x = denoised
         else:
             dvar = sigma**2 - sigma_next**2
-            x = x + dvar * _score(x, sigma, denoised) + math.sqrt(dvar) * randn_like_per_sample(x, generator)
+            x = x + dvar * _score(x, sigma, denoised) + math.sqrt(dvar) * randn_like(x, generator)
         _report(callback, x, i, sigma, denoised)
     return x
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")
+
+
+# The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line).
+CONTINUOUS_OPTIONS = ("rho", "churn", "snr", "corrector_steps", "solver_order", "quantize")
 
 
 def continuous_sample(
@@ -420,6 +409,9 @@ def continuous_sample(
     `clip_x0` clamps the denoised image to [-1, 1] at every evaluation."""
     if sampler not in CONTINUOUS_SAMPLERS:
         raise ValueError(f"unknown continuous sampler {sampler!r}; choose one of {', '.join(CONTINUOUS_SAMPLERS)}")
+    # Counts may arrive as floats from a config's {name: number} mapping.
+    corrector_steps = int(corrector_steps)
+    solver_order = None if solver_order is None else int(solver_order)
     if quantize is None:
         quantize = not isinstance(model, torch.nn.Module)
     denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize, clip_x0)

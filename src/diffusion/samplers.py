@@ -391,17 +391,29 @@ def sample(
     clip_x0: bool = False,
     progress: bool = False,
     prediction: str = "eps",
+    **sampler_options: float,
 ) -> Tensor:
     """Dispatch to the sampler named `sampler`: "ddim" (`steps`, `eta`, `skip`), "ddpm" (all T steps,
     `variance`), "ddpm_respaced" (ancestral sampling on the respaced schedule of `timestep_sequence(T, steps,
     skip)`, `variance`; Improved DDPM section 4) or "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`).
 
     `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor.
-    The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py."""
+    The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py;
+    `sampler_options` are theirs (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`: see
+    `k_samplers.continuous_sample`)."""
     if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
-        from src.diffusion.k_samplers import continuous_sample
+        from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, continuous_sample
 
-        return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress, clip_x0=clip_x0)
+        unknown = sorted(set(sampler_options) - set(CONTINUOUS_OPTIONS))
+        if unknown:
+            raise ValueError(
+                f"unknown sampler option(s) {', '.join(unknown)}; choose from {', '.join(CONTINUOUS_OPTIONS)}"
+            )
+        return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress, clip_x0=clip_x0,
+                                 **sampler_options)  # fmt: skip
+    if sampler_options:
+        raise ValueError(f"sampler options {', '.join(sorted(sampler_options))} apply to {', '.join(CONTINUOUS_SAMPLERS)} "
+                         f"only, not to {sampler!r}")  # fmt: skip
     if prediction != "eps":
         model = EpsPredictor(model, schedule, prediction)
     # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.
