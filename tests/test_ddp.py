@@ -145,8 +145,10 @@ def test_two_process_classifier_training_ends_and_saves_the_classifier(tmp_path:
 
 
 @pytest.mark.slow
-def test_sigterm_to_rank_zero_stops_both_processes_after_one_checkpoint(tmp_path: Path, data: Path) -> None:
-    """The scheduler (or `timeout`) signals rank 0 only: both ranks agree to stop after the same step."""
+@pytest.mark.parametrize("to", ["rank0", "every_rank"])
+def test_sigterm_stops_both_processes_after_one_checkpoint(tmp_path: Path, data: Path, to: str) -> None:
+    """`timeout` signals rank 0 only; SLURM and Ctrl-C signal every rank: either way both ranks agree to stop after
+    the same step."""
     callbacks = [{"class_path": "src.callbacks.checkpoint.ModelCheckpoint",
                   "init_args": {"save_last": True, "save_top_k": 0, "every_n_train_steps": 1}}]  # fmt: skip
     args = ["fit", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, "--data.data_dir", str(data),
@@ -161,7 +163,10 @@ def test_sigterm_to_rank_zero_stops_both_processes_after_one_checkpoint(tmp_path
         while not list(tmp_path.glob("*/version_0/checkpoints/last.ckpt")):  # training is under way
             assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
             time.sleep(0.2)
-        process.send_signal(signal.SIGTERM)
+        if to == "rank0":
+            process.send_signal(signal.SIGTERM)
+        else:
+            os.killpg(process.pid, signal.SIGTERM)
         output, _ = process.communicate(timeout=120)
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, signal.SIGKILL)
