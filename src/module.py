@@ -19,6 +19,7 @@ from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance,
 from src.diffusion.k_samplers import CONTINUOUS_OPTIONS
 from src.diffusion.likelihood import nll_bits_per_dim
 from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
+from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
 from src.diffusion.schedule import NoiseSchedule
@@ -67,6 +68,9 @@ class DiffusionModule(L.LightningModule):
             (DPM-Solver++(2M)), or one of the SDE / probability-flow ODE samplers on `sampling_steps` Karras noise
             levels: "euler_maruyama", "pc" (predictor-corrector), "heun" (EDM), "dpmpp_3m", "unipc", "ipndm"
             (src/diffusion/k_samplers.py); used by validation grids, the sample callback, FID and predict.
+        ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
+            2021, appendix D; adaptive RK45 with a Hutchinson divergence, uniform dequantisation), on this many
+            test batches (0: off; each image costs some hundreds of network calls with gradients).
         sampler_options: options of the SDE / ODE samplers, e.g. {rho: 7, churn: 0, snr: 0.16, corrector_steps: 1,
             solver_order: 2} (see `k_samplers.continuous_sample`); None: their defaults.
         sampling_steps: DDIM / DPM-Solver++ / respaced-DDPM steps (ignored by "ddpm", which runs all T steps).
@@ -153,6 +157,7 @@ class DiffusionModule(L.LightningModule):
         compile: bool = False,
         fused_optimizer: bool | None = None,
         sampler_options: dict[str, float] | None = None,
+        ode_bpd_batches: int = 0,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -344,6 +349,11 @@ class DiffusionModule(L.LightningModule):
             terms = nll_bits_per_dim(eps_model, batch[0], self.schedule, hp.bpd_timesteps, hp.ddpm_variance,
                                      hp.clip_denoised, generator)  # fmt: skip
             self.log("test/bpd", terms["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
+        if batch_idx < self.hparams.get("ode_bpd_batches", 0):
+            generator = torch.Generator().manual_seed(30_000 + batch_idx)
+            eps_model = self.eps_model(labels=labels, guidance_scale=1.0) if labels is not None else self.eps_model()
+            ode = ode_nll_bits_per_dim(eps_model, batch[0], self.schedule, generator=generator)
+            self.log("test/ode_bpd", ode["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
 
     def on_validation_epoch_end(self) -> None:
         if self.hparams.num_fid_samples > 0 and self.trainer.state.fn == "validate":

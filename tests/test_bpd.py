@@ -152,3 +152,16 @@ def test_edge_bins_have_the_same_floor_as_interior_bins() -> None:
                         np.where(x.numpy() > 0.999, np.log(np.maximum(1 - cdf_min, 1e-12)),
                                  np.log(np.maximum(cdf_plus - cdf_min, 1e-12))))  # fmt: skip
     np.testing.assert_allclose(discretized_gaussian_log_likelihood(x, mean, log_scale).numpy(), expected, rtol=1e-9)
+
+
+def test_module_test_step_logs_the_probability_flow_likelihood(tmp_path: Path) -> None:
+    """`test` under Lightning's inference mode still gets the ODE's divergence gradients."""
+    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+               image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+    module = DiffusionModule(net, timesteps=20, sampling_steps=2, bpd_timesteps=4, ode_bpd_batches=1)
+    images = torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
+    loader = DataLoader(list(zip(images, torch.zeros(4, dtype=torch.int64), strict=True)), batch_size=2)
+    trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    metrics = trainer.test(module, loader)[0]
+    assert np.isfinite(metrics["test/ode_bpd"]) and metrics["test/ode_bpd"] > 0

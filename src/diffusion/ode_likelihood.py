@@ -100,12 +100,13 @@ def ode_log_likelihood(
     def ode(u: float, state: np.ndarray) -> np.ndarray:
         nonlocal nfe
         nfe += 1
-        xt = torch.from_numpy(state[: batch * n]).reshape(shape).to(device, dtype)
-        sigma = torch.full((batch,), math.exp(u), dtype=torch.float64)
-        with torch.enable_grad():
-            xt.requires_grad_(True)
+        # Also under torch.inference_mode() (Lightning's test loop): leave it for this gradient, and make every
+        # tensor autograd saves here outside it (tensors made in inference mode cannot be saved for backward).
+        with torch.inference_mode(False), torch.enable_grad():
+            xt = torch.from_numpy(state[: batch * n]).reshape(shape).to(device, dtype).requires_grad_(True)
+            sigma = torch.full((batch,), math.exp(u), dtype=torch.float64)
             f = xt - model(xt, sigma)
-            div = _divergence(f, xt, noise)
+            div = _divergence(f, xt, None if noise is None else noise.clone())
         out = np.concatenate([f.detach().double().cpu().flatten().numpy(), div.detach().double().cpu().numpy()])
         return out
 
