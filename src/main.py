@@ -87,7 +87,12 @@ class DiffusionCLI(LightningCLI):
         )
         parser.set_defaults({"trainer.default_root_dir": "runs"})
 
-    def _parse_ckpt_path(self) -> None:
+    def _option(self, key: str, default: object = None) -> object:
+        """A top-level option of the parsed command line, for the running subcommand (or without one)."""
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        return config.get(key, default)
+
+    def _parse_ckpt_path(self) -> None:  # overrides a private LightningCLI step: see src/lightning_compat.py
         # Lightning's own version replaces *every* model option with the checkpoint's, which would silently
         # ignore `predict --model.sampling_steps 10`; we take only the architecture from the checkpoint.
         subcommand = self.config.get("subcommand")
@@ -106,7 +111,7 @@ class DiffusionCLI(LightningCLI):
 
     def _check_checkpoint(self) -> None:
         """A --ckpt_path that is corrupt or does not fit the model fails here, in one line, before anything runs."""
-        path = self._get(self.config_init, "ckpt_path")
+        path = self._option("ckpt_path")
         if not path or path in ("last", "best", "hpc", "registry") or "://" in str(path):
             return  # names Lightning resolves itself, and remote files
         check_checkpoint(path, self.model)
@@ -120,11 +125,11 @@ class DiffusionCLI(LightningCLI):
     before_predict = _check_checkpoint
 
     def instantiate_trainer(self, **kwargs):
-        config = self._get(self.config_init, "trainer", default={})
+        config = self._option("trainer", default={})
         root = config.get("default_root_dir") or "runs"
-        run_name = self._get(self.config_init, "run_name")
+        run_name = self._option("run_name")
         version = None
-        if self._get(self.config_init, "ckpt_path") == "last":
+        if self._option("ckpt_path") == "last":
             # Lightning resolves "last" inside the *new* run's folder, which is empty; resume the newest run.
             ckpt = latest_checkpoint(root, run_name)
             (self.config_init[self.subcommand] if self.subcommand else self.config_init)["ckpt_path"] = str(ckpt)
@@ -135,21 +140,19 @@ class DiffusionCLI(LightningCLI):
         if self.subcommand == "predict" and config.get("logger") in (None, True):
             kwargs["logger"] = False
         elif config.get("logger") in (None, True):
-            kwargs["logger"] = auto_logger(root, run_name, self._get(self.config_init, "logger_backend"), version)
+            kwargs["logger"] = auto_logger(root, run_name, self._option("logger_backend"), version)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         if self.subcommand in ("fit", None):  # None: run=False, the caller may still fit
             configured = list(config.get("callbacks") or [])  # kwargs["callbacks"] replaces the config's list
-            max_skips = self._get(self.config_init, "max_nonfinite_skips")
+            max_skips = self._option("max_nonfinite_skips")
             kwargs["callbacks"] = configured + fault_callbacks(configured, max_skips)
         trainer = super().instantiate_trainer(**kwargs)
         # A forced exit on a second signal takes the DDP ranks this process launched with it.
         register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])
         if self.subcommand == "predict":
-            output_dir = self._get(self.config_init, "output_dir") or os.path.join(
-                root, "predictions", time.strftime("%Y%m%d-%H%M%S")
-            )
-            trainer.callbacks.append(PNGWriter(Path(output_dir), overwrite=self._get(self.config_init, "overwrite")))
+            output_dir = self._option("output_dir") or os.path.join(root, "predictions", time.strftime("%Y%m%d-%H%M%S"))
+            trainer.callbacks.append(PNGWriter(Path(output_dir), overwrite=self._option("overwrite")))
         return trainer
 
 

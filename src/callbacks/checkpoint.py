@@ -7,6 +7,8 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint as LightningModelCheckpoint
 
+from src.lightning_compat import last_saved_step, save_last_checkpoint
+
 
 class ModelCheckpoint(LightningModelCheckpoint):
     """`lightning.pytorch.callbacks.ModelCheckpoint` (same arguments) that, with `save_last`, also writes
@@ -27,7 +29,6 @@ class ModelCheckpoint(LightningModelCheckpoint):
         max_steps_reached = trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps
         if not self.save_last or not (max_steps_reached or trainer.should_stop):
             return
-        if trainer.sanity_checking or trainer.fast_dev_run or self._last_global_step_saved == trainer.global_step:
+        if trainer.sanity_checking or trainer.fast_dev_run or last_saved_step(self) == trainer.global_step:
             return
-        self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-        self._last_global_step_saved = trainer.global_step
+        save_last_checkpoint(self, trainer)

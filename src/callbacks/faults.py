@@ -25,6 +25,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from torch import Tensor
 
 from src.errors import ConfigError, NonFiniteLossError
+from src.lightning_compat import epoch_finished, request_stop_after_step, reset_epoch_counters
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:
@@ -79,7 +80,7 @@ class SignalCheckpoint(Callback):
         if self._trainer is not None and self._trainer.world_size == 1:
             # One process has nobody to agree with: Lightning's own flag at once, so that its loop also stops at
             # the points it checks between steps (an epoch's end, validation), as with its own handler.
-            self._trainer._signal_connector.received_sigterm = True
+            request_stop_after_step(self._trainer)
 
     def _restore_handlers(self) -> None:
         for signum, handler in self._previous_handlers.items():
@@ -105,7 +106,7 @@ class SignalCheckpoint(Callback):
         # raise SIGTERMException after this step, on every rank at once.
         if self._stop_agreed(trainer) and self._saved_step != trainer.global_step:
             self.stop_requested = True
-            trainer._signal_connector.received_sigterm = True  # `received_sigterm` is a read-only view of it
+            request_stop_after_step(trainer)
             self._save(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
@@ -115,8 +116,8 @@ class SignalCheckpoint(Callback):
         # The signal came after the last step's end (during validation, say): save what there is; a run
         # resumed from here repeats that validation.
         if self._saved_step != trainer.global_step:
-            if _epoch_finished(trainer):
-                _reset_epoch_counters(trainer)
+            if epoch_finished(trainer):
+                reset_epoch_counters(trainer)
             self._save(trainer)
 
     def _save(self, trainer: L.Trainer) -> None:
@@ -126,28 +127,6 @@ class SignalCheckpoint(Callback):
         rank_zero_info(
             f"Stopping on a signal after step {trainer.global_step}; saved {path} (resume: --ckpt_path last)"
         )
-
-
-def _epoch_finished(trainer: L.Trainer) -> bool:
-    """Whether the fit loop has completed its current epoch and not yet started the next one (Lightning raises
-    the SIGTERMException for a signal that arrived during the epoch's end hooks right there)."""
-    epochs = trainer.fit_loop.epoch_progress.total
-    return epochs.ready == epochs.started == epochs.processed == epochs.completed > 0
-
-
-def _reset_epoch_counters(trainer: L.Trainer) -> None:
-    """Zero the per-epoch batch counters, as Lightning does itself when the next epoch starts.
-
-    Saved between two epochs, Lightning's checkpoint still holds the finished epoch's batch counters: a run
-    resumed from it would take them for the next epoch's, train one batch and call that epoch done (its
-    restart logic only handles checkpoints written at a batch's end). The data loader's own state (epoch e,
-    all batches consumed) needs nothing: the next epoch e + 1 starts from its beginning.
-    """
-    epoch_loop = trainer.fit_loop.epoch_loop
-    epoch_loop.batch_progress.reset_on_run()
-    epoch_loop.scheduler_progress.reset_on_run()
-    epoch_loop.automatic_optimization.optim_progress.reset_on_run()
-    epoch_loop.val_loop.batch_progress.total.reset()
 
 
 def tensor_stats(x: Tensor) -> str:
