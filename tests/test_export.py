@@ -23,12 +23,7 @@ NET = dict(in_channels=1, base_channels=8, channel_mult=[1, 2], num_res_blocks=1
            dropout=0.0, image_size=8, norm_groups=4)  # fmt: skip
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

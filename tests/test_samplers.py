@@ -123,14 +123,7 @@ def check_moments(x, mean, var, n_se=4.0):
 N_GAUSS = 20_000
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Elementwise ops on tensors of more than 32k elements go multi-threaded; on a busy 2-core machine the thread
-    pool's spin-waits make a 1000-step sampler ~50x slower (measured 140 s instead of 1.8 s). One thread is fast."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def gaussian_x_T(seed=0):

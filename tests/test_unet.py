@@ -12,13 +12,7 @@ from src.models.unet import UNet, timestep_embedding
 DDPM_CIFAR10_PARAMETERS = 35_746_307  # the official DDPM CIFAR-10 model (diffusion_tf, google/ddpm-cifar10-32)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """On a busy 2-core machine the intra-op thread pool's spin-waits slow these small convolutions down ~10x."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model):

@@ -23,12 +23,7 @@ OPTIONS = ("num_heads", "head_channels", "use_scale_shift_norm", "resblock_updow
 ALL_ON = dict(num_heads=2, use_scale_shift_norm=True, resblock_updown=True, gradient_checkpointing=True)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def count(model: torch.nn.Module) -> int:
