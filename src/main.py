@@ -81,6 +81,9 @@ class DiffusionCLI(LightningCLI):
             "the first); see src/callbacks/faults.py",
         )
         parser.set_defaults({"trainer.default_root_dir": "runs"})
+        # One source of truth for the image shape: a folder of images is converted to the network's input.
+        parser.link_arguments("model.net.init_args.image_size", "data.image_size")
+        parser.link_arguments("model.net.init_args.in_channels", "data.num_channels")
 
     def _parse_ckpt_path(self) -> None:
         # Lightning's own version replaces *every* model option with the checkpoint's, which would silently
