@@ -184,7 +184,9 @@ def _decode_all(root: Path, files: list[str], path: Path, shape: tuple[int, int,
     else:
         # fork: the workers need only numpy and Pillow, and forking skips re-importing torch in each.
         with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
-            jobs = [(pool.submit(_decode_into, str(root), files[s : s + chunk], s, str(path), shape), s) for s in starts]
+            jobs = [
+                (pool.submit(_decode_into, str(root), files[s : s + chunk], s, str(path), shape), s) for s in starts
+            ]
             for job, s in jobs:
                 failed += job.result()
                 bar.update(len(files[s : s + chunk]))
