@@ -120,7 +120,11 @@ DATASETS: dict[str, DatasetInfo] = {
         ),
         torchvision_class="CIFAR10",
         folder="cifar-10-batches-py",
-        files={"train": tuple(f"data_batch_{i}" for i in range(1, 6)), "test": ("test_batch",)},
+        # torchvision also reads the class names from batches.meta.
+        files={
+            "train": (*(f"data_batch_{i}" for i in range(1, 6)), "batches.meta"),
+            "test": ("test_batch", "batches.meta"),
+        },
         archive_url="https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz",
     ),
 }
@@ -161,7 +165,7 @@ def _not_found_message(info: DatasetInfo, dirs: list[Path], data_dir: str | os.P
     if info.name == "cifar10":
         msg += (
             f" download {info.archive_url} and extract it in {root} (which makes {root / info.folder}"
-            " with data_batch_1 ... data_batch_5 and test_batch),"
+            " with data_batch_1 ... data_batch_5, test_batch and batches.meta),"
         )
     else:
         names = [f"{n}.gz" for split in ("train", "test") for n in info.files[split]]
@@ -209,11 +213,13 @@ def _torchvision_root(info: DatasetInfo, files: list[Path], tmp: Path) -> Path:
                 shutil.copyfileobj(src, dst, 1 << 20)
         else:
             (target / path.name).symlink_to(path.absolute())
-    if info.name != "cifar10":
-        # torchvision's (Fashion-)MNIST insists that both splits exist, though it reads only one: empty
-        # stand-ins for the other split's files, never read.
-        for name in (n for names in info.files.values() for n in names):
-            if not (target / name).exists():
+    # torchvision insists that both splits exist, though it reads only one: the other split's files when they are
+    # there (CIFAR-10 checks their md5 sums), else empty stand-ins that are never read.
+    for name in (n for names in info.files.values() for n in names):
+        if not (target / name).exists():
+            if (folder / name).is_file():
+                (target / name).symlink_to((folder / name).absolute())
+            else:
                 (target / name).touch()
     return tmp
 
