@@ -85,6 +85,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
             for f in sorted(filenames)
             if not f.startswith(".") and os.path.splitext(f)[1].lower() in extensions
         ]
+    files.sort()  # one order whatever the file system's: row i of the cache is always the same file
     if not files:
         shown = ", ".join(sorted(e for e in extensions if e in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}))
         raise FileNotFoundError(f"--data.data_dir {root}: no images found (looked recursively for {shown}, ...)")
