@@ -323,16 +323,15 @@ def test_two_ddp_processes_read_one_cache_see_disjoint_batches_of_half_the_globa
     for i in range(32):
         Image.fromarray(noise(20, 24, seed=i)).save(root / f"{i}.png")
     record = tmp_path / "record"
-    callbacks = json.dumps(
-        [{"class_path": "tests.batch_recorder.RecordBatches", "init_args": {"out_dir": str(record)}}]
-    )
+    callbacks = json.dumps([{"class_path": "batch_recorder.RecordBatches", "init_args": {"out_dir": str(record)}}])
     args = [sys.executable, "-m", "src.main", "fit", *TINY, "--data.data_dir", str(root),
             "--data.cache_dir", str(tmp_path / "cache"), "--data.random_flip", "false", "--data.batch_size", "8",
             "--data.val_size", "4", "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
             "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
             "--trainer.enable_checkpointing", "false", "--trainer.logger", "false",
             "--trainer.callbacks", callbacks, "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    # tests/ on the path for the recorder (a "tests" package in site-packages can shadow this folder)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
     result = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (result.stdout + result.stderr).count("Decoded 32 images") == 1  # one process decoded, once
@@ -373,3 +372,38 @@ def test_resume_from_a_folder_is_exact(tmp_path: Path) -> None:
     resumed = _fit_folder(root, tmp_path / "cache", tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
+
+
+# -- FID against a folder ----------------------------------------------------------------------------------------------
+
+
+def test_evaluate_folders_on_both_sides(tmp_path: Path) -> None:
+    from src.evaluate import main
+
+    ref = messy_folder(tmp_path / "ref")
+    samples = tmp_path / "samples" / "nested"
+    samples.mkdir(parents=True)
+    for i in range(6):
+        Image.fromarray(noise(16, 16, seed=500 + i)).save(samples / f"{i}.png")
+    Image.fromarray(noise(40, 30, seed=600)).convert("L").save(samples / "odd.png")  # converted to 3 x 16 x 16
+    args = ["--samples", str(tmp_path / "samples"), "--ref", str(ref), "--extractor", "standin", "--device", "cpu",
+            "--kid", "--prc", "--cache_dir", str(tmp_path / "stats"), "--data_cache_dir", str(tmp_path / "cache")]  # fmt: skip
+    with pytest.warns(UserWarning, match="broken.png"):
+        first = main(args)
+    assert first["num_samples"] == 7 and first["fid_standin"] > 0 and "kid_mean_standin" in first
+    assert "-all-standin-16px-n12-" in first["ref_stats"]
+    with pytest.warns(UserWarning, match="broken.png"):
+        assert main(args)["fid_standin"] == pytest.approx(first["fid_standin"])  # cached statistics
+
+
+@pytest.mark.slow
+def test_validate_logs_fid_against_the_folder(tmp_path: Path) -> None:
+    root = messy_folder(tmp_path / "imgs")
+    common = [*TINY, "--data.data_dir", str(root), "--data.cache_dir", str(tmp_path / "cache"),
+              "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    with pytest.warns(UserWarning, match="broken.png"):
+        cli = cli_main(["validate", *common, "--model.num_fid_samples", "4", "--model.fid_extractor", "standin",
+                        "--model.fid_cache_dir", str(tmp_path / "stats"), "--trainer.limit_val_batches", "1"])  # fmt: skip
+    assert np.isfinite(float(cli.trainer.callback_metrics["val/fid_standin"]))
+    (stats,) = (tmp_path / "stats").glob("*.npz")
+    assert stats.name.startswith("folder-") and "-train-standin-16px-n12-" in stats.name

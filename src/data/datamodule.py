@@ -187,7 +187,8 @@ class ImageDataModule(L.LightningDataModule):
     def prepare_data(self) -> None:
         """Download when asked, or decode a folder into its cache (Lightning calls this in one process per node,
         before the others set up, so they find the cache complete)."""
-        if self.is_folder:
+        predicting = self.trainer is not None and self.trainer.state.fn == "predict"
+        if self.is_folder and not predicting:  # predict samples from noise: it needs no images
             self._load_folder()
         elif self.download:
             download_dataset(self.dataset, self.data_dir)
