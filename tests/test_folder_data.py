@@ -407,3 +407,17 @@ def test_validate_logs_fid_against_the_folder(tmp_path: Path) -> None:
     assert np.isfinite(float(cli.trainer.callback_metrics["val/fid_standin"]))
     (stats,) = (tmp_path / "stats").glob("*.npz")
     assert stats.name.startswith("folder-") and "-train-standin-16px-n12-" in stats.name
+
+
+@pytest.mark.slow
+def test_missing_folder_is_one_line_through_the_command_line(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "src.main", "fit", *TINY, "--data.data_dir", str(tmp_path / "absent"),
+         "--trainer.default_root_dir", str(tmp_path / "runs")],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0 and "Traceback" not in result.stderr
+    assert (
+        result.stderr.strip().splitlines()[-1] == f"error: --data.data_dir {tmp_path / 'absent'}: no such folder "
+        "(the folder of images to train on)"
+    )

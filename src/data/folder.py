@@ -34,6 +34,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
+from src.data.builtin import DatasetNotFoundError
+
 __all__ = [
     "CACHE_ENV",
     "FolderImages",
@@ -74,7 +76,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
     """
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--data.data_dir {root}: no such folder (the folder of images to train on)")
+        raise DatasetNotFoundError(f"--data.data_dir {root}: no such folder (the folder of images to train on)")
     extensions = image_extensions()
     files: list[str] = []
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
@@ -88,7 +90,7 @@ def scan_folder(root: str | os.PathLike) -> tuple[list[str], list[int], list[str
     files.sort()  # one order whatever the file system's: row i of the cache is always the same file
     if not files:
         shown = ", ".join(sorted(e for e in extensions if e in {".png", ".jpg", ".jpeg", ".webp", ".bmp"}))
-        raise FileNotFoundError(f"--data.data_dir {root}: no images found (looked recursively for {shown}, ...)")
+        raise DatasetNotFoundError(f"--data.data_dir {root}: no images found (looked recursively for {shown}, ...)")
     if all("/" in f for f in files):
         class_names = sorted({f.split("/", 1)[0] for f in files})
         index = {name: i for i, name in enumerate(class_names)}
@@ -280,7 +282,7 @@ def _build(root: Path, files: list[str], labels: list[int], class_names: list[st
         keep = np.array([i for i in range(len(files)) if i not in failed], dtype=np.int64)
         if len(keep) == 0:
             first = next(iter(failed.items()))
-            raise OSError(f"--data.data_dir {root}: none of its {len(files)} images could be read ({files[first[0]]}: "
+            raise DatasetNotFoundError(f"--data.data_dir {root}: none of its {len(files)} images could be read ({files[first[0]]}: "
                           f"{first[1]})")  # fmt: skip
         if failed:
             _compact(tmp_raw, shape, keep)
