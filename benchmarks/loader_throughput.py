@@ -2,8 +2,8 @@
 
 For each image size, a synthetic folder of PNG files is decoded once into the uint8 cache (src/data/folder.py),
 then the training DataLoader that `fit` uses (ImageDataModule's ResumableDataLoader: shuffled memory-mapped
-rows -> float32 in [-1, 1] -> random flips, in the main process, num_workers 0) is timed over whole batches. The
-training step is the config's UNet at that size (32: cifar10, 64: folder64, 256: folder256): forward, backward,
+rows -> float32 in [-1, 1] -> random flips; by default in the training process itself, --num-workers 0) is timed
+over whole batches. The training step is the config's UNet at that size (32: cifar10, 64: folder64, 256: folder256): forward, backward,
 gradient clipping, fused AdamW and the EMA update, timed in the same process. Reports images/s of both and their
 ratio; the goal is a loader at least 10x faster than the step, so that the accelerator never waits for data.
 
@@ -90,6 +90,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 256], choices=sorted(CONFIGS))
     parser.add_argument("--images", type=int, default=512, help="images in each synthetic folder")
     parser.add_argument("--loader-batches", type=int, default=40)
+    parser.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (0: the training process)")
     parser.add_argument("--step-batch", type=int, default=None, help="training-step batch (default: small on CPU)")
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (the median counts)")
     parser.add_argument("--precision", choices=["fp32", "bf16"], default="fp32")
@@ -108,7 +109,8 @@ def main() -> None:
             root = Path(work) / f"images{size}"
             write_folder(root, size, args.images)
             data = ImageDataModule("folder", str(root), batch_size=LOADER_BATCH[size], val_size=0, random_flip=True,
-                                   image_size=size, num_channels=3, cache_dir=str(Path(work) / "cache"))  # fmt: skip
+                                   num_workers=args.num_workers, image_size=size, num_channels=3,
+                                   cache_dir=str(Path(work) / "cache"))  # fmt: skip
             start = time.perf_counter()
             data.setup("fit")
             decode = args.images / (time.perf_counter() - start)
