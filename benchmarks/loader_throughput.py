@@ -1,9 +1,10 @@
 """Folder loader throughput per process, from the decoded cache, against the training step it feeds.
 
 For each image size, a synthetic folder of PNG files is decoded once into the uint8 cache (src/data/folder.py),
-then the training DataLoader that `fit` uses (ImageDataModule's ResumableDataLoader: shuffled memory-mapped
-rows -> float32 in [-1, 1] -> random flips; by default in the training process itself, --num-workers 0) is timed
-over whole batches. The training step is the config's UNet at that size (32: cifar10, 64: folder64, 256: folder256): forward, backward,
+then the training DataLoader that `fit` uses (ImageDataModule's ResumableDataLoader: shuffled memory-mapped uint8
+rows, random flips; by default in the training process itself, --num-workers 0) is timed over whole batches,
+together with what follows on the device (the copy there and the scaling to float32 in [-1, 1],
+`ImageDataModule.on_after_batch_transfer`); "host" is the loader alone, the part a GPU run leaves to the CPU. The training step is the config's UNet at that size (32: cifar10, 64: folder64, 256: folder256): forward, backward,
 gradient clipping, fused AdamW and the EMA update, timed in the same process. Reports images/s of both and their
 ratio; the goal is a loader at least 10x faster than the step, so that the accelerator never waits for data.
 
@@ -56,26 +57,34 @@ def write_folder(root: Path, size: int, count: int) -> None:
         Image.fromarray(pixels).save(root / f"{i:05d}.png", compress_level=1)
 
 
-def loader_images_per_second(data: ImageDataModule, batches: int, rounds: int = 5) -> float:
+def loader_images_per_second(
+    data: ImageDataModule, batches: int, device: torch.device, rounds: int = 5
+) -> tuple[float, float]:
     """Median images/s over `rounds` runs of `batches` batches, after one warm-up run (first page touches, lazy
-    initialisation); epochs restart as training restarts them."""
+    initialisation): of the host loader alone, and of the loader plus the copy to `device` and the scaling there.
+    Epochs restart as training restarts them."""
     loader = data.train_dataloader()
     it = iter(loader)
 
-    def run() -> float:
+    def run(on_device: bool) -> float:
         nonlocal it
         start, seen = time.perf_counter(), 0
         for _ in range(batches):
             try:
-                images, _ = next(it)
+                batch = next(it)
             except StopIteration:
                 it = iter(loader)
-                images, _ = next(it)
-            seen += images.shape[0]
+                batch = next(it)
+            if on_device:
+                batch = data.on_after_batch_transfer((batch[0].to(device), batch[1].to(device)), 0)
+            seen += batch[0].shape[0]
+        if on_device and device.type == "cuda":
+            torch.cuda.synchronize(device)
         return seen / (time.perf_counter() - start)
 
-    run()
-    return statistics.median(run() for _ in range(rounds))
+    run(True)
+    host = statistics.median(run(False) for _ in range(rounds))
+    return host, statistics.median(run(True) for _ in range(rounds))
 
 
 def unet_for(size: int) -> tuple[UNet, list[str]]:
@@ -114,7 +123,7 @@ def main() -> None:
             start = time.perf_counter()
             data.setup("fit")
             decode = args.images / (time.perf_counter() - start)
-            loader = loader_images_per_second(data, args.loader_batches)
+            host, loader = loader_images_per_second(data, args.loader_batches, device)
 
             torch.manual_seed(0)
             net, dropped = unet_for(size)
@@ -129,11 +138,11 @@ def main() -> None:
             flops_per_image = flops(step) / batch
             gpu = args.gpu_mfu * PEAK_TFLOPS[("H100", torch.bfloat16)] * 1e12 / flops_per_image
             note = f" (dropped UNet options not in this checkout: {', '.join(dropped)})" if dropped else ""
-            print(f"{size:>3} px: decode {decode:8.0f} img/s once | loader {loader:9.0f} img/s (batch "
-                  f"{LOADER_BATCH[size]}) | train step {train:8.2f} img/s (batch {batch}, {CONFIGS[size]} UNet, "
+            print(f"{size:>3} px: decode {decode:6.0f} img/s once | loader {loader:7.0f} img/s, host part {host:7.0f} "
+                  f"img/s (batch {LOADER_BATCH[size]}) | train step {train:8.2f} img/s (batch {batch}, {CONFIGS[size]} UNet, "
                   f"{sum(p.numel() for p in net.parameters()) / 1e6:.1f}M params) | loader/step {loader / train:8.0f}x"
                   f" | estimate: {flops_per_image / 1e9:.0f} GFLOP per trained image, an H100/H200 at "
-                  f"{args.gpu_mfu:.0%} MFU bf16 takes {gpu:.0f} img/s, loader/that {loader / gpu:.1f}x{note}",
+                  f"{args.gpu_mfu:.0%} MFU bf16 takes {gpu:.0f} img/s, host loader/that {host / gpu:.1f}x{note}",
                   flush=True)  # fmt: skip
             rows.append((size, loader, train))
     worst = min(loader / train for _, loader, train in rows)

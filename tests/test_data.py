@@ -207,13 +207,16 @@ def test_batches_range_dtype_and_getitems_matches_getitem(fake_mnist: tuple[Path
     root, arrays = fake_mnist
     dm = ImageDataModule(dataset="mnist", data_dir=str(root), batch_size=8, val_size=0)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    raw, y = next(iter(dm.train_dataloader()))  # uint8 on the host; scaled after the copy to the device
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 1, 28, 28)
+    x, y2 = dm.on_after_batch_transfer((raw, y), 0)
+    assert torch.equal(x, to_model_range(raw)) and y2 is y
+    assert torch.equal(dm.on_after_batch_transfer(torch.arange(3), 0), torch.arange(3))  # predict indices pass
     assert x.dtype == torch.float32 and x.shape == (8, 1, 28, 28)
     assert y.dtype == torch.int64 and y.shape == (8,)
     assert x.min() >= -1 and x.max() <= 1
 
-    ds = dm.train_set
-    assert ds is not None
+    ds = InMemoryImageDataset(dm.train_set.images, dm.train_set.labels)  # type: ignore[union-attr]
     batches = list(DataLoader(ds, batch_size=7, collate_fn=passthrough_collate))
     xs, ys = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     singles = [ds[i] for i in range(len(ds))]

@@ -236,7 +236,7 @@ def test_datamodule_splits_the_folder_without_copying(tmp_path: Path) -> None:
     assert len(dm.train_set) == 9 and len(dm.val_set) == 3
     assert dm.train_set.images.data_ptr() == dm.val_set.images.data_ptr()  # one memory-mapped array, two views
     assert set(dm.train_set.indices.tolist()).isdisjoint(dm.val_set.indices.tolist())
-    x, y = next(iter(dm.train_dataloader()))
+    x, y = dm.on_after_batch_transfer(next(iter(dm.train_dataloader())), 0)
     assert x.shape == (4, 3, 16, 16) and x.dtype == torch.float32 and -1 <= x.min() and x.max() <= 1
     assert y.dtype == torch.int64 and set(y.tolist()) <= {0, 1}
     dm.setup("test")

@@ -12,7 +12,7 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from src.data.builtin import DatasetInfo, Split, dataset_info, download_dataset, load_dataset
-from src.data.datasets import InMemoryImageDataset, SampleIndexDataset, passthrough_collate
+from src.data.datasets import InMemoryImageDataset, SampleIndexDataset, passthrough_collate, to_model_range
 from src.data.folder import FolderImages, folder_images, scan_folder
 from src.errors import ConfigError
 from src.resume import ResumableDataLoader
@@ -23,8 +23,10 @@ FOLDER = "folder"
 class ImageDataModule(L.LightningDataModule):
     """MNIST, Fashion-MNIST, CIFAR-10 or a folder of images for diffusion training, plus a predict set of indices.
 
-    Train/val/test batches are ``(images, labels)``: float32 ``(B, C, H, W)`` in [-1, 1] and int64 ``(B,)``.
-    Predict batches are int64 sample indices ``(B,)``.
+    Train/val/test batches are ``(images, labels)``: float32 ``(B, C, H, W)`` in [-1, 1] and int64 ``(B,)``. The
+    loaders yield the images as uint8 (a quarter of the bytes to copy to the device, flipped on the host) and
+    `on_after_batch_transfer` scales them on the device, so the model sees float32 in [-1, 1]; a loader used by
+    hand needs ``to_model_range`` (or that hook). Predict batches are int64 sample indices ``(B,)``.
 
     Args:
         dataset: which data set: "fashion_mnist", "mnist", "cifar10", or "folder" (the images below data_dir).
@@ -249,18 +251,19 @@ class ImageDataModule(L.LightningDataModule):
             if self.val_size > 0 or self.is_folder:
                 train_idx, val_idx = self.train_val_indices(len(images))
                 # No flips in the dataset: the training loader draws them (see `train_dataloader`).
-                self.train_set = InMemoryImageDataset(images, labels, indices=train_idx)
-                self.val_set = InMemoryImageDataset(images, labels, indices=val_idx)
+                self.train_set = InMemoryImageDataset(images, labels, indices=train_idx, uint8=True)
+                self.val_set = InMemoryImageDataset(images, labels, indices=val_idx, uint8=True)
             else:
-                self.train_set = InMemoryImageDataset(images, labels)
-                self.val_set = InMemoryImageDataset(*self._split("test"))
+                self.train_set = InMemoryImageDataset(images, labels, uint8=True)
+                self.val_set = InMemoryImageDataset(*self._split("test"), uint8=True)
             self._check_labels_fit_the_net()
         if stage in ("test", None):
             if self.is_folder:  # a folder has no official test split: test on the held-out images
                 images, labels = self._split("test")
-                self.test_set = InMemoryImageDataset(images, labels, indices=self.train_val_indices(len(images))[1])
+                val_idx = self.train_val_indices(len(images))[1]
+                self.test_set = InMemoryImageDataset(images, labels, indices=val_idx, uint8=True)
             else:
-                self.test_set = InMemoryImageDataset(*self._split("test"))
+                self.test_set = InMemoryImageDataset(*self._split("test"), uint8=True)
         if stage in ("predict", None):
             self.predict_set = SampleIndexDataset(self.num_samples)
 
@@ -277,6 +280,13 @@ class ImageDataModule(L.LightningDataModule):
         if split == "test":
             images = images[self.train_val_indices(len(images))[1]]
         return images, f"folder-{self._load_folder().digest}"
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """uint8 image batches become float32 in [-1, 1] on the device (the random flips were drawn on the host by
+        the loader, so a resumed run still sees exactly the same images)."""
+        if isinstance(batch, (tuple, list)) and isinstance(batch[0], Tensor) and batch[0].dtype == torch.uint8:
+            return (to_model_range(batch[0]), *batch[1:])
+        return batch
 
     # -- checkpoint: the class names travel with the model ---------------------------------------------------
 
