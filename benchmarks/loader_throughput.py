@@ -58,7 +58,7 @@ def write_folder(root: Path, size: int, count: int) -> None:
 
 
 def loader_images_per_second(
-    data: ImageDataModule, batches: int, device: torch.device, rounds: int = 5
+    data: ImageDataModule, batches: int, device: torch.device, rounds: int = 7
 ) -> tuple[float, float]:
     """Median images/s over `rounds` runs of `batches` batches, after one warm-up run (first page touches, lazy
     initialisation): of the host loader alone, and of the loader plus the copy to `device` and the scaling there.
@@ -83,8 +83,9 @@ def loader_images_per_second(
         return seen / (time.perf_counter() - start)
 
     run(True)
-    host = statistics.median(run(False) for _ in range(rounds))
-    return host, statistics.median(run(True) for _ in range(rounds))
+    # Interleaved, so that a load change on a shared machine hits both alike.
+    host, full = zip(*((run(False), run(True)) for _ in range(rounds)), strict=True)
+    return statistics.median(host), statistics.median(full)
 
 
 def unet_for(size: int) -> tuple[UNet, list[str]]:
