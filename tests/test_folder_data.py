@@ -421,3 +421,20 @@ def test_missing_folder_is_one_line_through_the_command_line(tmp_path: Path) -> 
         result.stderr.strip().splitlines()[-1] == f"error: --data.data_dir {tmp_path / 'absent'}: no such folder "
         "(the folder of images to train on)"
     )
+
+
+def test_cache_can_be_built_ahead_from_the_command_line(tmp_path: Path, capsys) -> None:
+    from src.data.__main__ import main
+
+    root = messy_folder(tmp_path / "imgs")
+    args = ["--data_dir", str(root), "--image_size", "8", "--num_channels", "1", "--cache_dir", str(tmp_path / "c")]
+    with pytest.warns(UserWarning, match="broken.png"):
+        main(args)
+    assert (
+        capsys.readouterr()
+        .out.strip()
+        .endswith(f"12 images, 2 classes decoded into {next((tmp_path / 'c').glob('*.u8'))}")
+    )
+    with pytest.warns(UserWarning, match="broken.png"):
+        main(args)
+    assert "already in" in capsys.readouterr().out
