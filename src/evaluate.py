@@ -3,9 +3,13 @@
     python -m src.evaluate --samples runs/samples/DIR --ref cifar10 [--split train] [--data_dir data]
     python -m src.evaluate --samples samples.npz --ref stats.npz          # pytorch-fid / torch-fidelity .npz
     python -m src.evaluate --samples DIR --ref fashion_mnist --extractor standin   # offline smoke test, NOT FID
+    python -m src.evaluate --samples DIR --ref IMAGES_DIR --kid --prc     # a folder of images as the reference
 
-Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a data set as --ref), "precision",
-"recall" (with --prc and a data set as --ref),
+A folder (either side) is read recursively, every file Pillow opens; a --ref folder is converted to the samples'
+channels and size as training converts it (decoded once into the image cache of `src/data/folder.py`).
+
+Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a data set or folder as --ref),
+"precision", "recall" (with --prc and a data set or folder as --ref),
 "is_mean", "is_std" (with --isc), "num_samples", ...}; with the stand-in extractor the keys carry "_standin".
 A data set's reference statistics are cached as in training (`--cache_dir`, default ~/.cache/ddim-lightning/fid_stats).
 """
@@ -32,11 +36,16 @@ def load_samples(path: str | Path) -> torch.Tensor:
     `samples`) is uint8 (N, H, W, C) (the DDPM/ADM convention), (N, H, W) or (N, C, H, W)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg"))
-        if not files:
-            raise FileNotFoundError(f"--samples {path}: no .png/.jpg files")
+        from src.data.folder import convert_image, scan_folder
+
+        files = [path / rel for rel in scan_folder(path)[0]]  # recursive, sorted; raises when there are none
         arrays = [np.asarray(Image.open(p)) for p in files]
-        images = np.stack(arrays)
+        if len({a.shape for a in arrays}) == 1:
+            images = np.stack(arrays)  # (N, H, W) or (N, H, W, C)
+        else:  # mixed sizes or modes: convert each as training does, to the first one's channels and size
+            first = arrays[0]
+            channels, size = (1 if first.ndim == 2 else first.shape[-1]), min(first.shape[:2])
+            images = np.stack([convert_image(Image.open(p), size, channels) for p in files])  # (N, C, S, S)
     else:
         with np.load(path) as data:
             images = data["samples"] if "samples" in data.files else data[data.files[0]]
@@ -63,12 +72,17 @@ def features_of(extractor, images: torch.Tensor, batch_size: int, device: str, d
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", required=True, help="folder of PNG files or .npz of uint8 images")
-    parser.add_argument("--ref", required=True, help="reference: a .npz with mu and sigma, or a data set name")
+    parser.add_argument(
+        "--ref", required=True, help="reference: a .npz with mu and sigma, a folder of images, or a data set name"
+    )
     parser.add_argument("--split", default="train", help="data set split for --ref DATASET (train | test)")
     parser.add_argument("--data_dir", default=None, help="data folder for --ref DATASET")
     parser.add_argument("--extractor", default="inception", choices=EXTRACTORS)
     parser.add_argument("--weights", default=None, help="InceptionV3 weights file (default: $DDIM_FID_WEIGHTS)")
     parser.add_argument("--cache_dir", default=None, help="reference statistics cache folder")
+    parser.add_argument(
+        "--data_cache_dir", default=None, help="decoded-image cache of a --ref folder (default: $DDIM_DATA_CACHE)"
+    )
     parser.add_argument("--batch_size", type=int, default=250)
     parser.add_argument("--kid", action="store_true", help="also KID (needs --ref DATASET: features, not stats)")
     parser.add_argument("--isc", action="store_true", help="also the Inception Score of the samples")
@@ -88,10 +102,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if args.ref.endswith(".npz"):
         ref_mu, ref_sigma, _ = evaluation.load_statistics(args.ref)
     else:
-        from src.data import load_dataset
+        if Path(args.ref).is_dir():  # a folder of images, at the samples' channels and size
+            from src.data import folder_images
 
-        ref_images = load_dataset(args.ref, args.split, args.data_dir)[0]
-        key = evaluation.reference_key(args.ref, args.split, extractor.name, ref_images.shape[-1], len(ref_images))
+            folder = folder_images(args.ref, samples.shape[-1], samples.shape[1], args.data_cache_dir)
+            ref_images, ref_name, split = torch.from_numpy(folder.images), f"folder-{folder.digest}", "all"
+        else:
+            from src.data import load_dataset
+
+            ref_images, ref_name, split = load_dataset(args.ref, args.split, args.data_dir)[0], args.ref, args.split
+        key = evaluation.reference_key(ref_name, split, extractor.name, ref_images.shape[-1], len(ref_images))
 
         def compute() -> tuple[np.ndarray, np.ndarray]:
             nonlocal ref_features
@@ -106,12 +126,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     results[f"fid{suffix}"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
     if args.kid:
         if ref_features is None:
-            raise SystemExit("--kid needs reference features: pass a data set name as --ref, not a .npz")
+            raise SystemExit("--kid needs reference features: pass a data set or a folder as --ref, not a .npz")
         kid = kernel_inception_distance(pool, ref_features.double().numpy())
         results[f"kid_mean{suffix}"], results[f"kid_std{suffix}"] = kid
     if args.prc:
         if ref_features is None:
-            raise SystemExit("--prc needs reference features: pass a data set name as --ref, not a .npz")
+            raise SystemExit("--prc needs reference features: pass a data set or a folder as --ref, not a .npz")
         precision, recall = precision_recall(ref_features.double().numpy(), pool)
         results[f"precision{suffix}"], results[f"recall{suffix}"] = precision, recall
     if args.isc:

@@ -86,6 +86,9 @@ class DiffusionCLI(LightningCLI):
             "the first); see src/callbacks/faults.py",
         )
         parser.set_defaults({"trainer.default_root_dir": "runs"})
+        # One source of truth for the image shape: a folder of images is converted to the network's input.
+        parser.link_arguments("model.net.init_args.image_size", "data.image_size")
+        parser.link_arguments("model.net.init_args.in_channels", "data.num_channels")
 
     def _option(self, key: str, default: object = None) -> object:
         """A top-level option of the parsed command line, for the running subcommand (or without one)."""

@@ -376,13 +376,15 @@ class DiffusionModule(L.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if datamodule is None or not hasattr(datamodule, "dataset"):
                 raise ConfigError("FID needs reference statistics: pass --model.fid_ref_stats FILE.npz or a datamodule")
-            from src.data import load_dataset
+            if hasattr(datamodule, "reference_images"):  # ImageDataModule: a built-in split or a folder's cache
+                images, name = datamodule.reference_images(hp.fid_ref_split)
+            else:
+                from src.data import load_dataset
 
-            images = load_dataset(datamodule.dataset, hp.fid_ref_split, datamodule.data_dir)[0]
+                name = datamodule.dataset
+                images = load_dataset(name, hp.fid_ref_split, datamodule.data_dir)[0]
             extractor = self.fid_extractor()
-            key = evaluation.reference_key(
-                datamodule.dataset, hp.fid_ref_split, extractor.name, images.shape[-1], len(images)
-            )
+            key = evaluation.reference_key(name, hp.fid_ref_split, extractor.name, images.shape[-1], len(images))
             rank, world = evaluation._dist_info()
 
             def compute() -> tuple[np.ndarray, np.ndarray]:

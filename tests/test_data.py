@@ -1,16 +1,11 @@
-"""Tests of src/data.py on tiny files written in tmp_path (plus the real Fashion-MNIST when installed)."""
+"""Tests of the built-in data sets (src/data/builtin.py, read by torchvision) and the ImageDataModule on tiny files
+written in tmp_path (plus the real Fashion-MNIST when installed). Folders of images: tests/test_folder_data.py."""
 
-import ast
 import dataclasses
 import gzip
-import hashlib
-import io
 import pickle
 import struct
-import tarfile
 from pathlib import Path
-from urllib.error import URLError
-from urllib.request import Request
 
 import numpy as np
 import pytest
@@ -23,13 +18,11 @@ from src.data import (
     ImageDataModule,
     InMemoryImageDataset,
     SampleIndexDataset,
-    download_dataset,
     load_dataset,
     passthrough_collate,
-    read_cifar_batch,
-    read_idx,
     to_model_range,
 )
+from src.errors import ConfigError
 
 DEBIAN_FASHION = Path("/usr/share/datasets/fashion-mnist")
 IDX_NAMES = {
@@ -75,20 +68,17 @@ def write_fake_mnist(directory: Path, n_train: int = 50, n_test: int = 20, gz: b
 
 
 def cifar_batch_bytes(images: np.ndarray, labels: list[int]) -> bytes:
-    """A CIFAR-10 python batch as the official files hold it (bytes keys, (N, 3072) uint8 rows)."""
+    """A CIFAR-10 python batch as torchvision sees the official (Python 2) files: str keys, (N, 3072) uint8 rows."""
     return pickle.dumps(
-        {
-            b"batch_label": b"fake",
-            b"labels": labels,
-            b"data": images.reshape(len(images), -1),
-            b"filenames": [b"x.png"] * len(images),
-        }
+        {"batch_label": "fake", "labels": labels, "data": images.reshape(len(images), -1), "filenames": ["x.png"]}
     )
 
 
 def write_fake_cifar(directory: Path, per_batch: int = 2) -> dict[str, np.ndarray]:
-    """Six tiny batches; image k of the training set has value k at channel k % 3, row 2, column 3."""
+    """Six tiny batches and the class names; image k of the training set has value k at channel k % 3, row 2,
+    column 3."""
     directory.mkdir(parents=True, exist_ok=True)
+    (directory / "batches.meta").write_bytes(pickle.dumps({"label_names": [f"c{i}" for i in range(10)]}))
     images = {}
     for i, name in enumerate([*(f"data_batch_{j}" for j in range(1, 6)), "test_batch"]):
         batch = np.zeros((per_batch, 3, 32, 32), dtype=np.uint8)
@@ -114,41 +104,6 @@ def no_debian_fashion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return absent
 
 
-# -- readers -------------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("gz", [False, True])
-def test_read_idx_uint8_and_int32(tmp_path: Path, gz: bool) -> None:
-    images = np.arange(2 * 3 * 4, dtype=np.uint8).reshape(2, 3, 4)
-    ints = np.array([1, -2, 70000], dtype=np.int32)  # multi-byte values check the big-endian decoding
-    got = read_idx(write_idx(tmp_path / "images", images, gz))
-    assert got.dtype == np.uint8 and got.shape == (2, 3, 4) and got.flags.writeable
-    np.testing.assert_array_equal(got, images)
-    got = read_idx(write_idx(tmp_path / "ints", ints, gz))
-    assert got.dtype == np.int32
-    np.testing.assert_array_equal(got, ints)
-
-
-def test_read_idx_rejects_bad_files(tmp_path: Path) -> None:
-    (tmp_path / "bad").write_bytes(b"\x01\x02\x08\x01" + b"\x00" * 8)
-    with pytest.raises(ValueError, match="magic"):
-        read_idx(tmp_path / "bad")
-    truncated = idx_bytes(np.zeros((4, 2), dtype=np.uint8))[:-1]
-    (tmp_path / "short").write_bytes(truncated)
-    with pytest.raises(ValueError, match="header says"):
-        read_idx(tmp_path / "short")
-
-
-def test_read_cifar_batch_is_chw(tmp_path: Path) -> None:
-    row = np.zeros(3072, dtype=np.uint8)
-    row[1 * 1024 + 2 * 32 + 3] = 200  # green plane, row 2, column 3
-    (tmp_path / "b").write_bytes(cifar_batch_bytes(row[None], [7]))
-    images, labels = read_cifar_batch(tmp_path / "b")
-    assert images.shape == (1, 3, 32, 32) and images.dtype == np.uint8
-    assert images[0, 1, 2, 3] == 200 and int(images.sum()) == 200
-    assert labels.dtype == np.int64 and labels.tolist() == [7]
-
-
 # -- finding and loading -------------------------------------------------------------------------------------
 
 
@@ -166,8 +121,19 @@ def test_load_idx_dataset_layouts(tmp_path: Path, name: str, folder: str, layout
         np.testing.assert_array_equal(y.numpy(), labels)
 
 
-def test_load_cifar10(tmp_path: Path) -> None:
-    written = write_fake_cifar(tmp_path / "cifar-10-batches-py")
+@pytest.fixture
+def no_md5(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision checks the CIFAR-10 files' md5 sums; the tiny fakes here cannot match them."""
+    monkeypatch.setattr("torchvision.datasets.cifar.check_integrity", lambda path, md5=None: Path(path).is_file())
+
+
+@pytest.mark.parametrize("layout", ["torchvision", "flat"])
+def test_load_cifar10(tmp_path: Path, no_md5: None, layout: str) -> None:
+    written = write_fake_cifar(tmp_path / "cifar-10-batches-py" if layout == "torchvision" else tmp_path)
+    if layout == "flat":
+        (
+            tmp_path / "cifar-10-batches-py"
+        ).mkdir()  # an empty torchvision folder does not hide the flat files = write_fake_cifar(tmp_path / "cifar-10-batches-py")
     x, y = load_dataset("cifar10", "train", str(tmp_path))
     assert x.shape == (10, 3, 32, 32) and x.dtype == torch.uint8
     assert y.dtype == torch.int64 and y.tolist() == [k % 10 for k in range(10)]
@@ -241,13 +207,16 @@ def test_batches_range_dtype_and_getitems_matches_getitem(fake_mnist: tuple[Path
     root, arrays = fake_mnist
     dm = ImageDataModule(dataset="mnist", data_dir=str(root), batch_size=8, val_size=0)
     dm.setup("fit")
-    x, y = next(iter(dm.train_dataloader()))
+    raw, y = next(iter(dm.train_dataloader()))  # uint8 on the host; scaled after the copy to the device
+    assert raw.dtype == torch.uint8 and raw.shape == (8, 1, 28, 28)
+    x, y2 = dm.on_after_batch_transfer((raw, y), 0)
+    assert torch.equal(x, to_model_range(raw)) and y2 is y
+    assert torch.equal(dm.on_after_batch_transfer(torch.arange(3), 0), torch.arange(3))  # predict indices pass
     assert x.dtype == torch.float32 and x.shape == (8, 1, 28, 28)
     assert y.dtype == torch.int64 and y.shape == (8,)
     assert x.min() >= -1 and x.max() <= 1
 
-    ds = dm.train_set
-    assert ds is not None
+    ds = InMemoryImageDataset(dm.train_set.images, dm.train_set.labels)  # type: ignore[union-attr]
     batches = list(DataLoader(ds, batch_size=7, collate_fn=passthrough_collate))
     xs, ys = torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
     singles = [ds[i] for i in range(len(ds))]
@@ -311,11 +280,11 @@ def test_val_split_deterministic_and_disjoint(fake_mnist: tuple[Path, dict]) -> 
     train_idx, val_idx = dm.train_val_indices(50)
     assert set(train_idx.tolist()).isdisjoint(val_idx.tolist())
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(50))
-    assert torch.equal(dm.val_set.images, images[val_idx])
-    assert torch.equal(dm.train_set.images, images[train_idx])
+    assert torch.equal(dm.val_set.images[dm.val_set.indices], images[val_idx])
+    assert torch.equal(dm.train_set.images[dm.train_set.indices], images[train_idx])
     assert not dm.val_set.random_flip
 
-    assert torch.equal(split(0).val_set.images, dm.val_set.images)  # type: ignore[union-attr]
+    assert torch.equal(split(0).val_set.indices, dm.val_set.indices)  # type: ignore[union-attr]
     assert not torch.equal(split(1).train_val_indices(50)[1], val_idx)
 
     with pytest.raises(ValueError, match="val_size"):
@@ -354,90 +323,6 @@ def test_properties_without_data() -> None:
     assert ImageDataModule().class_names[9] == "Ankle boot"
 
 
-def test_no_torchvision_import() -> None:
-    tree = ast.parse(Path(data.__file__).read_text())
-    modules = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-    modules += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)]
-    assert not [m for m in modules if m.split(".")[0] == "torchvision"]
-
-
-# -- download (no network: urlopen is faked) -----------------------------------------------------------------
-
-
-def serve(monkeypatch: pytest.MonkeyPatch, files: dict[str, bytes]) -> list[str]:
-    """Make src.data's urlopen serve ``files`` (by URL); anything else fails like a dead mirror."""
-    requested: list[str] = []
-
-    def fake_urlopen(request: Request, timeout: float | None = None) -> io.BytesIO:
-        url = request.full_url
-        requested.append(url)
-        if url not in files:
-            raise URLError("no route to host")
-        return io.BytesIO(files[url])
-
-    monkeypatch.setattr(data, "urlopen", fake_urlopen)
-    return requested
-
-
-def test_download_mnist_with_mirror_fallback_and_md5(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    arrays = {"train": fake_mnist_arrays(5, 1), "test": fake_mnist_arrays(3, 2)}
-    blobs = {}
-    for split, pair in arrays.items():
-        for name, array in zip(IDX_NAMES[split], pair, strict=True):
-            blobs[f"{name}.gz"] = gzip.compress(idx_bytes(array))
-    info = dataclasses.replace(
-        data.DATASETS["mnist"],
-        mirrors=("http://dead/", "http://alive/"),
-        md5={k: hashlib.md5(v).hexdigest() for k, v in blobs.items()},
-    )
-    monkeypatch.setitem(data.DATASETS, "mnist", info)
-    requested = serve(monkeypatch, {f"http://alive/{k}": v for k, v in blobs.items()})
-
-    dm = ImageDataModule(dataset="mnist", data_dir=str(tmp_path), download=True, val_size=0)
-    dm.prepare_data()
-    assert sorted(p.name for p in (tmp_path / "MNIST" / "raw").iterdir()) == sorted(blobs)
-    assert requested[:2] == [
-        "http://dead/train-images-idx3-ubyte.gz",
-        "http://alive/train-images-idx3-ubyte.gz",
-    ]
-    x, _ = load_dataset("mnist", "train", tmp_path)
-    np.testing.assert_array_equal(x[:, 0].numpy(), arrays["train"][0])
-
-    requested.clear()
-    download_dataset("mnist", tmp_path)  # everything present: no requests
-    assert requested == []
-
-
-def test_download_md5_mismatch_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    info = dataclasses.replace(data.DATASETS["mnist"], mirrors=("http://alive/",))
-    monkeypatch.setitem(data.DATASETS, "mnist", info)
-    serve(monkeypatch, {f"http://alive/{k}": b"corrupt" for k in info.md5})
-    with pytest.raises(OSError, match="checksum mismatch"):
-        download_dataset("mnist", tmp_path)
-    assert list((tmp_path / "MNIST" / "raw").iterdir()) == []  # no partial or temporary files
-
-
-def test_download_cifar10_extracts(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    write_fake_cifar(tmp_path / "src" / "cifar-10-batches-py")
-    buffer = io.BytesIO()
-    with tarfile.open(fileobj=buffer, mode="w:gz") as tar:
-        tar.add(tmp_path / "src" / "cifar-10-batches-py", arcname="cifar-10-batches-py")
-    blob = buffer.getvalue()
-    info = dataclasses.replace(
-        data.DATASETS["cifar10"],
-        mirrors=("http://alive/",),
-        md5={"cifar-10-python.tar.gz": hashlib.md5(blob).hexdigest()},
-    )
-    monkeypatch.setitem(data.DATASETS, "cifar10", info)
-    serve(monkeypatch, {"http://alive/cifar-10-python.tar.gz": blob})
-
-    root = tmp_path / "root"
-    assert download_dataset("cifar10", root) == root / "cifar-10-batches-py"
-    x, _ = load_dataset("cifar10", "train", root)
-    assert x.shape == (10, 3, 32, 32) and x[4, 1, 2, 3] == 5
-    assert sorted(p.name for p in root.iterdir()) == ["cifar-10-batches-py", "cifar-10-python.tar.gz"]
-
-
 # -- the real data set ---------------------------------------------------------------------------------------
 
 
@@ -454,3 +339,48 @@ def test_real_fashion_mnist() -> None:
     assert x.shape == (10000, 1, 28, 28) and y.shape == (10000,)
     assert y[0] == 9  # the first test image is an ankle boot too
     assert torch.bincount(y).tolist() == [1000] * 10
+
+
+def test_real_fashion_mnist_equals_the_idx_bytes() -> None:
+    """torchvision's reading of the Debian files, against the idx format read here by hand (16-byte header)."""
+    if not DEBIAN_FASHION.is_dir():
+        pytest.skip(f"{DEBIAN_FASHION} absent (apt-get install -y dataset-fashion-mnist)")
+    raw = gzip.decompress((DEBIAN_FASHION / "t10k-images-idx3-ubyte.gz").read_bytes())
+    assert struct.unpack(">4I", raw[:16]) == (0x803, 10000, 28, 28)
+    expected = np.frombuffer(raw, dtype=np.uint8, offset=16).reshape(10000, 1, 28, 28)
+    raw_labels = gzip.decompress((DEBIAN_FASHION / "t10k-labels-idx1-ubyte.gz").read_bytes())
+    x, y = load_dataset("fashion_mnist", "test")
+    np.testing.assert_array_equal(x.numpy(), expected)
+    np.testing.assert_array_equal(y.numpy(), np.frombuffer(raw_labels, dtype=np.uint8, offset=8))
+
+
+def test_corrupt_cifar10_is_one_line(tmp_path: Path) -> None:
+    write_fake_cifar(tmp_path / "cifar-10-batches-py")  # right names, wrong md5 sums
+    with pytest.raises(DatasetNotFoundError, match="incomplete or corrupt") as info:
+        load_dataset("cifar10", "train", tmp_path)
+    assert "\n" not in str(info.value)
+
+
+class FakeTrainer:
+    def __init__(self, world_size: int) -> None:
+        self.world_size, self.global_rank, self.lightning_module = world_size, 0, None
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 4])
+def test_batch_size_is_global_and_split_over_processes(fake_mnist: tuple[Path, dict], world_size: int) -> None:
+    root, _ = fake_mnist
+    dm = ImageDataModule(dataset="mnist", data_dir=str(root), batch_size=8, val_size=10)
+    dm.trainer = FakeTrainer(world_size)  # type: ignore[assignment]
+    assert dm.per_process_batch_size == 8 // world_size
+    dm.setup("fit")
+    assert dm.train_dataloader().batch_size == 8 // world_size
+    assert dm.val_dataloader().batch_size == 8 // world_size
+
+
+def test_batch_size_that_the_processes_cannot_split_is_one_line(fake_mnist: tuple[Path, dict]) -> None:
+    root, _ = fake_mnist
+    dm = ImageDataModule(dataset="mnist", data_dir=str(root), batch_size=6, val_size=10)
+    dm.trainer = FakeTrainer(4)  # type: ignore[assignment]
+    with pytest.raises(ConfigError, match=r"--data.batch_size 6 is the global batch .* 4 processes") as info:
+        dm.setup("fit")
+    assert "\n" not in str(info.value)
