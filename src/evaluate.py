@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument(
         "--extractor",
         default="inception",
-        help=f"{' | '.join(EXTRACTORS)} | a classifier file (.pt, configs/fashion_mnist_features.yaml)",
+        help=f"{' | '.join(EXTRACTORS)} | a classifier file (.pt, configs/fashion_mnist_fd_classifier.yaml)",
     )
     parser.add_argument(
         "--reference_values",

@@ -81,7 +81,7 @@ class DiffusionModule(L.LightningModule):
             the reference statistics as `val/fid` (0: off; 50000 for the papers' numbers).
         fid_extractor: "inception" (the standard FID network, torch-fidelity's) or "standin" (a small offline
             network for smoke tests, logged as `val/fid_standin`: NOT an FID) or the path of a classifier file
-            (configs/fashion_mnist_features.yaml), logged as `val/fd_classifier` (README "Quality measure").
+            (configs/fashion_mnist_fd_classifier.yaml), logged as `val/fd_classifier` (README "Quality measure").
         fid_weights_path: the InceptionV3 weights file (default: $DDIM_FID_WEIGHTS, then torch-fidelity's
             download).
         fid_ref_stats: a .npz with `mu` and `sigma` (pytorch-fid / torch-fidelity format) used as is; None:
@@ -190,7 +190,7 @@ class DiffusionModule(L.LightningModule):
         if fid_extractor not in EXTRACTORS and not is_classifier_file(fid_extractor):
             raise ConfigError(
                 f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)} "
-                "or a classifier file (configs/fashion_mnist_features.yaml trains one)"
+                "or a classifier file (configs/fashion_mnist_fd_classifier.yaml trains one)"
             )
         if fid_ref_split not in ("train", "test"):
             raise ConfigError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")

@@ -129,7 +129,7 @@ class StandInFeatures(nn.Module):
 
 class ClassifierFeatures(nn.Module):
     """The pooled penultimate features of a classifier trained on the same data set (a `NoisyClassifier` file,
-    `NoisyClassifier.save`; configs/fashion_mnist_features.yaml trains a clean-image one): the usual proxy for
+    `NoisyClassifier.save`; configs/fashion_mnist_fd_classifier.yaml trains a clean-image one): the usual proxy for
     FID on MNIST-like data, which Inception's ImageNet features fit poorly. Evaluated at t = 0. Images are
     converted to the classifier's channels (RGB -> luma mean, gray -> repeated) and resized (bilinear) to its size.
 
@@ -147,7 +147,7 @@ class ClassifierFeatures(nn.Module):
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"feature classifier {path} does not exist: train one with "
-                                    "python -m src.classifier_main fit --config configs/fashion_mnist_features.yaml")  # fmt: skip
+                                    "python -m src.classifier_main fit --config configs/fashion_mnist_fd_classifier.yaml")  # fmt: skip
         self.path = str(path)
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         self.cache_id = f"classifier-{self.sha256[:12]}"
