@@ -9,6 +9,10 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # Newest last.ckpt under ROOT, for `make sample` (override with CKPT=...).
 CKPT ?= $(shell ls -t $(ROOT)/*/*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 NUM_SAMPLES ?= 64
+# bf16 autocast for `make train` where the CPU computes bf16 natively (AVX-512 BF16 or AMX: 1.4x more steps per
+# minute); fp32 elsewhere, where emulated bf16 would be slower than fp32. Override: make train PRECISION=32-true.
+# (Lightning's bf16-mixed clips gradients itself, which the fused AdamW does not allow: the plain one then.)
+PRECISION ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16-mixed || echo 32-true)
 OUT ?= $(ROOT)/samples/$(shell date +%Y%m%d-%H%M%S)
 
 .PHONY: install data train sample test lint format benchmark clean
@@ -29,9 +33,10 @@ data:
 		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist; \
 	else echo "No apt-get: put the Fashion-MNIST idx files in data/FashionMNIST/raw and pass --data.data_dir data"; fi
 
-# Offline quickstart: a short Fashion-MNIST training on the CPU, ending with a sample grid and a checkpoint.
+# Offline quickstart: 15 minutes of Fashion-MNIST training on the CPU, ending with a sample grid and a checkpoint.
 train: install data
-	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) $(ARGS)
+	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) --trainer.precision $(PRECISION) \
+		$(if $(filter bf16-mixed,$(PRECISION)),--model.fused_optimizer false) $(ARGS)
 
 # NUM_SAMPLES PNG files from the newest checkpoint (or CKPT=...), with the EMA weights.
 sample: install

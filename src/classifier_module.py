@@ -39,6 +39,10 @@ class ClassifierModule(L.LightningModule):
         weight_decay: AdamW weight decay (0.05 there).
         warmup_steps: linear learning-rate warm-up steps.
         export_path: where to save the trained classifier (default: `<run dir>/classifier.pt`).
+        clean_only: train on clean images x_0 at t = 0 only (no noise): an ordinary image classifier, whose
+            penultimate features `--model.fid_extractor FILE` and `python -m src.evaluate --extractor FILE` use
+            for a Fréchet distance (configs/fashion_mnist_fd_classifier.yaml). Its features then describe clean
+            images only, instead of sharing capacity with the 999 noise levels guidance needs.
     """
 
     def __init__(
@@ -52,6 +56,7 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.05,
         warmup_steps: int = 0,
         export_path: str | None = None,
+        clean_only: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -67,8 +72,12 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         images, labels = batch
         # Kept for the non-finite guard's report (src/callbacks/faults.py).
-        self.last_t = sample_timesteps(images.shape[0], self.schedule.num_timesteps, images.device)
-        loss = noisy_classifier_loss(self.net, images, labels, self.schedule, self.last_t)
+        if self.hparams.clean_only:
+            self.last_t = torch.zeros(images.shape[0], dtype=torch.int64, device=images.device)
+            loss = torch.nn.functional.cross_entropy(self.net(images, self.last_t), labels)
+        else:
+            self.last_t = sample_timesteps(images.shape[0], self.schedule.num_timesteps, images.device)
+            loss = noisy_classifier_loss(self.net, images, labels, self.schedule, self.last_t)
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss

@@ -4,13 +4,18 @@
     python -m src.evaluate --samples samples.npz --ref stats.npz          # pytorch-fid / torch-fidelity .npz
     python -m src.evaluate --samples DIR --ref fashion_mnist --extractor standin   # offline smoke test, NOT FID
     python -m src.evaluate --samples DIR --ref IMAGES_DIR --kid --prc     # a folder of images as the reference
+    python -m src.evaluate --samples DIR --ref fashion_mnist --extractor CLASSIFIER.pt --prc --reference_values
+        # fd_classifier: Fréchet distance in a Fashion-MNIST classifier's features (README "Quality measure")
 
 A folder (either side) is read recursively, every file Pillow opens; a --ref folder is converted to the samples'
 channels and size as training converts it (decoded once into the image cache of `src/data/folder.py`).
 
 Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a data set or folder as --ref),
 "precision", "recall" (with --prc and a data set or folder as --ref),
-"is_mean", "is_std" (with --isc), "num_samples", ...}; with the stand-in extractor the keys carry "_standin".
+"is_mean", "is_std" (with --isc), "num_samples", ...}; with the stand-in extractor the keys carry "_standin";
+with a classifier file the distance is "fd_classifier" and the other keys carry "_classifier". With
+--reference_values, also the same distance for as many real held-out images (the test split: "<fd>_real_vs_real")
+and for them plus Gaussian noise of std 0.2 in the [-1, 1] range ("<fd>_noised_real"), the scale to read it on.
 A data set's reference statistics are cached as in training (`--cache_dir`, default ~/.cache/ddim-lightning/fid_stats).
 """
 
@@ -26,7 +31,7 @@ import torch
 from PIL import Image
 
 from src.metrics import evaluation
-from src.metrics.features import EXTRACTORS, build_feature_extractor
+from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
 from src.metrics.fid import frechet_distance
 from src.metrics.scores import inception_score, kernel_inception_distance, precision_recall
 
@@ -69,6 +74,29 @@ def features_of(extractor, images: torch.Tensor, batch_size: int, device: str, d
     return {key: torch.cat(values) for key, values in out.items()}
 
 
+def noised(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
+    """uint8 images plus Gaussian noise of `std` in the [-1, 1] range, clipped and rounded back to uint8."""
+    generator = torch.Generator().manual_seed(seed)
+    x = images.float() / 127.5 - 1.0 + std * torch.randn(images.shape, generator=generator)
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+
+
+def reference_values(extractor, args, num: int, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, float]:
+    """The distance of `num` real held-out images (the first of the test split) and of the same images noised:
+    what a perfect model and a visibly flawed one score at this sample size."""
+    from src.data import load_dataset
+
+    real = load_dataset(args.ref, "test", args.data_dir)[0][:num]
+    if len(real) < num:
+        print(f"note: the test split has {len(real)} images, fewer than the {num} samples", file=sys.stderr)
+    values = {}
+    for name, images in (("real_vs_real", real), ("noised_real", noised(real, args.noise_std))):
+        pool = features_of(extractor, images, args.batch_size, args.device, name)["pool"].double().numpy()
+        values[name] = frechet_distance(np.mean(pool, axis=0), np.cov(pool, rowvar=False), ref_mu, ref_sigma)
+    values["reference_n"] = len(real)
+    return values
+
+
 def main(argv: list[str] | None = None) -> dict[str, float]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--samples", required=True, help="folder of PNG files or .npz of uint8 images")
@@ -77,7 +105,17 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     )
     parser.add_argument("--split", default="train", help="data set split for --ref DATASET (train | test)")
     parser.add_argument("--data_dir", default=None, help="data folder for --ref DATASET")
-    parser.add_argument("--extractor", default="inception", choices=EXTRACTORS)
+    parser.add_argument(
+        "--extractor",
+        default="inception",
+        help=f"{' | '.join(EXTRACTORS)} | a classifier file (.pt, configs/fashion_mnist_fd_classifier.yaml)",
+    )
+    parser.add_argument(
+        "--reference_values",
+        action="store_true",
+        help="also the distance of real test images and of noised ones (needs --ref DATASET)",
+    )
+    parser.add_argument("--noise_std", type=float, default=0.2, help="noise std of --reference_values ([-1, 1] range)")
     parser.add_argument("--weights", default=None, help="InceptionV3 weights file (default: $DDIM_FID_WEIGHTS)")
     parser.add_argument("--cache_dir", default=None, help="reference statistics cache folder")
     parser.add_argument(
@@ -89,9 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     parser.add_argument("--prc", action="store_true", help="also precision and recall (k=3; needs --ref DATASET)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
+    if args.extractor not in EXTRACTORS and not is_classifier_file(args.extractor):
+        parser.error(f"--extractor {args.extractor!r}: choose one of {', '.join(EXTRACTORS)} or a classifier file")
 
     extractor = build_feature_extractor(args.extractor, args.weights).to(args.device)
-    suffix = "" if args.extractor == "inception" else f"_{args.extractor}"
+    suffix = "" if extractor.name == "inception" else f"_{extractor.name}"
+    fd_key = "fd_classifier" if extractor.name == "classifier" else f"fid{suffix}"
     samples = load_samples(args.samples)
     feats = features_of(extractor, samples, args.batch_size, args.device, "sample features")
     pool = feats["pool"].double().numpy()
@@ -111,7 +152,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             from src.data import load_dataset
 
             ref_images, ref_name, split = load_dataset(args.ref, args.split, args.data_dir)[0], args.ref, args.split
-        key = evaluation.reference_key(ref_name, split, extractor.name, ref_images.shape[-1], len(ref_images))
+        key = evaluation.reference_key(ref_name, split, extractor_id(extractor), ref_images.shape[-1], len(ref_images))
 
         def compute() -> tuple[np.ndarray, np.ndarray]:
             nonlocal ref_features
@@ -123,7 +164,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results["ref_stats"] = str(path)
         if (args.kid or args.prc) and ref_features is None:
             ref_features = features_of(extractor, ref_images, args.batch_size, args.device, "reference")["pool"]
-    results[f"fid{suffix}"] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    results[fd_key] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    if args.reference_values:
+        if args.ref.endswith(".npz"):
+            raise SystemExit("--reference_values needs a data set name as --ref (its test split is the real sample)")
+        for name, value in reference_values(extractor, args, len(samples), ref_mu, ref_sigma).items():
+            results[f"{fd_key}_{name}"] = value
     if args.kid:
         if ref_features is None:
             raise SystemExit("--kid needs reference features: pass a data set or a folder as --ref, not a .npz")
@@ -138,7 +184,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         if "logits" not in feats:
             raise SystemExit("--isc needs the Inception extractor's logits")
         results["is_mean"], results["is_std"] = inception_score(feats["logits"])
-    if suffix:
+    if extractor.name == "classifier":
+        results["extractor_sha256"] = extractor.sha256
+        results["note"] = "classifier features: NOT FID; comparable only between numbers from the same classifier file"
+    elif suffix:
         results["note"] = "stand-in features: these numbers are NOT FID/KID and not comparable to papers"
     json.dump(results, sys.stdout, indent=1)
     print()

@@ -26,7 +26,7 @@ from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.images import to_uint8
 from src.metrics import evaluation
-from src.metrics.features import EXTRACTORS, build_feature_extractor
+from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
 from src.models.ema import EMA
 from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
 from src.seeding import sample_generators
@@ -84,7 +84,8 @@ class DiffusionModule(L.LightningModule):
         num_fid_samples: `validate` generates this many samples (over all processes) and logs their FID against
             the reference statistics as `val/fid` (0: off; 50000 for the papers' numbers).
         fid_extractor: "inception" (the standard FID network, torch-fidelity's) or "standin" (a small offline
-            network for smoke tests, logged as `val/fid_standin`: NOT an FID).
+            network for smoke tests, logged as `val/fid_standin`: NOT an FID) or the path of a classifier file
+            (configs/fashion_mnist_fd_classifier.yaml), logged as `val/fd_classifier` (README "Quality measure").
         fid_weights_path: the InceptionV3 weights file (default: $DDIM_FID_WEIGHTS, then torch-fidelity's
             download).
         fid_ref_stats: a .npz with `mu` and `sigma` (pytorch-fid / torch-fidelity format) used as is; None:
@@ -191,9 +192,10 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(
                 f"--model.sampling_steps must be in [1, {timesteps}] (--model.timesteps), got {sampling_steps}"
             )
-        if fid_extractor not in EXTRACTORS:
+        if fid_extractor not in EXTRACTORS and not is_classifier_file(fid_extractor):
             raise ConfigError(
-                f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)}"
+                f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)} "
+                "or a classifier file (configs/fashion_mnist_fd_classifier.yaml trains one)"
             )
         if fid_ref_split not in ("train", "test"):
             raise ConfigError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")
@@ -384,7 +386,9 @@ class DiffusionModule(L.LightningModule):
                 name = datamodule.dataset
                 images = load_dataset(name, hp.fid_ref_split, datamodule.data_dir)[0]
             extractor = self.fid_extractor()
-            key = evaluation.reference_key(name, hp.fid_ref_split, extractor.name, images.shape[-1], len(images))
+            key = evaluation.reference_key(
+                name, hp.fid_ref_split, extractor_id(extractor), images.shape[-1], len(images)
+            )
             rank, world = evaluation._dist_info()
 
             def compute() -> tuple[np.ndarray, np.ndarray]:
@@ -414,7 +418,9 @@ class DiffusionModule(L.LightningModule):
         )
         value = evaluation.fid_from_statistics(stats, ref_mu, ref_sigma)
         name = evaluation.metric_name(extractor.name, "fid", stage)
-        label = "" if extractor.name == "inception" else " (stand-in features: NOT an FID, not comparable to papers)"
+        label = {"inception": "", "classifier": f" (features of {getattr(extractor, 'path', '')}: NOT an FID)"}.get(
+            extractor.name, " (stand-in features: NOT an FID, not comparable to papers)"
+        )
         rank_zero_info(
             f"{name} = {value:.4f} from {num_samples} samples{label}; {seconds_per_1k:.1f} s per 1,000 samples"
         )

@@ -32,7 +32,10 @@ CACHE_VERSION = 1
 
 
 def metric_name(extractor_name: str, metric: str = "fid", stage: str = "val") -> str:
-    """`val/fid` for the standard Inception network only; `val/fid_standin` (NOT FID) for the stand-in."""
+    """`val/fid` for the standard Inception network only; `val/fid_standin` (NOT FID) for the stand-in;
+    `val/fd_classifier` for a classifier's features (a Fréchet distance, not Inception's)."""
+    if extractor_name == "classifier" and metric == "fid":
+        return f"{stage}/fd_classifier"
     suffix = "" if extractor_name == "inception" else f"_{extractor_name}"
     return f"{stage}/{metric}{suffix}"
 
@@ -106,11 +109,14 @@ def sample_statistics(
 
 # ------------------------------------------------------------------------------------------ statistics files
 def reference_key(dataset: str, split: str, extractor_name: str, image_size: int, num_images: int) -> dict:
+    # A classifier's id is "classifier-<hash of its file>" (`features.extractor_id`).
+    classifier = extractor_name.startswith("classifier")
+    resize = "bilinear-antialias-to-classifier" if classifier else RESIZE.get(extractor_name, "unknown")
     return {
         "dataset": dataset,
         "split": split,
         "extractor": extractor_name,
-        "resize": RESIZE.get(extractor_name, "unknown"),
+        "resize": resize,
         "image_size": int(image_size),
         "num_images": int(num_images),
         "version": CACHE_VERSION,

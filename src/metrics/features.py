@@ -3,11 +3,14 @@
 Every extractor takes uint8 images (B, C, H, W) with C = 1 or 3 (grayscale is repeated to RGB) and returns a
 dict of float32 features; `"pool"` is the (B, D) feature FID and KID use, `"logits"` (Inception only) what IS
 uses. `metric_suffix` keeps numbers apart: only the standard Inception logs as `fid`; the stand-in logs as
-`fid_standin`, which is NOT an FID and must never be compared with published values.
+`fid_standin`, which is NOT an FID and must never be compared with published values. A classifier file
+(`ClassifierFeatures`, a clean-image classifier trained on the same data set) gives `fd_classifier`: a Fréchet
+distance in its features, comparable only between numbers scored with the same file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -19,7 +22,7 @@ from torch import Tensor, nn
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
 WEIGHTS_ENV = "DDIM_FID_WEIGHTS"
-EXTRACTORS = ("inception", "standin")
+EXTRACTORS = ("inception", "standin")  # or the path of a classifier file (`ClassifierFeatures`)
 
 
 class InceptionWeightsNotFoundError(FileNotFoundError):
@@ -124,10 +127,67 @@ class StandInFeatures(nn.Module):
         return {"pool": torch.cat([*pooled, pixels], dim=1)}
 
 
+class ClassifierFeatures(nn.Module):
+    """The pooled penultimate features of a classifier trained on the same data set (a `NoisyClassifier` file,
+    `NoisyClassifier.save`; configs/fashion_mnist_fd_classifier.yaml trains a clean-image one): the usual proxy for
+    FID on MNIST-like data, which Inception's ImageNet features fit poorly. Evaluated at t = 0. Images are
+    converted to the classifier's channels (RGB -> luma mean, gray -> repeated) and resized (bilinear) to its size.
+
+    `name` "classifier" makes the metric `fd_classifier`; `cache_id` (with the file's SHA-256) keys the cached
+    reference statistics, so two classifiers never share them.
+    """
+
+    name = "classifier"
+    metric_suffix = "_classifier"
+
+    def __init__(self, path: str | os.PathLike) -> None:
+        super().__init__()
+        from src.models.classifier import NoisyClassifier
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"feature classifier {path} does not exist: train one with "
+                                    "python -m src.classifier_main fit --config configs/fashion_mnist_fd_classifier.yaml")  # fmt: skip
+        self.path = str(path)
+        self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
+        self.cache_id = f"classifier-{self.sha256[:12]}"
+        self.net = NoisyClassifier.load(str(path)).requires_grad_(False).eval()
+        self.pool_dim = self.net.head.in_features
+
+    def forward(self, images: Tensor) -> dict[str, Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(f"expected uint8 (B, 1 or 3, H, W) images, got {images.dtype} {tuple(images.shape)}")
+        x = images.float() / 127.5 - 1.0
+        channels = self.net.in_channels
+        if x.shape[1] != channels:
+            x = x.mean(dim=1, keepdim=True) if channels == 1 else x.expand(-1, channels, -1, -1)
+        size = self.net.image_size
+        if x.shape[-2:] != (size, size):
+            x = F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+        t = torch.zeros(x.shape[0], dtype=torch.int64, device=x.device)
+        features = self.net.features(x, t)
+        return {"pool": features.float(), "class_logits": self.net.head(features).float()}
+
+
+def is_classifier_file(name: str | os.PathLike) -> bool:
+    """Whether an extractor name is a path (an existing file, or one ending in .pt / .pth)."""
+    return Path(name).suffix in (".pt", ".pth") or Path(name).is_file()
+
+
+def extractor_id(extractor: nn.Module) -> str:
+    """What identifies the extractor's features in reference-statistics cache keys."""
+    return getattr(extractor, "cache_id", extractor.name)
+
+
 def build_feature_extractor(name: str = "inception", weights_path: str | os.PathLike | None = None) -> nn.Module:
-    """ "inception" (the standard FID network) or "standin" (offline stand-in, NOT FID)."""
+    """ "inception" (the standard FID network), "standin" (offline stand-in, NOT FID) or the path of a
+    classifier file (`ClassifierFeatures`: fd_classifier, NOT FID)."""
     if name == "inception":
         return InceptionFeatures(weights_path)
     if name == "standin":
         return StandInFeatures()
-    raise ValueError(f"unknown FID feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)}")
+    if is_classifier_file(name):
+        return ClassifierFeatures(name)
+    raise ValueError(
+        f"unknown FID feature extractor {name!r}; choose one of {', '.join(EXTRACTORS)} or a classifier file (.pt)"
+    )

@@ -74,13 +74,17 @@ class NoisyClassifier(nn.Module):
         self.norm_out = group_norm(ch, norm_groups)
         self.head = nn.Linear(ch, num_classes)
 
-    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+    def features(self, x: Tensor, t: Tensor) -> Tensor:
+        """The pooled penultimate features (B, C) the linear head reads (what Fréchet-distance features use)."""
         if t.ndim == 0:
             t = t.expand(x.shape[0])
         temb = self.temb(timestep_embedding(t, self.base_channels))
         h = run_down_path(self.down, self.conv_in(x), temb)[-1]
         h = F.silu(self.norm_out(self.mid(h, temb)))
-        return self.head(h.mean(dim=(2, 3)))
+        return h.mean(dim=(2, 3))
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        return self.head(self.features(x, t))
 
     def save(self, path: str) -> None:
         """{"config", "state_dict"} in one torch file (`load` rebuilds it without knowing the arguments)."""
