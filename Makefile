@@ -11,7 +11,6 @@ CKPT ?= $(shell ls -t $(ROOT)/*/*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
 NUM_SAMPLES ?= 64
 # bf16 autocast for `make train` where the CPU computes bf16 natively (AVX-512 BF16 or AMX: 1.4x more steps per
 # minute); fp32 elsewhere, where emulated bf16 would be slower than fp32. Override: make train PRECISION=32-true.
-# (Lightning's bf16-mixed clips gradients itself, which the fused AdamW does not allow: the plain one then.)
 PRECISION ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16-mixed || echo 32-true)
 OUT ?= $(ROOT)/samples/$(shell date +%Y%m%d-%H%M%S)
 
@@ -35,8 +34,7 @@ data:
 
 # Offline quickstart: 15 minutes of Fashion-MNIST training on the CPU, ending with a sample grid and a checkpoint.
 train: install data
-	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) --trainer.precision $(PRECISION) \
-		$(if $(filter bf16-mixed,$(PRECISION)),--model.fused_optimizer false) $(ARGS)
+	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) --trainer.precision $(PRECISION) $(ARGS)
 
 # NUM_SAMPLES PNG files from the newest checkpoint (or CKPT=...), with the EMA weights.
 sample: install

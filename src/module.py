@@ -311,6 +311,23 @@ class DiffusionModule(L.LightningModule):
         fused = self.hparams.get("fused_optimizer")
         return self.device.type in ("cuda", "cpu") if fused is None else bool(fused)
 
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        # Without a GradScaler (fp32, bf16-mixed) the gradients are not scaled, so they are clipped here directly.
+        # Lightning's mixed-precision plugin refuses to clip for any optimizer that unscales internally (the fused
+        # AdamW), which is only needed under fp16's GradScaler: bf16-mixed with clipping and fused AdamW (the GPU
+        # configs) would otherwise fail at the first step.
+        if getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return super().configure_gradient_clipping(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if not gradient_clip_val:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if gradient_clip_algorithm == "value":
+            torch.nn.utils.clip_grad_value_(params, gradient_clip_val)
+        else:
+            torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
+
     def configure_optimizers(self):
         hp = self.hparams
         # Only the trained network's parameters: the EMA copy is updated by averaging, never by the optimizer.

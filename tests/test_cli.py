@@ -247,3 +247,13 @@ def test_a_bad_sampler_option_is_one_line(subcommand: str, tmp_path: Path) -> No
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).strip().splitlines()
     assert lines == ["error: --model.eta must be in [0, 1], got 7.0"], lines
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_bf16_mixed_with_clipping_and_the_fused_optimizer(tmp_path: Path) -> None:
+    """The GPU configs' combination (Lightning's mixed-precision plugin refuses to clip for fused optimizers)."""
+    ckpt = _fit(tmp_path / "runs", 2, "--trainer.precision", "bf16-mixed", "--trainer.gradient_clip_val", "0.5")
+    state = torch.load(ckpt, weights_only=True, map_location="cpu")
+    assert state["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in state["state_dict"].values() if v.is_floating_point())

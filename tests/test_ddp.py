@@ -37,6 +37,7 @@ TINY_NET = [
 # plus the periodic FID callback the README describes (with the offline stand-in extractor).
 EVERY_CALLBACK = [
     {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 50}},
+    {"class_path": "src.callbacks.time_budget.TimeBudget", "init_args": {"duration": "00:00:30:00"}},
     {
         "class_path": "src.callbacks.checkpoint.ModelCheckpoint",
         "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2},
