@@ -25,7 +25,7 @@ from src.data import DatasetNotFoundError, ImageDataModule
 from src.errors import SuggestingArgumentParser, UserError, check_checkpoint, check_image_shape, read_checkpoint
 from src.loggers import auto_logger
 from src.module import DiffusionModule
-from src.signals import exit_on_second_signal, register_children
+from src.signals import exit_after_signals, exit_on_second_signal, register_children
 
 # The EMA copy is kept in eval mode on purpose (no dropout in the averaged weights).
 # "Seed set to N" on every start adds nothing to config.yaml (which records the seed), and would stand before a
@@ -151,8 +151,9 @@ class DiffusionCLI(LightningCLI):
             max_skips = self._option("max_nonfinite_skips")
             kwargs["callbacks"] = configured + fault_callbacks(configured, max_skips)
         trainer = super().instantiate_trainer(**kwargs)
-        # A forced exit on a second signal takes the DDP ranks this process launched with it.
+        # A forced exit on a second signal (the first, outside fit) takes the DDP ranks this process launched with it.
         register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])
+        exit_after_signals(2 if self.subcommand in ("fit", None) else 1)
         if self.subcommand == "predict":
             output_dir = self._option("output_dir") or os.path.join(root, "predictions", time.strftime("%Y%m%d-%H%M%S"))
             trainer.callbacks.append(PNGWriter(Path(output_dir), overwrite=self._option("overwrite")))

@@ -1,4 +1,5 @@
-"""A second SIGTERM or SIGINT ends the process at once, even while its main thread waits in a collective.
+"""A second SIGTERM or SIGINT ends the process at once, even while its main thread waits in a collective (the first
+one already, outside training).
 
 The first SIGTERM asks the run to save a checkpoint and stop after the current step (`SignalCheckpoint`); the
 first SIGINT (Ctrl-C) makes Lightning shut down gracefully. Both are Python-level handlers, and Python runs
@@ -22,6 +23,15 @@ from collections.abc import Callable, Iterable
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
 _children: list[Callable[[], Iterable[object]]] = []
 _installed = False
+_signals_to_exit = 2
+
+
+def exit_after_signals(count: int) -> None:
+    """How many SIGTERM/SIGINT signals end the process at once: 2 for training (the first saves a checkpoint and
+    stops after the step), 1 for predict / validate / test, which have nothing to save (predict's files are
+    written one by one, atomically) and whose Lightning loops do not stop on a SIGTERM by themselves."""
+    global _signals_to_exit
+    _signals_to_exit = max(1, int(count))
 
 
 def register_children(get_processes: Callable[[], Iterable[object]]) -> None:
@@ -31,7 +41,8 @@ def register_children(get_processes: Callable[[], Iterable[object]]) -> None:
 
 
 def _force_exit(signum: int) -> None:
-    sys.stderr.write(f"\nReceived a second termination signal ({signal.Signals(signum).name}): exiting now\n")
+    which = "a second termination signal" if _signals_to_exit > 1 else "a termination signal"
+    sys.stderr.write(f"\nReceived {which} ({signal.Signals(signum).name}): exiting now\n")
     sys.stderr.flush()
     for get_processes in _children:
         for process in get_processes():
@@ -54,7 +65,7 @@ def _watch(reader: socket.socket) -> None:
         for signum in data:
             if signum in _TERMINATING:
                 received += 1
-                if received >= 2:
+                if received >= _signals_to_exit:
                     _force_exit(signum)
 
 

@@ -215,3 +215,29 @@ def test_a_second_sigterm_ends_a_process_that_waits_in_a_collective(tmp_path: Pa
         process.kill()
     assert process.returncode == 128 + signal.SIGTERM
     assert "second termination signal" in process.stdout.read()
+
+
+@pytest.mark.slow
+def test_one_sigterm_ends_a_running_predict(ddp_fit: tuple[Path, str], tmp_path: Path, data: Path) -> None:
+    """Lightning's predict loop never looks at its SIGTERM flag; predict has nothing to save, so it ends at once."""
+    root, _ = ddp_fit
+    (ckpt,) = root.glob("fashion_mnist/version_*/checkpoints/last.ckpt")
+    out = tmp_path / "pngs"
+    args = ["predict", "--config", "configs/fashion_mnist.yaml", *TINY_NET, "--ckpt_path", str(ckpt),
+            "--data.data_dir", str(data), "--data.num_samples", "100000", "--data.predict_batch_size", "2",
+            "--model.sampling_steps", "50", "--output_dir", str(out), "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+    process = subprocess.Popen([sys.executable, "-m", "src.main", *args], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                               env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
+    try:
+        deadline = time.monotonic() + 300
+        while not (out.is_dir() and any(out.iterdir())):  # sampling is under way
+            assert process.poll() is None and time.monotonic() < deadline, process.communicate()[0][-3000:]
+            time.sleep(0.2)
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
+    assert all(p.suffix == ".png" for p in out.iterdir())  # whole files only (each written atomically)

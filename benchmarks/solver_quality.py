@@ -1,0 +1,79 @@
+"""Sample quality of every sampler at (about) the same number of model evaluations, on a trained model: each
+sampler writes `--num-samples` PNG files through `python -m src.main predict`, then `python -m src.evaluate` scores
+them. With a classifier file as `--extractor` (configs/fashion_mnist_fd_classifier.yaml trains one) the score is
+`fd_classifier` (README "Quality measure"; NOT an FID), with the real-vs-real and noised-real values beside it.
+
+    python benchmarks/solver_quality.py --ckpt runs/fashion_mnist/version_0/checkpoints/last.ckpt \
+        --extractor runs/fashion_mnist_fd_classifier/version_0/classifier.pt --nfe 10 --num-samples 1000
+
+Evaluations per sample for N steps: N for DDIM, DPM-Solver++(2M) (log-SNR steps), Euler-Maruyama, DPM-Solver++(3M),
+UniPC and iPNDM; 2N - 1 for EDM's Heun and 2N for predictor-corrector, which therefore get N = (nfe + 1) // 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# sampler -> (extra predict options, evaluations per step)
+SAMPLERS = {
+    "ddim": ([], 1),
+    "dpmpp_2m": (["--model.skip", "logsnr"], 1),
+    "euler_maruyama": ([], 1),
+    "pc": ([], 2),
+    "heun": ([], 2),
+    "dpmpp_3m": ([], 1),
+    "unipc": ([], 1),
+    "ipndm": ([], 1),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True)
+    parser.add_argument("--config", default="configs/fashion_mnist.yaml")
+    parser.add_argument("--extractor", required=True, help="classifier file, standin or inception")
+    parser.add_argument("--ref", default="fashion_mnist")
+    parser.add_argument("--nfe", type=int, default=10)
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--samplers", nargs="*", default=list(SAMPLERS))
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.samplers:
+            extra, per_step = SAMPLERS[name]
+            steps = args.nfe if per_step == 1 else (args.nfe + 1) // 2
+            out = Path(tmp) / name
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "src.main", "predict", "--config", args.config, "--ckpt_path",
+                            args.ckpt, "--model.sampler", name, "--model.sampling_steps", str(steps), *extra,
+                            "--data.num_samples", str(args.num_samples), "--data.predict_batch_size",
+                            str(args.batch_size), "--output_dir", str(out), "--trainer.default_root_dir",
+                            str(Path(tmp) / "runs"), "--trainer.enable_progress_bar", "false"],
+                           cwd=REPO, check=True, capture_output=True)  # fmt: skip
+            seconds = time.perf_counter() - start
+            result = subprocess.run([sys.executable, "-m", "src.evaluate", "--samples", str(out), "--ref", args.ref,
+                                     "--extractor", args.extractor, "--reference_values"],
+                                    cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
+            scores = json.loads(result.stdout.strip().splitlines()[-1])
+            fd = next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores)
+            rows.append((name, steps, steps * per_step - (1 if name == "heun" else 0), scores[fd],
+                         scores.get(f"{fd}_real_vs_real"), scores.get(f"{fd}_noised_real"), seconds))  # fmt: skip
+            print(rows[-1], flush=True)
+    print(f"\n| sampler | steps | evaluations | {fd} | real vs real | noised real | predict seconds |")
+    print("|---|---:|---:|---:|---:|---:|---:|")
+    for name, steps, nfe, value, real, noised, seconds in rows:
+        print(f"| {name} | {steps} | {nfe} | {value:.3f} | {real:.3f} | {noised:.3f} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
