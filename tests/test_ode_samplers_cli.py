@@ -49,4 +49,5 @@ def test_sampler_options_reach_the_solver_and_bad_ones_are_refused(tmp_path: Pat
         _predict(ckpt, tmp_path / "runs", tmp_path / "bad", "--model.sampler", "unipc",
                  "--model.sampler_options", "{order: 3}")  # fmt: skip
     with pytest.raises(ConfigError, match="not to --model.sampler ddim"):
-        _predict(ckpt, tmp_path / "runs", tmp_path / "bad2", "--model.sampler_options", "{rho: 3}")
+        _predict(ckpt, tmp_path / "runs", tmp_path / "bad2", "--model.sampler", "ddim", "--model.sampler_options",
+                 "{rho: 3}")  # fmt: skip
