@@ -64,7 +64,7 @@ def main() -> None:
             result = subprocess.run([sys.executable, "-m", "src.evaluate", "--samples", str(out), "--ref", args.ref,
                                      "--extractor", args.extractor, "--reference_values"],
                                     cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
-            scores = json.loads(result.stdout.strip().splitlines()[-1])
+            scores = json.loads(result.stdout[result.stdout.index("{") :])
             fd = next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores)
             rows.append((name, steps, steps * per_step - (1 if name == "heun" else 0), scores[fd],
                          scores.get(f"{fd}_real_vs_real"), scores.get(f"{fd}_noised_real"), seconds))  # fmt: skip
