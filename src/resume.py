@@ -24,6 +24,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
+from src.seeding import mix_seeds
+
 RNG_STATES_KEY = "rng_states"  # checkpoint key: a list with one entry per rank
 
 
@@ -81,15 +83,6 @@ def gather_rng_states() -> list[dict[str, Any]]:
 # ----------------------------------------------------------------------------------------------------------
 
 
-def _mix(*values: int) -> int:
-    """A 63-bit seed from several integers (splitmix64 steps), so nearby inputs give unrelated seeds."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0xBF58476D1CE4E5B9 & 0xFFFFFFFFFFFFFFFF
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & 0xFFFFFFFFFFFFFFFF
-    return h >> 1
-
-
 def _world() -> tuple[int, int]:
     if dist.is_available() and dist.is_initialized():
         return dist.get_world_size(), dist.get_rank()
@@ -116,7 +109,7 @@ class ResumableSampler(DistributedSampler):
 
     def __iter__(self) -> Iterator[int]:
         if self.shuffle:
-            generator = torch.Generator().manual_seed(_mix(self.seed, self.epoch))
+            generator = torch.Generator().manual_seed(mix_seeds(self.seed, self.epoch))
             indices = torch.randperm(len(self.dataset), generator=generator).tolist()  # type: ignore[arg-type]
         else:
             indices = list(range(len(self.dataset)))  # type: ignore[arg-type]
@@ -190,7 +183,7 @@ class ResumableDataLoader(DataLoader):
 
     def _flip(self, batch: Any, epoch: int, batch_index: int, rank: int) -> Any:
         images: Tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
-        generator = torch.Generator().manual_seed(_mix(self.seed, epoch, rank, batch_index))
+        generator = torch.Generator().manual_seed(mix_seeds(self.seed, epoch, rank, batch_index))
         flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
         images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return (images, *batch[1:]) if isinstance(batch, (tuple, list)) else images
