@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from src.diffusion.parameterization import check_prediction
+from src.diffusion.parameterization import check_prediction, eps_from_output
 from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # D(x~, sigma) -> x_0-hat, sigma a (B,) tensor
@@ -156,8 +156,7 @@ class DiscreteSigmaDenoiser:
             level = self.t_to_sigma(t) if self.quantize else sigma64
             alpha = self.input_scale(level).to(x.device, x.dtype).reshape(shape)
             sigma_vp = alpha * level.to(x.device, x.dtype).reshape(shape)
-            x_t = x * c_in_x
-            out = (x_t - alpha * out) / sigma_vp if self.prediction == "x0" else sigma_vp * x_t + alpha * out
+            out = eps_from_output(self.prediction, out, x * c_in_x, alpha, sigma_vp)
         denoised = x - s * out  # x~ = x_0 + sigma eps
         return denoised.clamp(-1.0, 1.0) if self.clip_x0 else denoised
 

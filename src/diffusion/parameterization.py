@@ -52,7 +52,14 @@ def eps_from_prediction(prediction: str, output: Tensor, x_t: Tensor, schedule: 
     check_prediction(prediction)
     if prediction == "eps":
         return output
-    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    return eps_from_output(prediction, output, x_t, *_alpha_sigma(schedule, t, x_t))
+
+
+def eps_from_output(prediction: str, output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
+    """eps implied by the network output at x_t = alpha x_0 + sigma eps, for any (also continuous) alpha and sigma
+    with alpha^2 + sigma^2 = 1: eps = (x_t - alpha x_0) / sigma, or sigma x_t + alpha v."""
+    if prediction == "eps":
+        return output
     if prediction == "x0":
         return (x_t - alpha * output) / sigma
     return sigma * x_t + alpha * output
