@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterable
 
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
 _children: list[Callable[[], Iterable[object]]] = []
-_installed = False
+_wakeup_sockets: tuple[socket.socket, socket.socket] | None = None  # kept open for the life of the process
 _signals_to_exit = 2
 
 
@@ -71,8 +71,8 @@ def _watch(reader: socket.socket) -> None:
 
 def exit_on_second_signal() -> bool:
     """Install the watcher (once per process, from the main thread); False where that is not possible."""
-    global _installed
-    if _installed:
+    global _wakeup_sockets
+    if _wakeup_sockets is not None:
         return True
     if threading.current_thread() is not threading.main_thread():
         return False
@@ -85,7 +85,5 @@ def exit_on_second_signal() -> bool:
         writer.close()
         return False
     threading.Thread(target=_watch, args=(reader,), name="second-signal-exit", daemon=True).start()
-    # Keep the writer alive for the life of the process (the wake-up fd must stay open).
-    exit_on_second_signal._sockets = (reader, writer)  # type: ignore[attr-defined]
-    _installed = True
+    _wakeup_sockets = (reader, writer)
     return True
