@@ -10,10 +10,8 @@ from __future__ import annotations
 import difflib
 import os
 import re
-import sys
 
 import torch
-from lightning.pytorch.cli import LightningArgumentParser
 
 
 class UserError(Exception):
@@ -76,45 +74,6 @@ def one_line(message: str) -> str:
     return f"--{key[1]} {value}: expected {types}{hint}"
 
 
-class SuggestingArgumentParser(LightningArgumentParser):
-    """LightningCLI's parser, whose "unrecognized arguments" / unknown-key errors suggest the closest option, and
-    which takes no abbreviations: argparse would otherwise run `--trainer.max_step 3` as `--trainer.max_steps 3`."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        kwargs.setdefault("allow_abbrev", False)
-        super().__init__(*args, **kwargs)
-
-    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
-        """The error in one line and a pointer to --help, without argparse's usage (a hundred lines here, which
-        pushed the error itself off the screen)."""
-        message = did_you_mean(one_line(message), _option_names(self))
-        if not self.exit_on_error or "JSONARGPARSE_DEBUG" in os.environ:  # it raises the ArgumentError instead
-            return super().error(message, ex)
-        parser = getattr(ex, "subcommand_parser", None) or self
-        self.logger.error(message)
-        sys.stderr.write(f"error: {message}\nsee `{_command(parser.prog)} --help` for every option\n")
-        self.exit(2)
-
-
-def _command(prog: str) -> str:
-    """The command line that reaches a parser: "main.py [options] fit" -> "python -m src.main fit" under `-m`."""
-    words = prog.replace(" [options]", "").split()
-    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
-    if spec is not None and words and spec.name.rpartition(".")[2] == os.path.splitext(words[0])[0]:
-        words[0] = f"python -m {spec.name}"
-    return " ".join(words)
-
-
-def _option_names(parser) -> list[str]:
-    """Every --option of a parser and of its subcommands' parsers (config-file keys are reported by the root)."""
-    names = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
-    for action in parser._actions:
-        for sub in (getattr(action, "choices", None) or {}).values():
-            if hasattr(sub, "_actions"):
-                names += _option_names(sub)
-    return names
-
-
 def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str) -> None:
     """ShapeMismatchError (one line, naming both shapes and the options) unless the net takes the data's images."""
     in_channels, image_size = getattr(net, "in_channels", None), getattr(net, "image_size", None)
@@ -151,6 +110,8 @@ def check_checkpoint(path: str | os.PathLike, model: torch.nn.Module, most: int 
     """Raise CheckpointError (one line) when `path` cannot be read as a checkpoint, or when its state_dict does not
     fit `model`: the missing and unexpected keys and the shape differences, the first `most` of each."""
     state = read_checkpoint(path)["state_dict"]
+    if hasattr(model, "upgrade_state_dict"):  # keys renamed since older checkpoints (DiffusionModule)
+        state = model.upgrade_state_dict(state)
     expected = {key: tuple(value.shape) for key, value in model.state_dict().items()}
     found = {key: tuple(value.shape) for key, value in state.items()}
 

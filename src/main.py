@@ -16,13 +16,14 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
-from src.errors import SuggestingArgumentParser, UserError, check_checkpoint, check_image_shape, read_checkpoint
+from src.errors import UserError, check_checkpoint, check_image_shape, did_you_mean, one_line, read_checkpoint
 from src.loggers import auto_logger
 from src.module import DiffusionModule
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
@@ -38,6 +39,45 @@ warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 CHECKPOINT_MODEL_KEYS = ("net", "schedule", "timesteps", "beta_start", "beta_end", "prediction")
 
 
+class SuggestingArgumentParser(LightningArgumentParser):
+    """LightningCLI's parser, whose "unrecognized arguments" / unknown-key errors suggest the closest option, and
+    which takes no abbreviations: argparse would otherwise run `--trainer.max_step 3` as `--trainer.max_steps 3`."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
+        """The error in one line and a pointer to --help, without argparse's usage (a hundred lines here, which
+        pushed the error itself off the screen)."""
+        message = did_you_mean(one_line(message), _option_names(self))
+        if not self.exit_on_error or "JSONARGPARSE_DEBUG" in os.environ:  # it raises the ArgumentError instead
+            return super().error(message, ex)
+        parser = getattr(ex, "subcommand_parser", None) or self
+        self.logger.error(message)
+        sys.stderr.write(f"error: {message}\nsee `{_command(parser.prog)} --help` for every option\n")
+        self.exit(2)
+
+
+def _command(prog: str) -> str:
+    """The command line that reaches a parser: "main.py [options] fit" -> "python -m src.main fit" under `-m`."""
+    words = prog.replace(" [options]", "").split()
+    spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if spec is not None and words and spec.name.rpartition(".")[2] == os.path.splitext(words[0])[0]:
+        words[0] = f"python -m {spec.name}"
+    return " ".join(words)
+
+
+def _option_names(parser) -> list[str]:
+    """Every --option of a parser and of its subcommands' parsers (config-file keys are reported by the root)."""
+    names = [s for action in parser._actions for s in action.option_strings if s.startswith("--")]
+    for action in parser._actions:
+        for sub in (getattr(action, "choices", None) or {}).values():
+            if hasattr(sub, "_actions"):
+                names += _option_names(sub)
+    return names
+
+
 def latest_checkpoint(root: str, run_name: str) -> Path:
     """The newest `<root>/<run_name>/<version>/checkpoints/last.ckpt`, for `--ckpt_path last`."""
     candidates = sorted(Path(root, run_name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
@@ -49,11 +89,14 @@ def latest_checkpoint(root: str, run_name: str) -> Path:
     return candidates[-1]
 
 
-def fault_callbacks(configured: list, max_nonfinite_skips: int) -> list:
-    """SignalCheckpoint and NonFiniteGuard for every fit run, unless the config already lists them."""
+def fit_callbacks(configured: list, max_nonfinite_skips: int, has_logger: bool) -> list:
+    """SignalCheckpoint, NonFiniteGuard and (with a logger) LearningRateMonitor for every fit run, unless the config
+    already lists them."""
     have = {type(c) for c in configured}
-    added = [] if SignalCheckpoint in have else [SignalCheckpoint()]
-    return added + ([] if NonFiniteGuard in have else [NonFiniteGuard(max_skips=max_nonfinite_skips)])
+    wanted = [SignalCheckpoint(), NonFiniteGuard(max_skips=max_nonfinite_skips)]
+    if has_logger:  # the learning rate as `train/lr`, the name configure_optimizers gives the scheduler
+        wanted.append(LearningRateMonitor(logging_interval="step"))
+    return [c for c in wanted if type(c) not in have]
 
 
 class DiffusionCLI(LightningCLI):
@@ -149,7 +192,8 @@ class DiffusionCLI(LightningCLI):
         if self.subcommand in ("fit", None):  # None: run=False, the caller may still fit
             configured = list(config.get("callbacks") or [])  # kwargs["callbacks"] replaces the config's list
             max_skips = self._option("max_nonfinite_skips")
-            kwargs["callbacks"] = configured + fault_callbacks(configured, max_skips)
+            has_logger = kwargs.get("logger", config.get("logger")) not in (None, False)
+            kwargs["callbacks"] = configured + fit_callbacks(configured, max_skips, has_logger)
         trainer = super().instantiate_trainer(**kwargs)
         # A forced exit on a second signal (the first, outside fit) takes the DDP ranks this process launched with it.
         register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])
