@@ -85,7 +85,7 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
 
-    from src.module import DiffusionModule
+    from src.models.diffusion import DiffusionModel
 
     path = Path(args.classifier)
     if path.is_file():
@@ -98,20 +98,19 @@ def main() -> None:
     test_acc, _ = accuracy(classifier, to_model_range(test_images), test_labels, device)
     print(f"classifier test accuracy on real {args.dataset} images: {test_acc:.4f}")
 
-    module = DiffusionModule.load_from_checkpoint(args.ckpt, map_location=device).to(device).eval()
-    if not module.conditional:
+    model = DiffusionModel.load(args.ckpt, device)
+    if not model.conditional:
         raise SystemExit(f"{args.ckpt}: the network is not class-conditional (num_classes unset)")
     overrides = {k: v for k, v in (("sampler", args.sampler), ("steps", args.steps)) if v is not None}
     indices = torch.arange(args.num_samples)
-    labels = module.labels_for(indices).cpu()
+    labels = model.labels_for(indices).cpu()
     print(f"{'w':>6} {'s=1+w':>6} {'accuracy':>9} {'p(y|x)':>7} {'s/1k img':>9}")
     for w in args.w:
         start = time.perf_counter()
         samples = []
         for chunk in indices.split(args.sample_batch_size):
-            generator = torch.Generator().manual_seed(int(chunk[0]) + 7)
-            samples.append(module.sample(module.initial_noise(chunk), generator=generator, labels=labels[chunk],
-                                         guidance_scale=1.0 + w, **overrides).cpu())  # fmt: skip
+            # Sample i's noise from its own generator (src/seeding.py), as predict draws it.
+            samples.append(model.sample_indices(chunk, guidance_scale=1.0 + w, **overrides).cpu())
         seconds = time.perf_counter() - start
         acc, conf = accuracy(classifier, torch.cat(samples).clamp(-1, 1), labels, device)
         print(f"{w:6.2f} {1 + w:6.2f} {acc:9.4f} {conf:7.4f} {1000 * seconds / args.num_samples:9.1f}", flush=True)

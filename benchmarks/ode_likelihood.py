@@ -21,8 +21,7 @@ sys.path.insert(0, str(REPO))
 from src.data import load_dataset, to_model_range  # noqa: E402
 from src.diffusion.likelihood import nll_bits_per_dim  # noqa: E402
 from src.diffusion.ode_likelihood import DIVERGENCES, ode_nll_bits_per_dim  # noqa: E402
-from src.diffusion.parameterization import EpsPredictor  # noqa: E402
-from src.export import load_model  # noqa: E402
+from src.models.diffusion import DiffusionModel  # noqa: E402
 
 
 def cpu_name() -> str:
@@ -47,9 +46,8 @@ def main() -> None:
     parser.add_argument("--tol", type=float, default=1e-5, help="RK45 rtol = atol (the paper's 1e-5)")
     args = parser.parse_args()
     torch.manual_seed(0)
-    net, schedule, options = load_model(args.ckpt)
-    prediction = options.get("prediction", "eps")
-    eps_net = net if prediction == "eps" else EpsPredictor(net, schedule, prediction)
+    model = DiffusionModel.load(args.ckpt)
+    schedule, eps_net = model.schedule, model.eps_model()
     images = to_model_range(load_dataset(args.dataset, "test")[0][: args.num_images])
     print(f"CPU: {cpu_name()}, {torch.get_num_threads()} threads; "
           f"{len(images)} {args.dataset} test images, model {args.ckpt}")  # fmt: skip
@@ -61,7 +59,7 @@ def main() -> None:
         bound.append(nll_bits_per_dim(eps_net, x, schedule, args.bound_timesteps,
                                       generator=torch.Generator().manual_seed(start))["bpd"])  # fmt: skip
         t1 = time.perf_counter()
-        out = ode_nll_bits_per_dim(net, x, schedule, prediction, args.divergence, args.tol, args.tol,
+        out = ode_nll_bits_per_dim(model.net, x, schedule, model.prediction, args.divergence, args.tol, args.tol,
                                    generator=torch.Generator().manual_seed(start))  # fmt: skip
         t_bound, t_ode = t_bound + t1 - t0, t_ode + time.perf_counter() - t1
         ode.append(out["bpd"])

@@ -132,12 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from src.data import load_dataset, to_model_range
-    from src.export import load_model
+    from src.models.diffusion import DiffusionModel
 
-    net, schedule, _ = load_model(args.model, args.device)
+    model = DiffusionModel.load(args.model, args.device)
+    net, schedule = model.eps_model(), model.schedule
     images = to_model_range(load_dataset(args.dataset, args.split, args.data_dir)[0][: args.num_images])
-    if images.shape[1:] != (net.in_channels, net.image_size, net.image_size):
-        parser.error(f"{args.dataset} images are {tuple(images.shape[1:])}, the model takes {net.image_size}px")
+    if images.shape[1:] != model.image_shape:
+        parser.error(f"{args.dataset} images are {tuple(images.shape[1:])}, the model takes {model.image_shape}")
     rows = run(
         net, schedule, images.to(args.device), args.out_dir, args.steps, args.interp_steps, args.num_interp, args.skip
     )

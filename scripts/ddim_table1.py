@@ -32,7 +32,6 @@ from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a file from anywhere: find `src`
 
-from src.diffusion.samplers import ddim_sample  # noqa: E402
 
 STEPS = (10, 20, 50, 100)
 ETAS = (0.0, 0.2, 0.5, 1.0)
@@ -49,20 +48,16 @@ PUBLISHED: dict[tuple[int, float], float | None] = {
 }  # fmt: skip
 
 
-def features_of_samples(net, schedule, extractor, num_samples, batch_size, steps, eta, skip, seed, device) -> Tensor:
-    """Pool features (N, D) of `num_samples` DDIM samples; sample i starts from noise seeded by (seed, i), so every
-    cell of the table uses the same x_T (eta > 0 also draws from a generator seeded per batch)."""
+def features_of_samples(model, extractor, num_samples, batch_size, steps, eta, skip, seed) -> Tensor:
+    """Pool features (N, D) of `num_samples` DDIM samples; everything random about sample i (x_T, and the noise of
+    eta > 0) comes from its own generator seeded by (seed, i) (src/seeding.py), so every cell of the table uses the
+    same x_T whatever the batch size."""
     from src.images import to_uint8
 
     feats = []
     for start in range(0, num_samples, batch_size):
-        idx = range(start, min(start + batch_size, num_samples))
-        shape = (net.in_channels, net.image_size, net.image_size)
-        x_T = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + i)) for i in idx]
-        )
-        generator = torch.Generator(device).manual_seed(seed + start)
-        x0 = ddim_sample(net, x_T.to(device), schedule, steps=steps, eta=eta, skip=skip, generator=generator)
+        indices = torch.arange(start, min(start + batch_size, num_samples))
+        x0 = model.sample_indices(indices, seed, sampler="ddim", steps=steps, eta=eta, skip=skip)
         feats.append(extractor(to_uint8(x0))["pool"].double().cpu())
     return torch.cat(feats)
 
@@ -124,12 +119,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = parser.parse_args(argv)
 
-    from src.export import load_model
     from src.metrics.features import build_feature_extractor
     from src.metrics.fid import feature_statistics, frechet_distance
+    from src.models.diffusion import DiffusionModel
 
     device = torch.device(args.device)
-    net, schedule, _ = load_model(args.model, device)
+    model = DiffusionModel.load(args.model, device)
     extractor = build_feature_extractor(args.extractor).to(device)
     ref_mu, ref_sigma = reference_statistics(args, extractor, device)
     out, csv_path = Path(args.out), Path(args.out).with_suffix(".csv")
@@ -142,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
                     continue
                 start = time.perf_counter()
                 feats = features_of_samples(
-                    net, schedule, extractor, args.num_samples, args.batch_size, steps, eta, skip, args.seed, device
+                    model, extractor, args.num_samples, args.batch_size, steps, eta, skip, args.seed
                 )
                 mu, sigma = feature_statistics(feats)
                 fid = frechet_distance(mu, sigma, ref_mu, ref_sigma)

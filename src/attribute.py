@@ -248,7 +248,7 @@ def attribution_scores(args: argparse.Namespace, queries: Tensor, query_labels, 
         return total
 
     module = load_module(args.ckpt_path, device)
-    net = (module.ema.model if args.weights == "ema" else module.net).eval()
+    net = (module.model.net if args.weights == "ema" else module.net).eval()
     loss_fn, params, (qy, ty) = setup(module, net)
     query_grads = per_example_gradients(loss_fn, params, query_x, qy)
     generator = torch.Generator().manual_seed(args.seed)

@@ -165,7 +165,7 @@ def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path) -> None:
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
                dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
     module = DiffusionModule(net, sampling_steps=2, classifier_path=str(path), classifier_scale=1.0)
-    images = module.sample(module.initial_noise(torch.arange(2)))
+    images = module.model.sample(module.model.initial_noise(torch.arange(2)))
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
 

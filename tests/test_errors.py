@@ -125,7 +125,7 @@ def test_incompatible_checkpoint_names_what_differs(tmp_path) -> None:
         check_checkpoint(path, _tiny_diffusion_module(base_channels=16))
     message = str(info.value)
     assert "missing net.conv_out.bias" in message and "unexpected extra.weight" in message
-    assert "shapes differ (checkpoint vs model): ema.model.conv_in.bias (8,) vs (16,)" in message
+    assert "shapes differ (checkpoint vs model): model.net.conv_in.bias (8,) vs (16,)" in message
     assert "and " in message and "more" in message and "\n" not in message
 
 

@@ -1,5 +1,6 @@
 """Inference export (src/export.py): a real Lightning checkpoint's EMA weights -> model.safetensors + config.json ->
-`load_exported` gives the EMA network's outputs exactly, without importing Lightning."""
+`DiffusionModel.load` gives the EMA network's outputs exactly, without importing Lightning; and the same loader reads
+the checkpoint itself."""
 
 import json
 import subprocess
@@ -12,7 +13,9 @@ import torch
 import yaml
 from torch.utils.data import DataLoader, TensorDataset
 
-from src.export import export_checkpoint, load_exported, load_model, main
+from src.diffusion.sampler_settings import SamplerSettings
+from src.export import export_checkpoint, main
+from src.models.diffusion import DiffusionModel
 from src.models.unet import UNet
 from src.module import DiffusionModule
 
@@ -48,42 +51,61 @@ def test_export_gives_the_ema_model(checkpoint, tmp_path):
     ckpt, module = checkpoint
     out = export_checkpoint(ckpt, tmp_path / "export")
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
-    net, schedule, options = load_exported(out)
-    assert options == dict(sampler="ddim", steps=7, eta=0.3, skip="uniform", variance="fixed_small", clip_x0=False,
-                           prediction="eps")  # fmt: skip
+    model = DiffusionModel.load(out)
+    net, schedule = model.net, model.schedule
+    assert model.settings == SamplerSettings(sampler="ddim", steps=7, eta=0.3, skip="uniform", variance="fixed_small",
+                                             clip_x0=False, options={})  # fmt: skip
+    assert model.prediction == "eps" and not model.training
     assert schedule.num_timesteps == 1000 and torch.equal(schedule.betas, module.schedule.betas.cpu())
-    ema, raw = module.ema.model.eval(), module.net.eval()
+    ema, raw = module.model.net.eval(), module.net.eval()
     x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1)), torch.tensor([5, 900])
     with torch.no_grad():
         assert torch.equal(net(x, t), ema(x, t))
         assert not torch.equal(net(x, t), raw(x, t))  # the EMA weights, not the trained copy
     meta = json.loads((out / "config.json").read_text())
-    assert meta["unet"] == UNet(**NET).config and meta["source"]["global_step"] == 2
-    # load_model dispatches on what it is given: the export folder or the checkpoint itself.
+    assert meta["net"] == {"class_path": "src.models.unet.UNet", "init_args": UNet(**NET).config}
+    assert meta["source"]["global_step"] == 2
+    # DiffusionModel.load dispatches on what it is given: the export folder or the checkpoint itself.
     for source in (out, ckpt):
         with torch.no_grad():
-            assert torch.equal(load_model(source)[0](x, t), ema(x, t))
+            assert torch.equal(DiffusionModel.load(source).net(x, t), ema(x, t))
+
+
+def test_version_1_exports_still_load(checkpoint, tmp_path):
+    # Version 1 wrote the UNet's arguments as "unet" and the prediction among the sampler options.
+    ckpt, module = checkpoint
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    meta = json.loads((out / "config.json").read_text())
+    old = {"format": meta["format"], "version": 1, "unet": meta["net"]["init_args"], "schedule": meta["schedule"],
+           "sampler": {**{k: v for k, v in meta["sampler"].items() if k != "options"}, "prediction": "eps"}}  # fmt: skip
+    (out / "config.json").write_text(json.dumps(old))
+    model = DiffusionModel.load(out)
+    assert model.settings == module.model.settings and model.prediction == "eps"
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.equal(model.net(x, t), module.model.net.eval()(x, t))
 
 
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_exported_x0_and_v_models_sample_as_the_module_does(tmp_path, prediction):
-    # The export records what the net predicts, and sample(net, x_T, schedule, **options) converts it to eps.
+    # The export records what the net predicts, and the loaded model's sampling converts it to eps.
     from src.diffusion.samplers import sample
 
     torch.manual_seed(0)
     module = DiffusionModule(UNet(**NET), lr=1e-2, warmup_steps=0, ema_decay=0.9, sampling_steps=6,
                              prediction=prediction)  # fmt: skip
     with torch.no_grad():  # non-zero output layer, so that the parameterisation matters
-        for p in module.ema.model.parameters():
+        for p in module.model.net.parameters():
             p.add_(0.05 * torch.randn_like(p))
     ckpt = tmp_path / "model.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, ckpt)
-    net, schedule, options = load_model(ckpt)
-    assert options["prediction"] == prediction
+    model = DiffusionModel.load(export_checkpoint(ckpt, tmp_path / "export"))
+    assert model.prediction == prediction
     x_T = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(sample(net, x_T, schedule, **options), module.sample(x_T), rtol=0, atol=1e-6)
-        assert not torch.allclose(sample(net, x_T, schedule, **{**options, "prediction": "eps"}), module.sample(x_T))
+        torch.testing.assert_close(model.sample(x_T), module.model.sample(x_T), rtol=0, atol=1e-6)
+        options = model.settings.kwargs()
+        assert not torch.allclose(sample(model.net, x_T, model.schedule, **options), module.model.sample(x_T))
 
 
 def test_network_arguments_sources(checkpoint, tmp_path):
@@ -118,10 +140,11 @@ def test_cli_refuses_to_overwrite(checkpoint, tmp_path, capsys):
     main([str(ckpt), str(out), "--overwrite"])
 
 
-def test_load_exported_does_not_import_lightning(checkpoint, tmp_path):
+def test_loading_and_sampling_an_export_does_not_import_lightning(checkpoint, tmp_path):
     out = export_checkpoint(checkpoint[0], tmp_path / "export")
     code = (
-        "import sys; from src.export import load_exported; net, s, o = load_exported(sys.argv[1]); "
+        "import sys, torch; from src.models.diffusion import DiffusionModel; m = DiffusionModel.load(sys.argv[1]); "
+        "m.sample_indices(torch.arange(2), steps=2); "
         "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning') for m in sys.modules), 'lightning'"
     )
     result = subprocess.run([sys.executable, "-c", code, str(out)], cwd=REPO, capture_output=True, text=True)

@@ -134,23 +134,23 @@ def test_conditional_module_trains_with_label_dropout_and_samples_with_guidance(
     labels_seen = torch.cat(seen)
     assert (labels_seen == NULL).any() and (labels_seen < NULL).any()  # p_uncond dropped some labels, not all
     with torch.no_grad():  # make the EMA net depend on its inputs (the zero-initialised output conv hides them)
-        for p in module.ema.model.parameters():
+        for p in module.model.net.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    x_T = module.initial_noise(torch.arange(4))
+    x_T = module.model.initial_noise(torch.arange(4))
     labels = torch.tensor([0, 1, 2, 0])
     for sampler in ("ddim", "dpmpp_2m", "ddpm_respaced"):
-        guided = module.sample(x_T, sampler=sampler, labels=labels, generator=torch.Generator().manual_seed(0))
+        guided = module.model.sample(x_T, sampler=sampler, labels=labels, generator=torch.Generator().manual_seed(0))
         assert guided.shape == (4, 1, 8, 8) and torch.isfinite(guided).all()
-    plain = module.sample(x_T, labels=labels, guidance_scale=1.0)
+    plain = module.model.sample(x_T, labels=labels, guidance_scale=1.0)
     # guidance_scale = 1 is exactly the conditional EMA model, sampled with the same sampler.
     from src.diffusion.parameterization import EpsPredictor
     from src.diffusion.samplers import ddim_sample
 
     def conditional(x, t):
-        return EpsPredictor(module.ema, module.schedule, module.hparams.prediction)(x, t, labels)[:, :1]
+        return EpsPredictor(module.model.net, module.schedule, module.hparams.prediction)(x, t, labels)[:, :1]
 
     torch.testing.assert_close(plain, ddim_sample(conditional, x_T, module.schedule, steps=5), rtol=0, atol=1e-6)
-    assert not torch.allclose(module.sample(x_T, labels=labels), plain)  # s = 3 differs from s = 1
+    assert not torch.allclose(module.model.sample(x_T, labels=labels), plain)  # s = 3 differs from s = 1
 
 
 def test_predict_step_returns_labels_in_turn_or_as_configured() -> None:
@@ -167,7 +167,7 @@ def test_module_forward_takes_the_labels_of_a_conditional_net() -> None:
     module = tiny_conditional()
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), torch.tensor([0, 2])
     with torch.no_grad():
-        torch.testing.assert_close(module(x, t, y), module.ema.model(x, t, y))
+        torch.testing.assert_close(module(x, t, y), module.model.net(x, t, y))
     with pytest.raises(ValueError, match="class-conditional"):
         module(x, t)
 
@@ -216,7 +216,7 @@ def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path) -> None:
     plain = DiffusionModule(net, timesteps=50, sampling_steps=5)
     guided = DiffusionModule(net, timesteps=50, sampling_steps=5, classifier_path=str(tmp_path / "clf.pt"),
                              classifier_scale=5.0)  # fmt: skip
-    guided.ema.load_state_dict(plain.ema.state_dict())
+    guided.model.net.load_state_dict(plain.model.net.state_dict())
     out = guided.predict_step(torch.arange(5), 0)
     assert out["labels"].tolist() == [0, 1, 2, 3, 0]  # the classifier's classes in turn
     assert not torch.allclose(out["images"], plain.predict_step(torch.arange(5), 0)["images"])

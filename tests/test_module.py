@@ -44,7 +44,7 @@ def test_optimizer_holds_only_the_trained_network() -> None:
     optimizer = module.configure_optimizers()["optimizer"]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
     assert in_optimizer == {id(p) for p in module.net.parameters()}
-    assert not any(p.requires_grad for p in module.ema.parameters())
+    assert not any(p.requires_grad for p in module.model.parameters())
 
 
 def test_learning_rate_warms_up_linearly_then_stays() -> None:
@@ -66,17 +66,17 @@ def test_fit_updates_ema_once_per_step_and_checkpoint_restores_it(tmp_path: Path
     trainer(tmp_path, max_steps=3).fit(module, loader())
     # After k updates with decay d (no warm-up): ema = d^k start + sum of the trained iterates; just check that
     # the EMA moved away from the start but lags the trained weights.
-    moved = [(e - s).abs().sum() for e, s in zip(module.ema.model.parameters(), start, strict=True)]
-    lag = [(e - p).abs().sum() for e, p in zip(module.ema.model.parameters(), module.net.parameters(), strict=True)]
+    moved = [(e - s).abs().sum() for e, s in zip(module.model.net.parameters(), start, strict=True)]
+    lag = [(e - p).abs().sum() for e, p in zip(module.model.net.parameters(), module.net.parameters(), strict=True)]
     assert sum(moved) > 0 and sum(lag) > 0
 
     path = tmp_path / "m.ckpt"
     trainer(tmp_path, max_steps=3).strategy.checkpoint_io.save_checkpoint({"state_dict": module.state_dict()}, path)
     state = torch.load(path, weights_only=True)["state_dict"]
-    assert any(k.startswith("ema.model.") for k in state)
+    assert any(k.startswith("model.net.") for k in state)  # the EMA weights: the sampling model's network
     restored = tiny_module()
     restored.load_state_dict(state)
-    for a, b in zip(restored.ema.model.parameters(), module.ema.model.parameters(), strict=True):
+    for a, b in zip(restored.model.net.parameters(), module.model.net.parameters(), strict=True):
         assert torch.equal(a, b)
 
 
@@ -87,7 +87,7 @@ def test_resume_restores_ema_optimizer_and_step_count(tmp_path: Path) -> None:
     t1.fit(first, loader())
     ckpt = tmp_path / "resume.ckpt"
     t1.save_checkpoint(ckpt)
-    saved_ema = [p.detach().clone() for p in first.ema.model.parameters()]
+    saved_ema = [p.detach().clone() for p in first.model.net.parameters()]
     saved_exp_avg = t1.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
 
     seen = {}
@@ -95,7 +95,7 @@ def test_resume_restores_ema_optimizer_and_step_count(tmp_path: Path) -> None:
     class Capture(L.Callback):
         def on_train_start(self, trainer, pl_module):
             seen["step"] = trainer.global_step
-            seen["ema"] = [p.detach().clone() for p in pl_module.ema.model.parameters()]
+            seen["ema"] = [p.detach().clone() for p in pl_module.model.net.parameters()]
             seen["exp_avg"] = trainer.optimizers[0].state_dict()["state"][0]["exp_avg"].clone()
             seen["lr"] = trainer.optimizers[0].param_groups[0]["lr"]
 
@@ -124,16 +124,16 @@ def test_latest_checkpoint_finds_newest_last_ckpt(tmp_path: Path) -> None:
 def test_sample_uses_ema_and_respects_overrides() -> None:
     module = tiny_module()
     with torch.no_grad():
-        for p in module.ema.model.parameters():
+        for p in module.model.net.parameters():
             p.add_(0.01 * torch.randn_like(p))
-    x_T = module.initial_noise(torch.arange(3))
-    assert torch.equal(x_T, module.initial_noise(torch.tensor([0, 1, 2])))
-    assert torch.equal(x_T[1:], module.initial_noise(torch.tensor([1, 2])))  # noise depends on the index only
-    a = module.sample(x_T)
-    b = module.sample(x_T, steps=2)
+    x_T = module.model.initial_noise(torch.arange(3))
+    assert torch.equal(x_T, module.model.initial_noise(torch.tensor([0, 1, 2])))
+    assert torch.equal(x_T[1:], module.model.initial_noise(torch.tensor([1, 2])))  # noise depends on the index only
+    a = module.model.sample(x_T)
+    b = module.model.sample(x_T, steps=2)
     assert a.shape == (3, 1, 8, 8) and not torch.allclose(a, b)
-    with pytest.raises(ValueError, match="unknown sampler"):
-        module.sample(x_T, sampler="euler")
+    with pytest.raises(ValueError, match="--model.sampler 'euler' is unknown"):
+        module.model.sample(x_T, sampler="euler")
 
 
 @pytest.mark.parametrize(
@@ -218,7 +218,7 @@ def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
     assert hparams["net"]["init_args"]["base_channels"] == 8
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu")
     assert loaded.hparams.eta == 0.5 and loaded.net.config == module.net.config
-    for a, b in zip(loaded.ema.model.parameters(), module.ema.model.parameters(), strict=True):
+    for a, b in zip(loaded.model.net.parameters(), module.model.net.parameters(), strict=True):
         assert torch.equal(a, b)
 
 

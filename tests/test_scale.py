@@ -71,7 +71,7 @@ class SaveRankState(L.Callback):
         torch.save(
             {
                 "net": {k: v.clone() for k, v in pl_module.net.state_dict().items()},
-                "ema": {k: v.clone() for k, v in pl_module.ema.state_dict().items()},
+                "ema": {k: v.clone() for k, v in pl_module.model.net.state_dict().items()},
                 "step": trainer.global_step,
                 "lr": trainer.optimizers[0].param_groups[0]["lr"],
                 "scheduler_steps": trainer.lr_scheduler_configs[0].scheduler.last_epoch,

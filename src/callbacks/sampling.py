@@ -56,7 +56,7 @@ class SampleGrid(Callback):
         start = time.perf_counter()
         overrides = {"steps": self.sampling_steps} if self.sampling_steps else {}
         # Fixed noise (sample i's own seeded generator): the grid at step N depends only on the weights.
-        images = pl_module.sample_indices(torch.arange(self.num_samples), seed=self.seed, **overrides)
+        images = pl_module.model.sample_indices(torch.arange(self.num_samples), seed=self.seed, **overrides)
         grid = make_grid(to_uint8(images))
         self.last_path = save_png(grid, folder / f"step_{step:07d}.png")
         rank_zero_info(f"Saved sample grid {self.last_path} ({time.perf_counter() - start:.1f}s)")

@@ -1,0 +1,379 @@
+"""DiffusionModel: a trained denoiser and everything needed to sample from it, as a plain `nn.Module`.
+
+    model = DiffusionModel.load("runs/fashion_mnist/version_0/checkpoints/last.ckpt")   # or an export / diffusers folder
+    images = model.sample_indices(torch.arange(64))                                   # [-1, 1], sample i fixed by (seed, i)
+
+It holds the network whose weights sample (the EMA copy, for a model being trained), the noise schedule, what the
+network predicts (eps, x0 or v) and the sampler settings, plus the sampling-time options of conditional models
+(classifier-free guidance scale, labels) and of classifier guidance. It needs torch only, never Lightning:
+`src/module.py`'s DiffusionModule trains one, and `export.py` writes one as a small folder.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance
+from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
+from src.diffusion.sampler_settings import SamplerSettings
+from src.diffusion.samplers import sample
+from src.diffusion.schedule import NoiseSchedule
+from src.errors import ConfigError
+from src.seeding import sample_generators
+
+EXPORT_FORMAT = "ddim-lightning-export"
+EXPORT_VERSION = 2  # 2: "net" holds {"class_path", "init_args"}; version 1 wrote "unet" (UNet arguments) instead
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.json"
+# State-dict prefixes of the sampling (EMA) weights in a DiffusionModule checkpoint, newest first: checkpoints
+# written before DiffusionModel existed hold them as "ema.model.*".
+CHECKPOINT_EMA_PREFIXES = ("model.net.", "ema.model.")
+
+
+def build_net(spec: dict) -> nn.Module:
+    """The network of a {"class_path": "pkg.mod.Class", "init_args": {...}} spec (configs and checkpoints record it).
+
+    Lightning's `instantiate_class` does the same for the CLI; this model layer must not import Lightning (an exported
+    model samples with torch alone), so it has this three-line equivalent."""
+    module_name, _, class_name = spec["class_path"].rpartition(".")
+    return getattr(importlib.import_module(module_name), class_name)(**(spec.get("init_args") or {}))
+
+
+def net_spec(net: nn.Module) -> dict | None:
+    """{"class_path", "init_args"} of a network that records its constructor arguments in `config`, else None."""
+    if not hasattr(net, "config"):
+        return None
+    cls = type(net)
+    return {"class_path": f"{cls.__module__}.{cls.__qualname__}", "init_args": dict(net.config)}
+
+
+class DiffusionModel(nn.Module):
+    """A denoiser `net` with its `schedule`, prediction target and sampler settings; samples with `sample` or
+    `sample_indices`.
+
+    Args:
+        net: the network, `net(x_t, t) -> output` or `net(x_t, t, y)` for a class-conditional one (`num_classes`).
+        schedule: the noise schedule it was trained with.
+        prediction: what `net` outputs: "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); sampling converts to eps.
+        settings: the sampler and its options (`SamplerSettings`).
+        schedule_recipe: the `NoiseSchedule.from_name` arguments of `schedule`, written by `save` (None: the betas).
+        guidance_scale: classifier-free guidance scale s = 1 + w of conditional nets (1: the conditional model).
+        sample_labels: conditional nets: labels of the samples in turn (None: all classes in turn).
+        classifier_path: a NoisyClassifier file for classifier guidance (Dhariwal & Nichol 2021).
+        classifier_scale: its scale s (0: off).
+        sample_seed: the default seed of `sample_indices`.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        schedule: NoiseSchedule,
+        prediction: str = "eps",
+        settings: SamplerSettings | None = None,
+        schedule_recipe: dict | None = None,
+        guidance_scale: float = 1.0,
+        sample_labels: list[int] | None = None,
+        classifier_path: str | None = None,
+        classifier_scale: float = 0.0,
+        sample_seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if prediction not in PREDICTIONS:
+            raise ConfigError(f"--model.prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
+        if classifier_scale != 0.0 and not classifier_path:
+            raise ConfigError("--model.classifier_scale needs --model.classifier_path (a NoisyClassifier file)")
+        self.net = net
+        self.schedule = schedule
+        self.schedule_recipe = schedule_recipe
+        self.prediction = prediction
+        self.settings = settings or SamplerSettings()
+        self.settings.check_steps(schedule.num_timesteps)
+        if self.settings.variance == "learned" and not self.learned_variance:
+            raise ConfigError(
+                "--model.ddpm_variance learned needs a net with 2 x in_channels outputs "
+                "(--model.net.init_args.out_channels)"
+            )
+        num_classes = getattr(net, "num_classes", None)
+        if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
+            raise ConfigError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
+        self.guidance_scale = guidance_scale
+        self.sample_labels = sample_labels
+        self.classifier_path = classifier_path
+        self.classifier_scale = classifier_scale
+        self.sample_seed = sample_seed
+        # The guidance classifier is loaded on first use and kept out of the state dict (it is not part of the
+        # model's weights, and a checkpoint must load without its file): a plain dict is not registered.
+        self._classifier: dict[str, nn.Module] = {}
+
+    def _apply(self, fn, recurse: bool = True):
+        # `.to(device)` moves the schedule (plain tensors, not buffers: it stays float64 and out of the state dict).
+        super()._apply(fn, recurse)
+        param = next(self.net.parameters(), None)
+        if param is not None and self.schedule.betas.device != param.device:
+            self.schedule = self.schedule.to(param.device)
+        return self
+
+    # ------------------------------------------------------------------ what the net is
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    @property
+    def conditional(self) -> bool:
+        """Whether the net is class-conditional (takes labels y; classifier-free guidance applies)."""
+        return bool(getattr(self.net, "num_classes", None))
+
+    @property
+    def learned_variance(self) -> bool:
+        """Improved DDPM: a net with twice the image channels predicts (eps-or-x0-or-v, v_variance)."""
+        return getattr(self.net, "out_channels", None) == 2 * getattr(self.net, "in_channels", -1)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.net.parameters()).device
+
+    def forward(self, x_t: Tensor, t: Tensor, y: Tensor | None = None) -> Tensor:
+        """The net's output, in its `prediction` target; `y`: labels of a conditional net."""
+        return self.net(x_t, t) if y is None else self.net(x_t, t, y)
+
+    # ------------------------------------------------------------------ guidance and labels
+    def guidance_classifier(self) -> nn.Module | None:
+        """The noise-conditioned classifier of `classifier_path` (loaded once, frozen), or None without one."""
+        if not self.classifier_path:
+            return None
+        model = self._classifier.get("model")
+        if model is None or next(model.parameters()).device != self.device:
+            from src.models.classifier import NoisyClassifier
+
+            # Loaded and moved outside inference mode (Lightning's predict / validate / test run in it): weights
+            # made there are inference tensors, which the guidance gradient cannot use.
+            with torch.inference_mode(False):
+                model = model or NoisyClassifier.load(self.classifier_path).requires_grad_(False)
+                self._classifier["model"] = model.to(self.device)
+        return self._classifier["model"]
+
+    def labels_for(self, indices: Tensor) -> Tensor | None:
+        """The class label of each sample index: `sample_labels[i % len]`, or i % num_classes; None when neither
+        the net is conditional nor classifier guidance is on. Like the noise, it depends only on the index."""
+        if self.conditional:
+            num_classes = self.net.num_classes
+        elif self.classifier_scale != 0.0:
+            num_classes = self.guidance_classifier().num_classes
+        else:
+            return None
+        choices = self.sample_labels or list(range(num_classes))
+        return torch.as_tensor(choices, dtype=torch.int64)[indices.cpu().long() % len(choices)].to(self.device)
+
+    def eps_model(self, labels: Tensor | None = None, guidance_scale: float | None = None, keep_variance: bool = False):
+        """The net as the plain eps-predictor `model(x_t, t)` that samplers take: its `prediction` converted to eps
+        (parameterization.py), class-conditional nets guided towards `labels` (default: labels_for(0..B-1)) with
+        classifier-free guidance scale s = 1 + w (guidance.py), the learned-variance channels dropped unless
+        `keep_variance` (the "learned" DDPM variance reads them), and with `classifier_scale` != 0 classifier
+        guidance on top (guidance.py's ClassifierGuidance)."""
+        model = self.net if self.prediction == "eps" else EpsPredictor(self.net, self.schedule, self.prediction)
+        channels = self.net.in_channels if self.learned_variance and not keep_variance else None
+        use_classifier = self.classifier_scale != 0.0
+        if not self.conditional and channels is None and not use_classifier:
+            return model
+        scale = self.guidance_scale if guidance_scale is None else guidance_scale
+
+        def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
+            y = labels if labels is not None else self.labels_for(torch.arange(x_t.shape[0]))
+            guided = classifier_free_guidance(model, y, scale, self.net.num_classes) if self.conditional else model
+            if use_classifier:
+                guided = ClassifierGuidance(guided, self.guidance_classifier(), y, self.classifier_scale, self.schedule)
+            out = guided(x_t, t)
+            return out if channels is None else out[:, :channels]
+
+        return denoiser
+
+    # ------------------------------------------------------------------ sampling
+    def initial_noise(self, indices: Tensor, seed: int | None = None) -> Tensor:
+        """x_T for sample indices: sample i's noise depends only on (seed, i), never on batching or the
+        number of processes (the first draw of sample i's own generator, `src.seeding.sample_generators`)."""
+        return self._noise_from(sample_generators(self.sample_seed if seed is None else seed, indices))
+
+    def _noise_from(self, generators: list[torch.Generator]) -> Tensor:
+        return torch.stack([torch.randn(self.image_shape, generator=g) for g in generators]).to(self.device)
+
+    @torch.no_grad()
+    def sample_indices(self, indices: Tensor, seed: int | None = None, progress: bool = False, **overrides) -> Tensor:
+        """Samples number `indices` (images in [-1, 1]): everything random about sample i (x_T, then every noise a
+        stochastic sampler adds) comes from its own generator seeded by (seed, i), and its label (conditional
+        nets, classifier guidance) from `labels_for(i)`, so sample i is the same whatever batch or process
+        computes it. `seed` defaults to `sample_seed`; `overrides` as in `sample`."""
+        indices = torch.as_tensor(indices)
+        generators = sample_generators(self.sample_seed if seed is None else seed, indices)
+        x_T = self._noise_from(generators)
+        return self.sample(x_T, generator=generators, labels=self.labels_for(indices), progress=progress, **overrides)
+
+    @torch.no_grad()
+    def sample(
+        self,
+        x_T: Tensor,
+        progress: bool = False,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        labels: Tensor | None = None,
+        guidance_scale: float | None = None,
+        **overrides: object,
+    ) -> Tensor:
+        """Images in [-1, 1] from noise x_T with the configured sampler; keyword `overrides` replace settings
+        (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0, options). Conditional nets: `labels`
+        (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w."""
+        settings = self.settings.replace(**overrides) if overrides else self.settings
+        keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
+        model = self.eps_model(labels, guidance_scale, keep_variance)
+        return sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress,
+                      **settings.kwargs())  # fmt: skip
+
+    # ------------------------------------------------------------------ files
+    def save(self, folder: str | os.PathLike, overwrite: bool = False, source: dict | None = None) -> Path:
+        """Write `folder/model.safetensors` (the net's weights, float32) and `folder/config.json` (network spec,
+        schedule, prediction, sampler settings), which `DiffusionModel.load` reads with torch alone."""
+        from safetensors.torch import save_file
+
+        out = Path(folder)
+        if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
+            raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its files")
+        spec = net_spec(self.net)
+        if spec is None:
+            raise ValueError(f"{type(self.net).__name__} records no constructor arguments (`config`); cannot export it")
+        recipe = self.schedule_recipe or {"betas": self.schedule.betas.cpu().tolist()}
+        meta = {
+            "format": EXPORT_FORMAT,
+            "version": EXPORT_VERSION,
+            "net": spec,
+            "schedule": recipe,
+            "prediction": self.prediction,
+            "sampler": self.settings.to_dict(),
+            "source": source or {},
+        }
+        out.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().float().contiguous() for k, v in self.net.state_dict().items()}
+        save_file(state, out / WEIGHTS_NAME)
+        (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, device: torch.device | str = "cpu", config: str | os.PathLike | None = None
+    ) -> DiffusionModel:
+        """The model of any of: a DiffusionModule checkpoint (.ckpt: its EMA weights and sampler options), a folder
+        written by `save` / `python -m src.export`, or a diffusers folder (UNet2DModel config.json + weights, and
+        scheduler_config.json beside it or in `scheduler/`, as google/ddpm-cifar10-32 is published; without one,
+        DDPM's linear 1e-4..0.02 schedule over 1000 steps). In eval mode, on `device`. `config`: the training
+        YAML for old checkpoints whose network arguments are neither inside nor in the run folder's config.yaml."""
+        path = Path(path)
+        if path.is_file():
+            model = _from_checkpoint(path, config)
+        elif (path / CONFIG_NAME).is_file() and json.loads((path / CONFIG_NAME).read_text()).get(
+            "format"
+        ) == EXPORT_FORMAT:
+            model = _from_export(path)
+        elif path.is_dir():
+            from src.models.convert import load_diffusers_unet
+
+            try:
+                schedule = NoiseSchedule.from_diffusers(path)
+            except FileNotFoundError:
+                schedule = NoiseSchedule.linear(1000, 1e-4, 0.02)
+            model = cls(load_diffusers_unet(path), schedule)
+        else:
+            raise FileNotFoundError(f"{path}: no checkpoint file, export folder or diffusers folder here")
+        return model.to(device).eval()
+
+
+def _from_export(folder: Path) -> DiffusionModel:
+    from safetensors.torch import load_file
+
+    meta = json.loads((folder / CONFIG_NAME).read_text())
+    if meta.get("version", 0) > EXPORT_VERSION:
+        raise ValueError(f"{folder}: export version {meta['version']} is newer than this code ({EXPORT_VERSION})")
+    spec = meta.get("net") or {"class_path": "src.models.unet.UNet", "init_args": meta["unet"]}  # version 1: "unet"
+    net = build_net(spec)
+    net.load_state_dict(load_file(folder / WEIGHTS_NAME))
+    recipe = dict(meta["schedule"])
+    schedule = NoiseSchedule(recipe["betas"]) if "betas" in recipe else NoiseSchedule.from_name(**recipe)
+    sampler = dict(meta.get("sampler", {}))
+    prediction = meta.get("prediction") or sampler.pop("prediction", "eps")  # version 1 kept it with the sampler
+    sampler.pop("prediction", None)
+    settings = SamplerSettings(**sampler)
+    return DiffusionModel(net, schedule, prediction, settings, None if "betas" in recipe else recipe)
+
+
+def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> DiffusionModel:
+    checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    state_dict = checkpoint.get("state_dict", {})
+    for prefix in CHECKPOINT_EMA_PREFIXES:
+        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+        if state:
+            break
+    else:
+        raise ValueError(
+            f"{path}: no EMA weights ({' or '.join(p + '*' for p in CHECKPOINT_EMA_PREFIXES)}) in its state_dict"
+        )
+    spec = network_spec(checkpoint, path, config)
+    net = build_net(spec)
+    # A wrong config fails here, with torch's list of differing keys.
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as e:
+        raise ValueError(
+            f"{path}: the EMA weights do not fit {spec['class_path']}({spec.get('init_args')}):\n{e}"
+        ) from e
+    recipe = {"name": hparams.get("schedule", "linear"), "timesteps": int(hparams.get("timesteps", 1000))}
+    if recipe["name"] == "linear":
+        recipe.update(beta_start=float(hparams.get("beta_start", 1e-4)), beta_end=float(hparams.get("beta_end", 0.02)))
+    return DiffusionModel(
+        net,
+        NoiseSchedule.from_name(**recipe),
+        hparams.get("prediction", "eps"),
+        SamplerSettings.from_options(hparams),
+        recipe,
+        guidance_scale=hparams.get("guidance_scale", 1.0),
+        sample_labels=hparams.get("sample_labels"),
+        sample_seed=hparams.get("sample_seed", 0),
+    )
+
+
+def _net_from_config_file(path: Path) -> dict | None:
+    """`model.net` of a LightningCLI config YAML ({"class_path": ..., "init_args": {...}}), or None."""
+    import yaml  # a jsonargparse dependency; only old checkpoints need it
+
+    config = yaml.safe_load(path.read_text()) or {}
+    for section in (config, config.get("fit", {}), config.get("predict", {})):
+        net = (section.get("model") or {}).get("net") if isinstance(section, dict) else None
+        if net:
+            return net
+    return None
+
+
+def network_spec(checkpoint: dict, ckpt_path: Path, config: str | os.PathLike | None = None) -> dict:
+    """{"class_path", "init_args"} of a checkpoint's network: from `hyper_parameters["net"]` (DiffusionModule records
+    it), else from `config`, else from the `config.yaml` the CLI writes in the run folder (beside `checkpoints/`)."""
+    hparams = checkpoint.get("hyper_parameters", {})
+    candidates: list[tuple[str, object]] = [("hyper_parameters['net']", lambda: hparams.get("net"))]
+    if config is not None:
+        candidates.append((str(config), lambda: _net_from_config_file(Path(config))))
+    run_config = ckpt_path.resolve().parent.parent / "config.yaml"
+    candidates.append((str(run_config), lambda: _net_from_config_file(run_config) if run_config.is_file() else None))
+    for source, read in candidates:
+        net = read()
+        if not net:
+            continue
+        if isinstance(net, dict) and "class_path" in net:
+            return {"class_path": net["class_path"], "init_args": dict(net.get("init_args") or {})}
+        if isinstance(net, dict):  # bare UNet arguments
+            return {"class_path": "src.models.unet.UNet", "init_args": dict(net)}
+        raise ValueError(f"{source}: cannot read network arguments from {type(net).__name__}")
+    raise ValueError(
+        f"{ckpt_path}: no network arguments found (not in hyper_parameters, no {run_config}); pass --config with "
+        "the YAML the model was trained with"
+    )
