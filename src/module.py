@@ -10,7 +10,6 @@ from __future__ import annotations
 import importlib
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
@@ -24,9 +23,6 @@ from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
-from src.images import to_uint8
-from src.metrics import evaluation
-from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
 from src.models.ema import EMA
 from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
 from src.seeding import sample_generators
@@ -81,19 +77,6 @@ class DiffusionModule(L.LightningModule):
             with 2 x in_channels outputs) for the "ddpm" samplers.
         clip_denoised: clamp the predicted x_0 to [-1, 1] at every sampling step.
         sample_seed: seed of the predict noise; sample i of a run always starts from the same x_T.
-        num_fid_samples: `validate` generates this many samples (over all processes) and logs their FID against
-            the reference statistics as `val/fid` (0: off; 50000 for the papers' numbers).
-        fid_extractor: "inception" (the standard FID network, torch-fidelity's) or "standin" (a small offline
-            network for smoke tests, logged as `val/fid_standin`: NOT an FID) or the path of a classifier file
-            (configs/fashion_mnist_fd_classifier.yaml), logged as `val/fd_classifier` (README "Quality measure").
-        fid_weights_path: the InceptionV3 weights file (default: $DDIM_FID_WEIGHTS, then torch-fidelity's
-            download).
-        fid_ref_stats: a .npz with `mu` and `sigma` (pytorch-fid / torch-fidelity format) used as is; None:
-            computed from the data set's `fid_ref_split` once and cached.
-        fid_ref_split: "train" (the convention for CIFAR-10 FIDs) or "test".
-        fid_cache_dir: folder of cached reference statistics (default: $DDIM_FID_CACHE, then
-            ~/.cache/ddim-lightning/fid_stats).
-        fid_batch_size: images per sampling and feature-extraction batch.
         bpd_timesteps: `test` logs the variational-bound NLL `test/bpd` with this many KL timesteps (stratified;
             None: all T, exact; 0: off).
         prediction: what the network predicts, "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); the loss regresses
@@ -139,13 +122,6 @@ class DiffusionModule(L.LightningModule):
         ddpm_variance: str = "fixed_small",
         clip_denoised: bool = False,
         sample_seed: int = 0,
-        num_fid_samples: int = 0,
-        fid_extractor: str = "inception",
-        fid_weights_path: str | None = None,
-        fid_ref_stats: str | None = None,
-        fid_ref_split: str = "train",
-        fid_cache_dir: str | None = None,
-        fid_batch_size: int = 250,
         bpd_timesteps: int | None = 0,
         prediction: str = "eps",
         p_uncond: float = 0.1,
@@ -192,13 +168,6 @@ class DiffusionModule(L.LightningModule):
             raise ConfigError(
                 f"--model.sampling_steps must be in [1, {timesteps}] (--model.timesteps), got {sampling_steps}"
             )
-        if fid_extractor not in EXTRACTORS and not is_classifier_file(fid_extractor):
-            raise ConfigError(
-                f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)} "
-                "or a classifier file (configs/fashion_mnist_fd_classifier.yaml trains one)"
-            )
-        if fid_ref_split not in ("train", "test"):
-            raise ConfigError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")
         if isinstance(net, dict):  # load_from_checkpoint passes the recorded {"class_path", "init_args"}
             net = _build_net(net)
         if hasattr(net, "config"):
@@ -217,9 +186,8 @@ class DiffusionModule(L.LightningModule):
         num_classes = getattr(net, "num_classes", None)
         if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
             raise ConfigError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
-        # FID extractor and reference statistics, built on first use; a plain dict keeps them out of checkpoints.
-        self._fid: dict[str, object] = {}
-        self._guidance_classifier: dict[str, nn.Module] = {}  # likewise for the classifier-guidance classifier
+        # The classifier-guidance classifier, built on first use; a plain dict keeps it out of checkpoints.
+        self._guidance_classifier: dict[str, nn.Module] = {}
         self.ema = EMA(net, decay=ema_decay, warmup=ema_warmup)
         self.schedule = NoiseSchedule.from_options(schedule, timesteps, beta_start, beta_end)
 
@@ -373,75 +341,6 @@ class DiffusionModule(L.LightningModule):
             eps_model = self.eps_model(labels=labels, guidance_scale=1.0) if labels is not None else self.eps_model()
             ode = ode_nll_bits_per_dim(eps_model, batch[0], self.schedule, generator=generator)
             self.log("test/ode_bpd", ode["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
-
-    def on_validation_epoch_end(self) -> None:
-        if self.hparams.num_fid_samples > 0 and self.trainer.state.fn == "validate":
-            self.log_dict(self.compute_fid(self.hparams.num_fid_samples))
-
-    # ------------------------------------------------------------------ FID (src/metrics/evaluation.py)
-    def fid_extractor(self) -> nn.Module:
-        if "extractor" not in self._fid:
-            self._fid["extractor"] = build_feature_extractor(self.hparams.fid_extractor, self.hparams.fid_weights_path)
-        return self._fid["extractor"].to(self.device)
-
-    def fid_reference(self) -> tuple[np.ndarray, np.ndarray]:
-        """Reference mean and covariance: `fid_ref_stats` as is, else the data set's split, cached on disk."""
-        hp = self.hparams
-        if "reference" in self._fid:
-            return self._fid["reference"]
-        if hp.fid_ref_stats:
-            mu, sigma, _ = evaluation.load_statistics(hp.fid_ref_stats)
-        else:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None or not hasattr(datamodule, "dataset"):
-                raise ConfigError("FID needs reference statistics: pass --model.fid_ref_stats FILE.npz or a datamodule")
-            if hasattr(datamodule, "reference_images"):  # ImageDataModule: a built-in split or a folder's cache
-                images, name = datamodule.reference_images(hp.fid_ref_split)
-            else:
-                from src.data import load_dataset
-
-                name = datamodule.dataset
-                images = load_dataset(name, hp.fid_ref_split, datamodule.data_dir)[0]
-            extractor = self.fid_extractor()
-            key = evaluation.reference_key(
-                name, hp.fid_ref_split, extractor_id(extractor), images.shape[-1], len(images)
-            )
-            rank, world = evaluation._dist_info()
-
-            def compute() -> tuple[np.ndarray, np.ndarray]:
-                mine = evaluation.shard_indices(len(images), rank, world)
-                batches = (images[chunk] for chunk in mine.split(hp.fid_batch_size))
-                stats = evaluation.accumulate(extractor, batches, self.device, len(mine), "FID reference",
-                                              progress=rank == 0)  # fmt: skip
-                return stats.compute()
-
-            mu, sigma, path, computed = evaluation.cached_statistics(key, compute, hp.fid_cache_dir, self.device)
-            rank_zero_info(f"FID reference statistics {'computed and saved to' if computed else 'loaded from'} {path}")
-        self._fid["reference"] = (mu, sigma)
-        return mu, sigma
-
-    @torch.no_grad()
-    def compute_fid(self, num_samples: int, stage: str = "val") -> dict[str, float]:
-        """FID of `num_samples` EMA samples (sample i from `initial_noise([i])`, sharded over processes) against
-        the reference statistics; {"val/fid" or "val/fid_standin": value}. Every process must call it."""
-        extractor = self.fid_extractor()
-        ref_mu, ref_sigma = self.fid_reference()
-
-        def sample_fn(indices: Tensor) -> Tensor:
-            return to_uint8(self.sample_indices(indices))
-
-        stats, seconds_per_1k = evaluation.sample_statistics(
-            sample_fn, extractor, num_samples, self.hparams.fid_batch_size, self.device, progress=True
-        )
-        value = evaluation.fid_from_statistics(stats, ref_mu, ref_sigma)
-        name = evaluation.metric_name(extractor.name, "fid", stage)
-        label = {"inception": "", "classifier": f" (features of {getattr(extractor, 'path', '')}: NOT an FID)"}.get(
-            extractor.name, " (stand-in features: NOT an FID, not comparable to papers)"
-        )
-        rank_zero_info(
-            f"{name} = {value:.4f} from {num_samples} samples{label}; {seconds_per_1k:.1f} s per 1,000 samples"
-        )
-        return {name: value}
 
     # ------------------------------------------------------------------ sampling
     def initial_noise(self, indices: Tensor, seed: int | None = None) -> Tensor:
