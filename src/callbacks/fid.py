@@ -8,7 +8,6 @@ The command line adds it as the `fid` group (`src/main.py`): `--fid.num_samples 
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
 import lightning as L
 import torch
@@ -140,7 +139,8 @@ class FIDCallback(Callback):
             key = evaluation.reference_key(name, self.ref_split, extractor_id(extractor), images.shape[-1], len(images))
             path, cached = evaluation.read_cached_statistics(key, self.cache_dir)
             # Computing is a collective (the metric's sync): any process without a valid file makes all compute.
-            if trainer.strategy.reduce_boolean_decision(cached is None, all=False):
+            computed = trainer.strategy.reduce_boolean_decision(cached is None, all=False)
+            if computed:
                 statistics = FeatureStatistics(extractor.pool_dim).to(device)
                 mine = evaluation.shard_indices(len(images), trainer.global_rank, trainer.world_size)
                 bar = tqdm(total=len(mine), desc="FID reference", unit="img", leave=False,
@@ -154,7 +154,7 @@ class FIDCallback(Callback):
                     evaluation.save_statistics(path, mu, sigma, key)
             else:
                 mu, sigma = cached
-            rank_zero_info(f"FID reference statistics {'loaded from' if cached else 'computed and saved to'} {path}")
+            rank_zero_info(f"FID reference statistics {'computed and saved to' if computed else 'loaded from'} {path}")
         metric.load_reference(mu, sigma)
         self.metric = metric
         return metric

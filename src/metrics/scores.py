@@ -1,4 +1,4 @@
-"""Kernel Inception Distance and Inception Score from features, as torch-fidelity computes them.
+"""Kernel Inception Distance, Inception Score and precision/recall from features, as torch-fidelity computes them.
 
 KID (Binkowski et al. 2018, "Demystifying MMD GANs", section 3): the unbiased estimate of the squared MMD with
 the polynomial kernel k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, coef0 = 1, degree 3, averaged over
@@ -158,14 +158,25 @@ class KernelInceptionDistance(_RealAndGenerated):
 
     higher_is_better = False
 
-    def __init__(self, subsets: int = 100, subset_size: int = 1000, degree: int = 3, gamma: float | None = None,
-                 coef0: float = 1.0, seed: int = 2020, **kwargs) -> None:  # fmt: skip
+    def __init__(
+        self,
+        subsets: int = 100,
+        subset_size: int = 1000,
+        degree: int = 3,
+        gamma: float | None = None,
+        coef0: float = 1.0,
+        seed: int = 2020,
+        **kwargs,
+    ) -> None:
         super().__init__(**kwargs)
-        self.options = dict(subsets=subsets, subset_size=subset_size, degree=degree, gamma=gamma, coef0=coef0, seed=seed)
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+        self.kernel = dict(degree=degree, gamma=gamma, coef0=coef0)
 
     def compute(self) -> tuple[Tensor, Tensor]:
         generated, real = self._both()
-        mean, std = kernel_inception_distance(generated, real, **self.options)
+        mean, std = kernel_inception_distance(
+            generated, real, self.subsets, self.subset_size, **self.kernel, seed=self.seed
+        )
         return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
 
 
