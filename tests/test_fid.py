@@ -441,6 +441,17 @@ def test_fid_callback_logs_during_fit_for_model_checkpoint(tmp_path: Path) -> No
     assert not any("convs" in key for key in state)
 
 
+def test_fid_options_that_cannot_work_fail_at_once_naming_the_option() -> None:
+    from src.errors import ConfigError
+
+    for kwargs, option in [({"num_samples": 1}, "--fid.num_samples"), ({"every_n_steps": 5}, "--fid.num_samples"),
+                           ({"extractor": "resnet"}, "--fid.extractor"), ({"ref_split": "val"}, "--fid.ref_split"),
+                           ({"batch_size": 0}, "--fid.batch_size")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=option):
+            FIDCallback(**kwargs)
+    assert FIDCallback().num_samples == 0 and FIDCallback().every_n_steps == 0  # off unless asked for
+
+
 def test_reference_from_datamodule_split_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Without ref_stats the callback computes the split's statistics once and caches them."""
     images = torch.randint(0, 256, (10, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
