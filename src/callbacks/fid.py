@@ -35,7 +35,8 @@ class FIDCallback(Callback):
 
     Args:
         num_samples: generated samples per evaluation, over all processes (0: no FID; 50000 for the papers' numbers).
-        every_n_steps: fit: optimizer steps between evaluations (0: none during fit; `validate` always evaluates).
+        every_n_steps: fit: optimizer steps between evaluations (0: none during fit; `validate` evaluates whenever
+            num_samples > 0).
         extractor: "inception" (the standard FID network, torch-fidelity's), "standin" (a small offline network
             for smoke tests, logged as `val/fid_standin`: NOT an FID) or the path of a classifier file (logged as
             `val/fd_classifier`; configs/fashion_mnist_fd_classifier.yaml trains one).
