@@ -40,7 +40,7 @@ class ClassifierModule(L.LightningModule):
         warmup_steps: linear learning-rate warm-up steps.
         export_path: where to save the trained classifier (default: `<run dir>/classifier.pt`).
         clean_only: train on clean images x_0 at t = 0 only (no noise): an ordinary image classifier, whose
-            penultimate features `--model.fid_extractor FILE` and `python -m src.evaluate --extractor FILE` use
+            penultimate features `--fid.extractor FILE` and `python -m src.evaluate --extractor FILE` use
             for a Fréchet distance (configs/fashion_mnist_fd_classifier.yaml). Its features then describe clean
             images only, instead of sharing capacity with the 999 noise levels guidance needs.
     """

@@ -34,6 +34,18 @@ class NonFiniteLossError(UserError, FloatingPointError):
     """Training produced a non-finite loss or gradient more often than allowed."""
 
 
+# Options that moved to another group: a saved config.yaml or an old command line names the new one in its hint.
+MOVED_OPTIONS = {
+    "--model.num_fid_samples": "--fid.num_samples",
+    "--model.fid_extractor": "--fid.extractor",
+    "--model.fid_weights_path": "--fid.weights_path",
+    "--model.fid_ref_stats": "--fid.ref_stats",
+    "--model.fid_ref_split": "--fid.ref_split",
+    "--model.fid_cache_dir": "--fid.cache_dir",
+    "--model.fid_batch_size": "--fid.batch_size",
+}
+
+
 def did_you_mean(message: str, known: list[str]) -> str:
     """`message` plus "did you mean --x?" for each unknown option or config key it names that resembles a known one."""
     quoted = re.findall(r"(?:key|option) ['\"]([\w.]+)['\"]", message)
@@ -41,6 +53,9 @@ def did_you_mean(message: str, known: list[str]) -> str:
     hints = []
     for name in dict.fromkeys(unknown):
         if name in known:
+            continue
+        if name in MOVED_OPTIONS:
+            hints.append(f"{name} moved to {MOVED_OPTIONS[name]}")
             continue
         # Compare the last part among the options of the same group (--model.emma_decay -> --model.ema_decay):
         # whole names share their prefix, which makes unrelated options of a group look alike.

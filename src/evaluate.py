@@ -17,6 +17,7 @@ with a classifier file the distance is "fd_classifier" and the other keys carry 
 --reference_values, also the same distance for as many real held-out images (the test split: "<fd>_real_vs_real")
 and for them plus Gaussian noise of std 0.2 in the [-1, 1] range ("<fd>_noised_real"), the scale to read it on.
 A data set's reference statistics are cached as in training (`--cache_dir`, default ~/.cache/ddim-lightning/fid_stats).
+The scores are the torchmetrics Metrics the FID callback uses (`src/metrics/fid.py`, `src/metrics/scores.py`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,8 @@ from PIL import Image
 
 from src.metrics import evaluation
 from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
-from src.metrics.fid import frechet_distance
-from src.metrics.scores import inception_score, kernel_inception_distance, precision_recall
+from src.metrics.fid import FeatureStatistics, FrechetDistance
+from src.metrics.scores import InceptionScore, KernelInceptionDistance, PrecisionRecall
 
 
 def load_samples(path: str | Path) -> torch.Tensor:
@@ -81,9 +82,9 @@ def noised(images: torch.Tensor, std: float, seed: int = 0) -> torch.Tensor:
     return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
-def reference_values(extractor, args, num: int, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> dict[str, float]:
+def reference_values(extractor, args, num: int, distance: FrechetDistance) -> dict[str, float]:
     """The distance of `num` real held-out images (the first of the test split) and of the same images noised:
-    what a perfect model and a visibly flawed one score at this sample size."""
+    what a perfect model and a visibly flawed one score at this sample size (`distance` holds the reference)."""
     from src.data import load_dataset
 
     real = load_dataset(args.ref, "test", args.data_dir)[0][:num]
@@ -91,8 +92,9 @@ def reference_values(extractor, args, num: int, ref_mu: np.ndarray, ref_sigma: n
         print(f"note: the test split has {len(real)} images, fewer than the {num} samples", file=sys.stderr)
     values = {}
     for name, images in (("real_vs_real", real), ("noised_real", noised(real, args.noise_std))):
-        pool = features_of(extractor, images, args.batch_size, args.device, name)["pool"].double().numpy()
-        values[name] = frechet_distance(np.mean(pool, axis=0), np.cov(pool, rowvar=False), ref_mu, ref_sigma)
+        distance.reset()  # the reference stays
+        distance.update(features_of(extractor, images, args.batch_size, args.device, name)["pool"])
+        values[name] = float(distance.compute())
     values["reference_n"] = len(real)
     return values
 
@@ -135,8 +137,6 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     fd_key = "fd_classifier" if extractor.name == "classifier" else f"fid{suffix}"
     samples = load_samples(args.samples)
     feats = features_of(extractor, samples, args.batch_size, args.device, "sample features")
-    pool = feats["pool"].double().numpy()
-    mu, sigma = np.mean(pool, axis=0), np.cov(pool, rowvar=False)
     results: dict[str, float] = {"num_samples": len(samples)}
 
     ref_features = None
@@ -154,36 +154,40 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             ref_images, ref_name, split = load_dataset(args.ref, args.split, args.data_dir)[0], args.ref, args.split
         key = evaluation.reference_key(ref_name, split, extractor_id(extractor), ref_images.shape[-1], len(ref_images))
 
-        def compute() -> tuple[np.ndarray, np.ndarray]:
+        def compute() -> tuple[torch.Tensor, torch.Tensor]:
             nonlocal ref_features
             ref_features = features_of(extractor, ref_images, args.batch_size, args.device, "reference")["pool"]
-            ref = ref_features.double().numpy()
-            return np.mean(ref, axis=0), np.cov(ref, rowvar=False)
+            statistics = FeatureStatistics(extractor.pool_dim)
+            statistics.update(ref_features)
+            return statistics.compute()
 
-        ref_mu, ref_sigma, path, _ = evaluation.cached_statistics(key, compute, args.cache_dir, args.device)
+        ref_mu, ref_sigma, path, _ = evaluation.cached_statistics(key, compute, args.cache_dir)
         results["ref_stats"] = str(path)
         if (args.kid or args.prc) and ref_features is None:
             ref_features = features_of(extractor, ref_images, args.batch_size, args.device, "reference")["pool"]
-    results[fd_key] = frechet_distance(mu, sigma, ref_mu, ref_sigma)
+    distance = FrechetDistance(extractor.pool_dim, reference=(ref_mu, ref_sigma))
+    distance.update(feats["pool"])
+    results[fd_key] = float(distance.compute())
     if args.reference_values:
         if args.ref.endswith(".npz"):
             raise SystemExit("--reference_values needs a data set name as --ref (its test split is the real sample)")
-        for name, value in reference_values(extractor, args, len(samples), ref_mu, ref_sigma).items():
+        for name, value in reference_values(extractor, args, len(samples), distance).items():
             results[f"{fd_key}_{name}"] = value
-    if args.kid:
-        if ref_features is None:
-            raise SystemExit("--kid needs reference features: pass a data set or a folder as --ref, not a .npz")
-        kid = kernel_inception_distance(pool, ref_features.double().numpy())
-        results[f"kid_mean{suffix}"], results[f"kid_std{suffix}"] = kid
-    if args.prc:
-        if ref_features is None:
-            raise SystemExit("--prc needs reference features: pass a data set or a folder as --ref, not a .npz")
-        precision, recall = precision_recall(ref_features.double().numpy(), pool)
-        results[f"precision{suffix}"], results[f"recall{suffix}"] = precision, recall
+    for flag, metric, keys in (("kid", KernelInceptionDistance(), ("kid_mean", "kid_std")),
+                               ("prc", PrecisionRecall(k=3), ("precision", "recall"))):  # fmt: skip
+        if getattr(args, flag):
+            if ref_features is None:
+                raise SystemExit(f"--{flag} needs reference features: pass a data set or a folder as --ref, not a .npz")
+            metric.update(feats["pool"])
+            metric.update(ref_features, real=True)
+            for key, value in zip(keys, metric.compute(), strict=True):
+                results[f"{key}{suffix}"] = float(value)
     if args.isc:
         if "logits" not in feats:
             raise SystemExit("--isc needs the Inception extractor's logits")
-        results["is_mean"], results["is_std"] = inception_score(feats["logits"])
+        inception_score = InceptionScore()
+        inception_score.update(feats["logits"])
+        results["is_mean"], results["is_std"] = (float(v) for v in inception_score.compute())
     if extractor.name == "classifier":
         results["extractor_sha256"] = extractor.sha256
         results["note"] = "classifier features: NOT FID; comparable only between numbers from the same classifier file"

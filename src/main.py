@@ -5,6 +5,7 @@ A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's o
   --overwrite BOOL     predict: allow writing into a folder that already holds files
   --logger_backend     auto | wandb | wandb_offline | tensorboard | csv (used when --trainer.logger is unset)
   --run_name NAME      folder/project name of the run under --trainer.default_root_dir
+  --fid.*              FID of EMA samples in validate (--fid.num_samples N) and during fit (--fid.every_n_steps K)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
+from src.callbacks.fid import FIDCallback
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
@@ -128,6 +130,10 @@ class DiffusionCLI(LightningCLI):
             help="fit: skip up to this many steps with a non-finite loss or gradient, then stop (0: stop at "
             "the first); see src/callbacks/faults.py",
         )
+        if issubclass(self.model_class, DiffusionModule):  # a model that samples (not the guidance classifier's CLI)
+            # FID as a callback with its own option group: --fid.num_samples, --fid.extractor, ... in --help and
+            # config.yaml; LightningCLI appends the instance to the trainer's callbacks in every subcommand.
+            parser.add_lightning_class_args(FIDCallback, "fid")
         parser.set_defaults({"trainer.default_root_dir": "runs"})
         # One source of truth for the image shape: a folder of images is converted to the network's input.
         parser.link_arguments("model.net.init_args.image_size", "data.image_size")

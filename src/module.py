@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 
 import lightning as L
-import numpy as np
 import torch
 from lightning.pytorch.utilities import grad_norm, rank_zero_info
 from torch import Tensor, nn
@@ -23,9 +22,6 @@ from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
-from src.images import to_uint8
-from src.metrics import evaluation
-from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
 from src.models.diffusion import DiffusionModel, build_net, net_spec
 from src.models.ema import ema_decay, update_ema
 from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
@@ -103,8 +99,6 @@ class DiffusionModule(L.LightningModule):
         ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
             2021, appendix D; adaptive RK45 with a Hutchinson divergence, uniform dequantisation), on this many
             test batches (0: off; each image costs some hundreds of network calls with gradients).
-        num_fid_samples, fid_extractor, fid_weights_path, fid_ref_stats, fid_ref_split, fid_cache_dir,
-            fid_batch_size: `validate` logs the FID of this many samples (README "Evaluation").
     """
 
     def __init__(
@@ -140,13 +134,6 @@ class DiffusionModule(L.LightningModule):
         fused_optimizer: bool | None = None,
         bpd_timesteps: int | None = 0,
         ode_bpd_batches: int = 0,
-        num_fid_samples: int = 0,
-        fid_extractor: str = "inception",
-        fid_weights_path: str | None = None,
-        fid_ref_stats: str | None = None,
-        fid_ref_split: str = "train",
-        fid_cache_dir: str | None = None,
-        fid_batch_size: int = 250,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
@@ -175,15 +162,6 @@ class DiffusionModule(L.LightningModule):
             classifier_scale=classifier_scale,
             sample_seed=sample_seed,
         )
-        if fid_extractor not in EXTRACTORS and not is_classifier_file(fid_extractor):
-            raise ConfigError(
-                f"--model.fid_extractor {fid_extractor!r} is unknown; choose one of {', '.join(EXTRACTORS)} "
-                "or a classifier file (configs/fashion_mnist_fd_classifier.yaml trains one)"
-            )
-        if fid_ref_split not in ("train", "test"):
-            raise ConfigError(f"--model.fid_ref_split must be train or test, got {fid_ref_split!r}")
-        # FID extractor and reference statistics, built on first use; a plain dict keeps them out of checkpoints.
-        self._fid: dict[str, object] = {}
 
     upgrade_state_dict = staticmethod(upgrade_state_dict)
 
@@ -338,79 +316,7 @@ class DiffusionModule(L.LightningModule):
             ode = ode_nll_bits_per_dim(eps_model, batch[0], self.schedule, generator=generator)
             self.log("test/ode_bpd", ode["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
 
-    def on_validation_epoch_end(self) -> None:
-        if self.hparams.num_fid_samples > 0 and self.trainer.state.fn == "validate":
-            self.log_dict(self.compute_fid(self.hparams.num_fid_samples))
-
-    # ------------------------------------------------------------------ FID (src/metrics/evaluation.py)
-    def fid_extractor(self) -> nn.Module:
-        if "extractor" not in self._fid:
-            self._fid["extractor"] = build_feature_extractor(self.hparams.fid_extractor, self.hparams.fid_weights_path)
-        return self._fid["extractor"].to(self.device)
-
-    def fid_reference(self) -> tuple[np.ndarray, np.ndarray]:
-        """Reference mean and covariance: `fid_ref_stats` as is, else the data set's split, cached on disk."""
-        hp = self.hparams
-        if "reference" in self._fid:
-            return self._fid["reference"]
-        if hp.fid_ref_stats:
-            mu, sigma, _ = evaluation.load_statistics(hp.fid_ref_stats)
-        else:
-            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            if datamodule is None or not hasattr(datamodule, "dataset"):
-                raise ConfigError("FID needs reference statistics: pass --model.fid_ref_stats FILE.npz or a datamodule")
-            if hasattr(datamodule, "reference_images"):  # ImageDataModule: a built-in split or a folder's cache
-                images, name = datamodule.reference_images(hp.fid_ref_split)
-            else:
-                from src.data import load_dataset
-
-                name = datamodule.dataset
-                images = load_dataset(name, hp.fid_ref_split, datamodule.data_dir)[0]
-            extractor = self.fid_extractor()
-            key = evaluation.reference_key(
-                name, hp.fid_ref_split, extractor_id(extractor), images.shape[-1], len(images)
-            )
-            rank, world = evaluation._dist_info()
-
-            def compute() -> tuple[np.ndarray, np.ndarray]:
-                mine = evaluation.shard_indices(len(images), rank, world)
-                batches = (images[chunk] for chunk in mine.split(hp.fid_batch_size))
-                stats = evaluation.accumulate(extractor, batches, self.device, len(mine), "FID reference",
-                                              progress=rank == 0)  # fmt: skip
-                return stats.compute()
-
-            mu, sigma, path, computed = evaluation.cached_statistics(key, compute, hp.fid_cache_dir, self.device)
-            rank_zero_info(f"FID reference statistics {'computed and saved to' if computed else 'loaded from'} {path}")
-        self._fid["reference"] = (mu, sigma)
-        return mu, sigma
-
-    @torch.no_grad()
-    def compute_fid(self, num_samples: int, stage: str = "val") -> dict[str, float]:
-        """FID of `num_samples` EMA samples (sample i from `initial_noise([i])`, sharded over processes) against
-        the reference statistics; {"val/fid" or "val/fid_standin": value}. Every process must call it."""
-        extractor = self.fid_extractor()
-        ref_mu, ref_sigma = self.fid_reference()
-
-        def sample_fn(indices: Tensor) -> Tensor:
-            return to_uint8(self.sample_indices(indices))
-
-        stats, seconds_per_1k = evaluation.sample_statistics(
-            sample_fn, extractor, num_samples, self.hparams.fid_batch_size, self.device, progress=True
-        )
-        value = evaluation.fid_from_statistics(stats, ref_mu, ref_sigma)
-        name = evaluation.metric_name(extractor.name, "fid", stage)
-        label = {"inception": "", "classifier": f" (features of {getattr(extractor, 'path', '')}: NOT an FID)"}.get(
-            extractor.name, " (stand-in features: NOT an FID, not comparable to papers)"
-        )
-        rank_zero_info(
-            f"{name} = {value:.4f} from {num_samples} samples{label}; {seconds_per_1k:.1f} s per 1,000 samples"
-        )
-        return {name: value}
-
-    # ------------------------------------------------------------------ sampling (src/models/diffusion.py)
-    def sample_indices(self, indices: Tensor, seed: int | None = None, **overrides) -> Tensor:
-        return self.model.sample_indices(indices, seed, **overrides)
-
+    # ------------------------------------------------------------------ predict (sampling: src/models/diffusion.py)
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:
         """`batch` holds sample indices; returns them with the images in [-1, 1] (and the labels of a conditional
         model, which PNGWriter puts in the file names, <label>_<index>.png)."""

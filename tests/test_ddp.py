@@ -6,6 +6,7 @@ that only some ranks call) fails the test instead of stalling the suite.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -33,8 +34,8 @@ TINY_NET = [
     "--trainer.enable_model_summary", "false",
 ]  # fmt: skip
 
-# Every callback class the shipped configs list (configs/*.yaml), at periods small enough to fire in a few steps,
-# plus the periodic FID callback the README describes (with the offline stand-in extractor).
+# Every callback class the shipped configs list (configs/*.yaml), at periods small enough to fire in a few steps;
+# the periodic FID callback the README describes comes with the --fid options (with the offline stand-in extractor).
 EVERY_CALLBACK = [
     {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 50}},
     {"class_path": "src.callbacks.time_budget.TimeBudget", "init_args": {"duration": "00:00:30:00"}},
@@ -43,9 +44,9 @@ EVERY_CALLBACK = [
         "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2},
     },
     {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 2, "num_samples": 4}},
-    {"class_path": "src.callbacks.fid.FIDCallback", "init_args": {"every_n_steps": 2, "num_samples": 6}},
 ]
-FID_OPTIONS = ["--model.fid_extractor", "standin", "--model.fid_ref_split", "test", "--model.fid_batch_size", "4"]
+FID_OPTIONS = ["--fid.extractor", "standin", "--fid.ref_split", "test", "--fid.batch_size", "4"]
+PERIODIC_FID = ["--fid.every_n_steps", "2", "--fid.num_samples", "6"]
 
 
 def config_callbacks() -> set[str]:
@@ -83,9 +84,9 @@ def data(tmp_path_factory) -> Path:
 def ddp_fit(tmp_path_factory, data: Path) -> tuple[Path, str]:
     """A 2-process fit with every shipped callback (grids, checkpoints, periodic FID, signal handling), 4 steps."""
     root = tmp_path_factory.mktemp("runs")
-    code, output = run(["fit", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, *FID_OPTIONS,
+    code, output = run(["fit", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, *FID_OPTIONS, *PERIODIC_FID,
                         "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
-                        "--model.fid_cache_dir", str(root / "fid_cache"),
+                        "--fid.cache_dir", str(root / "fid_cache"),
                         "--trainer.max_steps", "4", "--trainer.val_check_interval", "2",
                         "--trainer.limit_val_batches", "1", "--trainer.callbacks", json.dumps(EVERY_CALLBACK)],
                        timeout=600)  # fmt: skip
@@ -95,7 +96,7 @@ def ddp_fit(tmp_path_factory, data: Path) -> tuple[Path, str]:
 
 @pytest.mark.slow
 def test_the_callbacks_tested_here_are_those_the_configs_ship() -> None:
-    assert config_callbacks() <= {c["class_path"] for c in EVERY_CALLBACK}
+    assert config_callbacks() <= {c["class_path"] for c in EVERY_CALLBACK} | {"src.callbacks.fid.FIDCallback"}
 
 
 @pytest.mark.slow
@@ -130,6 +131,48 @@ def test_two_process_predict_writes_each_sample_once_as_one_process_does(ddp_fit
     assert sorted(outputs["ddp"]) == [f"{i}.png" for i in range(5)]
     assert len(set(outputs["ddp"].values())) == 5  # distinct samples
     assert outputs["ddp"] == outputs["one"]  # byte for byte, whatever the processes and batch size
+
+
+@pytest.mark.slow
+def test_validate_fid_equals_the_previous_implementation_on_one_and_two_processes(
+    ddp_fit: tuple[Path, str], tmp_path: Path, data: Path
+) -> None:
+    """`validate --fid.num_samples N` (the torchmetrics FrechetDistance of FIDCallback) against the previous
+    implementation's math on the same samples: `sample_indices` of 0..N-1, the stand-in features, pytorch-fid's
+    statistics (`feature_statistics`: mean and np.cov) and `frechet_distance`, the reference being the test split."""
+    from src.data import load_dataset
+    from src.images import to_uint8
+    from src.metrics.features import StandInFeatures
+    from src.metrics.fid import feature_statistics, frechet_distance
+    from src.module import DiffusionModule
+
+    root, _ = ddp_fit
+    (ckpt,) = root.glob("fashion_mnist/version_*/checkpoints/last.ckpt")
+    num_samples = 7  # not divisible by the 2 processes
+    logged = {}
+    for name, extra in {"one": [], "ddp": DDP}.items():
+        out = tmp_path / name
+        code, output = run(["validate", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *extra, *FID_OPTIONS,
+                            "--ckpt_path", str(ckpt), "--fid.num_samples", str(num_samples),
+                            "--fid.cache_dir", str(out / "fid_cache"), "--data.data_dir", str(data),
+                            "--trainer.default_root_dir", str(out), "--trainer.limit_val_batches", "1"],
+                           timeout=300)  # fmt: skip
+        assert code == 0, output[-3000:]
+        (metrics,) = out.glob("fashion_mnist/version_*/metrics.csv")
+        (value,) = [row["val/fid_standin"] for row in csv.DictReader(metrics.open()) if row.get("val/fid_standin")]
+        logged[name] = float(value)
+
+    module = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu")
+    extractor = StandInFeatures()
+    with torch.no_grad():
+        samples = to_uint8(module.model.sample_indices(torch.arange(num_samples)))
+        pool = extractor(samples)["pool"].double().numpy()
+        reference = extractor(load_dataset("fashion_mnist", "test", str(data))[0])["pool"].double().numpy()
+    previous = frechet_distance(*feature_statistics(pool), *feature_statistics(reference))
+    print(f"val/fid_standin: 1 process {logged['one']!r}, 2 processes {logged['ddp']!r}, previous math {previous!r}")
+    assert previous > 0
+    assert logged["one"] == pytest.approx(previous, rel=1e-6)
+    assert logged["ddp"] == pytest.approx(previous, rel=1e-6)
 
 
 @pytest.mark.slow

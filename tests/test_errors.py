@@ -23,6 +23,7 @@ def files_under(root: Path) -> dict[str, bytes]:
     [
         (["--data.batchsize", "3"], "--data.batchsize: did you mean --data.batch_size?"),
         (["--model.emma_decay", "0.5"], "--model.emma_decay: did you mean --model.ema_decay?"),
+        (["--model.num_fid_samples", "10"], "--model.num_fid_samples moved to --fid.num_samples"),
     ],
 )
 def test_unknown_option_suggests_the_closest(args: list[str], hint: str, capsys) -> None:
@@ -37,6 +38,14 @@ def test_unknown_config_key_suggests_the_closest(tmp_path: Path, capsys) -> None
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", CONFIG, "--config", str(bad)])
     assert "did you mean --model.ema_decay?" in capsys.readouterr().err
+
+
+def test_a_saved_config_with_the_old_fid_options_names_their_new_place(tmp_path: Path, capsys) -> None:
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  fid_extractor: standin\n")
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", CONFIG, "--config", str(old)])
+    assert "--model.fid_extractor moved to --fid.extractor" in capsys.readouterr().err
 
 
 def test_did_you_mean_stays_quiet_without_a_close_match() -> None:

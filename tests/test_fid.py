@@ -1,4 +1,5 @@
-"""FID/KID/IS: the math against scipy and torch-fidelity, streaming and DDP statistics, the reference cache, the
+"""FID/KID/IS/precision-recall: the math against scipy and torch-fidelity, the torchmetrics Metrics against the same
+references (batching, reference statistics in the metric, the sync of 2 processes), the reference cache, the
 Inception weights error, and the rule that stand-in numbers never land under `val/fid`."""
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from src.metrics.evaluation import (
     load_statistics,
     metric_name,
     reference_key,
-    sample_statistics,
     save_statistics,
     shard_indices,
 )
@@ -35,8 +35,15 @@ from src.metrics.features import (
     InceptionWeightsNotFoundError,
     StandInFeatures,
 )
-from src.metrics.fid import StreamingStatistics, feature_statistics, frechet_distance
-from src.metrics.scores import inception_score, kernel_inception_distance
+from src.metrics.fid import FeatureStatistics, FrechetDistance, feature_statistics, frechet_distance
+from src.metrics.scores import (
+    InceptionScore,
+    KernelInceptionDistance,
+    PrecisionRecall,
+    inception_score,
+    kernel_inception_distance,
+    precision_recall,
+)
 from src.models.unet import UNet
 from src.module import DiffusionModule
 
@@ -91,19 +98,57 @@ def test_streaming_statistics_do_not_depend_on_batch_size() -> None:
     features = torch.from_numpy(np.random.default_rng(3).standard_normal((301, 20)) + 2.0)
     mu_ref, sigma_ref = feature_statistics(features.numpy())
     for batch in (1, 7, 64, 301):
-        stats = StreamingStatistics(20)
+        stats = FeatureStatistics(20)
         for chunk in features.split(batch):
             stats.update(chunk)
         mu, sigma = stats.compute()
-        assert stats.num_samples == 301
+        assert int(stats.num_samples) == 301 and mu.dtype == sigma.dtype == torch.float64
         np.testing.assert_allclose(mu, mu_ref, rtol=1e-12)
         np.testing.assert_allclose(sigma, sigma_ref, rtol=1e-10, atol=1e-12)
-    # merging two halves is the same as one pass (what all_reduce does across processes)
-    a, b = StreamingStatistics(20), StreamingStatistics(20)
+    # merging two halves is the same as one pass (what the sync does across processes)
+    a, b = FeatureStatistics(20), FeatureStatistics(20)
     a.update(features[:100])
     b.update(features[100:])
-    a.merge(b)
+    a.merge_state(b)
     np.testing.assert_allclose(a.compute()[1], sigma_ref, rtol=1e-10, atol=1e-12)
+
+
+def test_frechet_distance_metric_is_frechet_distance_of_the_statistics_and_holds_its_reference() -> None:
+    rng = np.random.default_rng(5)
+    generated = torch.from_numpy(rng.standard_normal((200, 12)) * 1.5 + 0.2).float()
+    real = rng.standard_normal((300, 12))
+    ref_mu, ref_sigma = feature_statistics(real)
+    expected = frechet_distance(*feature_statistics(generated.double().numpy()), ref_mu, ref_sigma)
+    assert expected == pytest.approx(scipy_frechet(*feature_statistics(generated.double().numpy()), ref_mu, ref_sigma),
+                                     rel=1e-6)  # fmt: skip
+    metric = FrechetDistance(12)
+    metric.load_reference(ref_mu, ref_sigma)  # the cached .npz statistics go into the metric
+    for chunk in generated.split(64):
+        metric.update(chunk)
+    value = metric.compute()
+    assert value.dtype == torch.float64 and float(value) == pytest.approx(expected, rel=1e-10)
+    # The reference is part of the metric's state_dict and survives reset(); the sample statistics do not.
+    state = metric.state_dict()
+    assert torch.equal(state["reference_mean"], torch.from_numpy(ref_mu)) and state["reference_cov"].shape == (12, 12)
+    metric.reset()
+    assert int(metric.num_samples) == 0 and metric.has_reference
+    metric.update(generated)
+    assert float(metric.compute()) == pytest.approx(expected, rel=1e-10)
+    fresh = FrechetDistance(12)
+    assert not fresh.has_reference
+    fresh.load_state_dict(state)
+    fresh.update(generated)
+    assert fresh.has_reference and float(fresh.compute()) == pytest.approx(expected, rel=1e-10)
+    # A set against its own statistics: 0.
+    itself = FrechetDistance(12, reference=feature_statistics(generated))
+    itself.update(generated)
+    assert float(itself.compute()) == pytest.approx(0.0, abs=1e-8)
+    with pytest.raises(ValueError, match="another feature extractor"):
+        FrechetDistance(13).load_reference(ref_mu, ref_sigma)
+    with pytest.raises(RuntimeError, match="no reference statistics"):
+        without = FrechetDistance(12)
+        without.update(generated)
+        without.compute()
 
 
 def test_kid_and_inception_score_match_torch_fidelity() -> None:
@@ -127,6 +172,44 @@ def test_kid_and_inception_score_match_torch_fidelity() -> None:
     )
 
 
+def test_kid_is_and_precision_recall_metrics_match_torch_fidelity_and_brute_force() -> None:
+    from test_precision_recall import brute_force
+    from torch_fidelity.metric_isc import isc_features_to_metric
+    from torch_fidelity.metric_kid import kid_features_to_metric
+
+    rng = np.random.default_rng(6)
+    generated = torch.from_numpy(rng.standard_normal((60, 16))).float()
+    real = torch.from_numpy(rng.standard_normal((50, 16)) + 0.3).float()
+    kid = KernelInceptionDistance(subsets=5, subset_size=40)
+    prc = PrecisionRecall(k=3, batch_size=16)
+    for metric in (kid, prc):
+        for chunk in generated.split(25):  # batches, as a sampling loop gives them
+            metric.update(chunk)
+        metric.update(real, real=True)
+    ref = kid_features_to_metric(generated.double(), real.double(), kid_subsets=5, kid_subset_size=40, verbose=False,
+                                 rng_seed=2020, kid_kernel="poly", kid_kernel_poly_degree=3,
+                                 kid_kernel_poly_gamma=None, kid_kernel_poly_coef0=1)  # fmt: skip
+    mean, std = kid.compute()
+    assert float(mean) == pytest.approx(ref["kernel_inception_distance_mean"], rel=1e-10)
+    assert float(std) == pytest.approx(ref["kernel_inception_distance_std"], rel=1e-10)
+    precision, recall = prc.compute()
+    assert (float(precision), float(recall)) == pytest.approx(
+        brute_force(real.double().numpy(), generated.double().numpy(), 3), abs=1e-12
+    )
+
+    logits = torch.from_numpy(rng.standard_normal((100, 10)) * 3)
+    isc = InceptionScore(splits=4)
+    for chunk in logits.split(30):
+        isc.update(chunk)
+    ref = isc_features_to_metric(logits, splits=4)
+    assert tuple(float(v) for v in isc.compute()) == pytest.approx(
+        (ref["inception_score_mean"], ref["inception_score_std"]), rel=1e-10
+    )
+    kid.reset()
+    with pytest.raises(RuntimeError, match="generated and real features"), pytest.warns(UserWarning, match="before"):
+        kid.compute()
+
+
 # ---------------------------------------------------------------------------------------------- DDP
 def fake_images(indices: torch.Tensor) -> torch.Tensor:
     """A deterministic uint8 image per sample index (what a sampler with per-index noise produces)."""
@@ -136,20 +219,66 @@ def fake_images(indices: torch.Tensor) -> torch.Tensor:
     )  # fmt: skip
 
 
+class FakeDiffusionModule:
+    """What `FIDCallback.compute` needs of a LightningModule: `device` and `model.sample_indices` (images in
+    [-1, 1]); the fake is its own `model`."""
+
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.seen: list[int] = []
+        self.model = self
+
+    def sample_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        self.seen.extend(indices.tolist())
+        return fake_images(indices).float() / 127.5 - 1.0
+
+
+class FakeTrainer:
+    def __init__(self, rank: int, world_size: int) -> None:
+        self.global_rank, self.world_size = rank, world_size
+
+
+def score_features(num: int = 40) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Generated features, real features and logits for the KID / IS / precision-recall sync."""
+    rng = np.random.default_rng(7)
+    return (torch.from_numpy(rng.standard_normal((num, 8))), torch.from_numpy(rng.standard_normal((num, 8)) + 0.5),
+            torch.from_numpy(rng.standard_normal((num, 5)) * 2))  # fmt: skip
+
+
+def one_process_scores(generated, real, logits) -> dict[str, list[float]]:
+    return {
+        "kid": list(kernel_inception_distance(generated, real, subsets=4, subset_size=15)),
+        "is": list(inception_score(logits, splits=3)),
+        "prc": list(precision_recall(real, generated, k=3)),
+    }
+
+
 def _ddp_worker(rank: int, world_size: int, port: int, num_samples: int, out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
     try:
-        seen = []
-
-        def sample_fn(indices):
-            seen.extend(indices.tolist())
-            return fake_images(indices)
-
-        stats, _ = sample_statistics(sample_fn, StandInFeatures(), num_samples, batch_size=2)
+        # FID as the callback computes it: this rank's shard of the samples, summed by the metric's sync.
+        module = FakeDiffusionModule()
+        callback = FIDCallback(num_samples, extractor="standin", ref_stats=f"{out}/ref.npz", batch_size=2)
+        fid = callback.compute(module, FakeTrainer(rank, world_size))["val/fid_standin"]
+        stats = FeatureStatistics(StandInFeatures().pool_dim)
+        for chunk in shard_indices(num_samples, rank, world_size).split(2):
+            stats.update(StandInFeatures()(fake_images(chunk))["pool"])
         mu, sigma = stats.compute()
-        np.savez(f"{out}/rank{rank}.npz", mu=mu, sigma=sigma, seen=np.array(seen), count=stats.num_samples)
+        # KID / IS / precision-recall: "cat" states; each rank holds a contiguous block of the same order.
+        generated, real, logits = score_features()
+        block = slice(rank * len(generated) // world_size, (rank + 1) * len(generated) // world_size)
+        kid, prc = KernelInceptionDistance(subsets=4, subset_size=15), PrecisionRecall(k=3)
+        for metric in (kid, prc):
+            metric.update(generated[block])
+            metric.update(real[block], real=True)
+        isc = InceptionScore(splits=3)
+        isc.update(logits[block])
+        scores = {name: [float(v) for v in m.compute()] for name, m in (("kid", kid), ("is", isc), ("prc", prc))}
+        np.savez(f"{out}/rank{rank}.npz", mu=mu.numpy(), sigma=sigma.numpy(), seen=np.array(module.seen),
+                 count=stats.computed_num_samples, fid=fid, scores=json.dumps(scores))  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -163,20 +292,33 @@ def _free_port() -> int:
 def test_two_process_statistics_equal_one_process_with_exactly_n_samples(tmp_path: Path) -> None:
     num_samples = 7  # not divisible by the 2 processes
     assert [shard_indices(num_samples, r, 2).tolist() for r in range(2)] == [[0, 2, 4, 6], [1, 3, 5]]
+    ref_images = torch.randint(0, 256, (20, 1, 12, 12), generator=torch.Generator().manual_seed(9), dtype=torch.uint8)
+    ref_mu, ref_sigma = feature_statistics(StandInFeatures()(ref_images)["pool"].double().numpy())
+    save_statistics(tmp_path / "ref.npz", ref_mu, ref_sigma)
     mp.spawn(_ddp_worker, args=(2, _free_port(), num_samples, str(tmp_path)), nprocs=2, join=True)
-    single, _ = sample_statistics(fake_images, StandInFeatures(), num_samples, batch_size=3)
-    mu_ref, sigma_ref = single.compute()
+    single = FeatureStatistics(StandInFeatures().pool_dim)
+    for chunk in torch.arange(num_samples).split(3):
+        single.update(StandInFeatures()(fake_images(chunk))["pool"])
+    mu_ref, sigma_ref = (x.numpy() for x in single.compute())
+    one_process = FakeDiffusionModule()
+    callback = FIDCallback(num_samples, extractor="standin", ref_stats=str(tmp_path / "ref.npz"), batch_size=3)
+    fid_ref = callback.compute(one_process)["val/fid_standin"]
+    assert one_process.seen == list(range(num_samples))
     results = [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
     assert sorted(np.concatenate([r["seen"] for r in results]).tolist()) == list(range(num_samples))
-    # Equal up to float32 round-off of the features (conv batches differ: 4 + 3 images vs 3 + 3 + 1).
+    # Equal up to float32 round-off of the features (conv batches differ: 2 + 2 + 2 + 1 images vs 3 + 3 + 1).
     for r in results:
         assert int(r["count"]) == num_samples
         np.testing.assert_allclose(r["mu"], mu_ref, rtol=1e-6, atol=1e-7)
         np.testing.assert_allclose(r["sigma"], sigma_ref, rtol=1e-5, atol=1e-7)
-    ref = (mu_ref + 0.1, sigma_ref)
-    assert frechet_distance(results[0]["mu"], results[0]["sigma"], *ref) == pytest.approx(
-        frechet_distance(mu_ref, sigma_ref, *ref), rel=1e-6
-    )
+        assert float(r["fid"]) == pytest.approx(fid_ref, rel=1e-6)
+    # The callback's FID is the Fréchet distance of the samples' statistics to the loaded reference.
+    assert fid_ref == pytest.approx(frechet_distance(mu_ref, sigma_ref, ref_mu, ref_sigma), rel=1e-10)
+    # KID, IS and precision/recall gathered from 2 processes: the one-process values of all the features.
+    expected = one_process_scores(*score_features())
+    for r in results:
+        for name, values in json.loads(str(r["scores"])).items():
+            assert values == pytest.approx(expected[name], rel=1e-10), name
 
 
 # ---------------------------------------------------------------------------------------------- cache
@@ -214,7 +356,7 @@ def test_missing_inception_weights_give_one_line_error(tmp_path: Path, monkeypat
     with pytest.raises(InceptionWeightsNotFoundError) as error:
         InceptionFeatures(weights_path=tmp_path / "nope.pth")
     message = str(error.value)
-    assert "\n" not in message and INCEPTION_WEIGHTS_FILE in message and "fid_weights_path" in message
+    assert "\n" not in message and INCEPTION_WEIGHTS_FILE in message and "fid.weights_path" in message
 
     # no file anywhere and no network: the download fails -> the same single line
     import torch_fidelity.feature_extractor_inceptionv3 as tf_inception
@@ -250,16 +392,19 @@ def test_inception_wrapper_repeats_grayscale_and_returns_2048_features(
 
 
 # ---------------------------------------------------------------------------------------------- Lightning
-def tiny_module(tmp_path: Path, **kwargs) -> DiffusionModule:
+def tiny_module(tmp_path: Path) -> DiffusionModule:
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+    return DiffusionModule(net, timesteps=20, warmup_steps=1, sampling_steps=2)
+
+
+def fid_callback(tmp_path: Path, **kwargs) -> FIDCallback:
     # Reference statistics of random images through the stand-in extractor.
     ref_images = torch.randint(0, 256, (40, 1, 8, 8), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     mu, sigma = feature_statistics(StandInFeatures()(ref_images)["pool"].double().numpy())
     save_statistics(tmp_path / "ref.npz", mu, sigma)
-    defaults = dict(timesteps=20, warmup_steps=1, sampling_steps=2, fid_extractor="standin",
-                    fid_ref_stats=str(tmp_path / "ref.npz"), fid_batch_size=4)  # fmt: skip
-    return DiffusionModule(net, **{**defaults, **kwargs})
+    defaults = dict(extractor="standin", ref_stats=str(tmp_path / "ref.npz"), batch_size=4)
+    return FIDCallback(**{**defaults, **kwargs})
 
 
 def loader() -> DataLoader:
@@ -275,8 +420,8 @@ def trainer(root: Path, **kwargs) -> L.Trainer:
 def test_standin_numbers_never_land_under_val_fid(tmp_path: Path) -> None:
     assert metric_name("inception") == "val/fid"
     assert metric_name("standin") == "val/fid_standin"
-    module = tiny_module(tmp_path, num_fid_samples=5)
-    metrics = trainer(tmp_path).validate(module, loader())[0]
+    module = tiny_module(tmp_path)
+    metrics = trainer(tmp_path, callbacks=[fid_callback(tmp_path, num_samples=5)]).validate(module, loader())[0]
     assert "val/fid_standin" in metrics and "val/loss" in metrics
     assert not any(key == "val/fid" for key in metrics)
     assert np.isfinite(metrics["val/fid_standin"]) and metrics["val/fid_standin"] > 0
@@ -286,7 +431,7 @@ def test_fid_callback_logs_during_fit_for_model_checkpoint(tmp_path: Path) -> No
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     module = tiny_module(tmp_path)
-    callback = FIDCallback(every_n_steps=2, num_samples=3)
+    callback = fid_callback(tmp_path, every_n_steps=2, num_samples=3)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val/fid_standin", every_n_train_steps=2)
     t = trainer(tmp_path, max_steps=2, callbacks=[callback, checkpoint], limit_val_batches=0)
     t.fit(module, loader())
@@ -298,8 +443,19 @@ def test_fid_callback_logs_during_fit_for_model_checkpoint(tmp_path: Path) -> No
     assert not any("convs" in key for key in state)
 
 
+def test_fid_options_that_cannot_work_fail_at_once_naming_the_option() -> None:
+    from src.errors import ConfigError
+
+    for kwargs, option in [({"num_samples": 1}, "--fid.num_samples"), ({"every_n_steps": 5}, "--fid.num_samples"),
+                           ({"extractor": "resnet"}, "--fid.extractor"), ({"ref_split": "val"}, "--fid.ref_split"),
+                           ({"batch_size": 0}, "--fid.batch_size")]:  # fmt: skip
+        with pytest.raises(ConfigError, match=option):
+            FIDCallback(**kwargs)
+    assert FIDCallback().num_samples == 0 and FIDCallback().every_n_steps == 0  # off unless asked for
+
+
 def test_reference_from_datamodule_split_is_cached(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Without fid_ref_stats the module computes the split's statistics once and caches them."""
+    """Without ref_stats the callback computes the split's statistics once and caches them."""
     images = torch.randint(0, 256, (10, 1, 8, 8), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     calls = []
 
@@ -316,8 +472,8 @@ def test_reference_from_datamodule_split_is_cached(tmp_path: Path, monkeypatch: 
             return loader()
 
     for _ in range(2):
-        module = tiny_module(tmp_path, num_fid_samples=3, fid_ref_stats=None, fid_cache_dir=str(tmp_path / "c"))
-        trainer(tmp_path).validate(module, datamodule=DM())
+        callback = fid_callback(tmp_path, num_samples=3, ref_stats=None, cache_dir=str(tmp_path / "c"))
+        trainer(tmp_path, callbacks=[callback]).validate(tiny_module(tmp_path), datamodule=DM())
     files = list((tmp_path / "c").glob("*.npz"))
     assert len(files) == 1 and files[0].name.startswith("fashion_mnist-train-standin-8px-n10-")
     assert evaluation.load_statistics(files[0])[2]["num_images"] == 10

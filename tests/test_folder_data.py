@@ -402,8 +402,8 @@ def test_validate_logs_fid_against_the_folder(tmp_path: Path) -> None:
     common = [*TINY, "--data.data_dir", str(root), "--data.cache_dir", str(tmp_path / "cache"),
               "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
     with pytest.warns(UserWarning, match="broken.png"):
-        cli = cli_main(["validate", *common, "--model.num_fid_samples", "4", "--model.fid_extractor", "standin",
-                        "--model.fid_cache_dir", str(tmp_path / "stats"), "--trainer.limit_val_batches", "1"])  # fmt: skip
+        cli = cli_main(["validate", *common, "--fid.num_samples", "4", "--fid.extractor", "standin",
+                        "--fid.cache_dir", str(tmp_path / "stats"), "--trainer.limit_val_batches", "1"])  # fmt: skip
     assert np.isfinite(float(cli.trainer.callback_metrics["val/fid_standin"]))
     (stats,) = (tmp_path / "stats").glob("*.npz")
     assert stats.name.startswith("folder-") and "-train-standin-16px-n12-" in stats.name

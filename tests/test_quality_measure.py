@@ -33,6 +33,7 @@ def train_tiny_feature_classifier(root: Path) -> Path:
 @needs_fashion_mnist
 def test_fd_classifier_through_the_cli_and_real_below_noised_real(tmp_path: Path) -> None:
     from src import evaluate
+    from src.callbacks.fid import FIDCallback
     from src.data import load_dataset
     from src.metrics.features import ClassifierFeatures
     from src.models.unet import UNet
@@ -54,19 +55,19 @@ def test_fd_classifier_through_the_cli_and_real_below_noised_real(tmp_path: Path
     assert 0 <= results["precision_classifier"] <= 1 and 0 <= results["recall_classifier"] <= 1
     assert results["extractor_sha256"] == ClassifierFeatures(path).sha256
 
-    # The same file through the training module: --model.fid_extractor FILE logs val/fd_classifier.
+    # The same file through the FID callback: --fid.extractor FILE logs val/fd_classifier.
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                dropout=0.0, image_size=28, norm_groups=4, mid_attention=False)  # fmt: skip
-    module = DiffusionModule(net, sampling_steps=2, fid_extractor=str(path), fid_ref_stats=results["ref_stats"],
-                             fid_batch_size=4)  # fmt: skip
-    logged = module.compute_fid(8)
+    module = DiffusionModule(net, sampling_steps=2)
+    callback = FIDCallback(extractor=str(path), ref_stats=results["ref_stats"], batch_size=4)
+    logged = callback.compute(module, num_samples=8)
     assert list(logged) == ["val/fd_classifier"] and np.isfinite(logged["val/fd_classifier"])
 
 
 def test_classifier_features_take_any_channels_and_size(tmp_path: Path) -> None:
+    from src.callbacks.fid import FIDCallback
     from src.metrics.features import build_feature_extractor
     from src.models.classifier import NoisyClassifier
-    from src.module import DiffusionModule
 
     path = tmp_path / "clf.pt"
     NoisyClassifier(num_classes=10, in_channels=1, base_channels=8, image_size=28, norm_groups=4).save(str(path))
@@ -79,6 +80,5 @@ def test_classifier_features_take_any_channels_and_size(tmp_path: Path) -> None:
         build_feature_extractor("resnet")
     with pytest.raises(FileNotFoundError, match="fashion_mnist_fd_classifier.yaml"):
         build_feature_extractor(str(tmp_path / "missing.pt"))
-    with pytest.raises(ValueError, match="fid_extractor 'resnet' is unknown"):
-        DiffusionModule(NoisyClassifier(in_channels=1, base_channels=8, image_size=28, norm_groups=4),
-                        fid_extractor="resnet")  # fmt: skip
+    with pytest.raises(ValueError, match="fid.extractor 'resnet' is unknown"):
+        FIDCallback(extractor="resnet")

@@ -1,8 +1,9 @@
-"""FID plumbing without Lightning: sharded generation, feature statistics, the reference-statistics cache.
+"""FID plumbing without Lightning: metric names, sharding of samples over processes, the reference cache.
 
 - `shard_indices(n, rank, world_size)`: rank r takes samples r, r + W, ... < n, so W processes produce exactly n
   samples in total (no padding duplicates, unlike a DistributedSampler).
-- `sample_statistics(...)`: generate those samples batch by batch, extract features, accumulate, all-reduce.
+- The statistics themselves are torchmetrics `Metric`s (`src.metrics.fid`: `FeatureStatistics`, `FrechetDistance`),
+  which sum them across processes.
 - Reference statistics are computed once per (dataset, split, extractor, image size, number of images) and
   cached as pytorch-fid/torch-fidelity style .npz (`mu`, `sigma`) plus the `key` (JSON) they were computed
   for; a file whose stored key differs is recomputed. A user-supplied .npz is used as is.
@@ -14,16 +15,14 @@ import hashlib
 import json
 import os
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor, nn
-from tqdm.auto import tqdm
+from torch import Tensor
 
-from src.metrics.fid import StreamingStatistics, frechet_distance
+from src.metrics.fid import ArrayLike
 
 CACHE_ENV = "DDIM_FID_CACHE"
 # How each extractor resizes, part of the cache key (changing it must invalidate cached statistics).
@@ -48,63 +47,6 @@ def default_cache_dir() -> Path:
 def shard_indices(num_samples: int, rank: int, world_size: int) -> Tensor:
     """Sample indices of one process: rank, rank + world_size, ... < num_samples."""
     return torch.arange(rank, num_samples, world_size, dtype=torch.int64)
-
-
-def _dist_info() -> tuple[int, int]:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank(), torch.distributed.get_world_size()
-    return 0, 1
-
-
-@torch.no_grad()
-def accumulate(
-    extractor: nn.Module,
-    batches: Iterable[Tensor],
-    device: torch.device | str = "cpu",
-    total: int | None = None,
-    desc: str = "FID features",
-    progress: bool = False,
-    logits: list[Tensor] | None = None,
-) -> StreamingStatistics:
-    """Streaming statistics of the `pool` features of uint8 image batches (all-reduced across processes).
-
-    Features accumulate on `device`; when `logits` is a list, Inception logits (for IS) are appended to it.
-    """
-    stats: StreamingStatistics | None = None
-    bar = tqdm(total=total, desc=desc, unit="img", disable=not progress, leave=False)
-    for images in batches:
-        out = extractor(images.to(device))
-        if stats is None:
-            stats = StreamingStatistics(out["pool"].shape[1], device=device)
-        stats.update(out["pool"])
-        if logits is not None and "logits" in out:
-            logits.append(out["logits"].cpu())
-        bar.update(images.shape[0])
-    bar.close()
-    if stats is None:  # this process had no images; still take part in the all-reduce
-        stats = StreamingStatistics(int(extractor.pool_dim), device=device)
-    stats.all_reduce()
-    return stats
-
-
-def sample_statistics(
-    sample_fn: Callable[[Tensor], Tensor],
-    extractor: nn.Module,
-    num_samples: int,
-    batch_size: int,
-    device: torch.device | str = "cpu",
-    progress: bool = False,
-) -> tuple[StreamingStatistics, float]:
-    """Generate `num_samples` images in total over all processes (`sample_fn(indices) -> uint8 (B, C, H, W)`)
-    and return their all-reduced feature statistics and the wall-clock seconds per 1,000 samples."""
-    rank, world_size = _dist_info()
-    indices = shard_indices(num_samples, rank, world_size)
-    start = time.perf_counter()
-    batches = (sample_fn(chunk) for chunk in indices.split(batch_size))
-    stats = accumulate(extractor, batches, device, len(indices), "FID: sampling + features", progress and rank == 0)
-    if stats.num_samples != num_samples:
-        raise RuntimeError(f"FID statistics hold {stats.num_samples} samples, expected exactly {num_samples}")
-    return stats, (time.perf_counter() - start) / max(num_samples, 1) * 1000.0
 
 
 # ------------------------------------------------------------------------------------------ statistics files
@@ -153,39 +95,29 @@ def load_statistics(path: str | os.PathLike) -> tuple[np.ndarray, np.ndarray, di
         return data["mu"].astype(np.float64), data["sigma"].astype(np.float64), key
 
 
-def cached_statistics(
-    key: dict,
-    compute: Callable[[], tuple[np.ndarray, np.ndarray]],
-    cache_dir: str | os.PathLike | None = None,
-    device: torch.device | str = "cpu",
-) -> tuple[np.ndarray, np.ndarray, Path, bool]:
-    """(mu, sigma, path, computed): load the cache file of `key` when its stored key matches, else `compute()`
-    (in every process, which must all call this) and save it from rank 0.
-
-    Under torch.distributed the processes agree first (any process lacking a valid file makes all compute),
-    so a collective inside `compute` never waits for a process that loaded the file instead.
-    """
+def read_cached_statistics(
+    key: dict, cache_dir: str | os.PathLike | None = None
+) -> tuple[Path, tuple[np.ndarray, np.ndarray] | None]:
+    """The cache file of `key` and its (mu, sigma) when the file exists and its stored key matches, else None."""
     path = cache_path(cache_dir or default_cache_dir(), key)
-    loaded = None
     if path.is_file():
         mu, sigma, stored = load_statistics(path)
-        loaded = (mu, sigma) if stored == key else None
-    rank, world_size = _dist_info()
-    missing = loaded is None
-    if world_size > 1:
-        flag = torch.tensor(float(missing), device=device)
-        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        missing = bool(flag.item() > 0)
-    if not missing:
+        if stored == key:
+            return path, (mu, sigma)
+    return path, None
+
+
+def cached_statistics(
+    key: dict, compute: Callable[[], tuple[ArrayLike, ArrayLike]], cache_dir: str | os.PathLike | None = None
+) -> tuple[np.ndarray, np.ndarray, Path, bool]:
+    """(mu, sigma, path, computed): the cache file of `key` when its stored key matches, else `compute()`, saved.
+
+    One process; under torch.distributed the FID callback first agrees over all processes whether to compute
+    (`FIDCallback.reference`), because computing is a collective there.
+    """
+    path, loaded = read_cached_statistics(key, cache_dir)
+    if loaded is not None:
         return loaded[0], loaded[1], path, False
-    mu, sigma = compute()
-    if rank == 0:
-        save_statistics(path, mu, sigma, key)
+    mu, sigma = (np.asarray(torch.as_tensor(a).cpu(), dtype=np.float64) for a in compute())
+    save_statistics(path, mu, sigma, key)
     return mu, sigma, path, True
-
-
-def fid_from_statistics(stats: StreamingStatistics, ref_mu: np.ndarray, ref_sigma: np.ndarray) -> float:
-    mu, sigma = stats.compute()
-    if mu.shape != ref_mu.shape:
-        raise ValueError(f"reference statistics have dimension {ref_mu.shape[0]}, the features {mu.shape[0]}")
-    return frechet_distance(mu, sigma, ref_mu, ref_sigma)

@@ -58,8 +58,8 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None) -> 
 def missing_weights_message(reason: str) -> str:
     return (
         f"FID needs the InceptionV3 weights {INCEPTION_WEIGHTS_FILE} ({reason}): download {INCEPTION_WEIGHTS_URL} "
-        f"and put it in {hub_weights_path().parent}/, or pass --model.fid_weights_path FILE (or set {WEIGHTS_ENV}=FILE); "
-        "for an offline smoke test use --model.fid_extractor standin (logged as fid_standin, NOT an FID)"
+        f"and put it in {hub_weights_path().parent}/, or pass --fid.weights_path FILE (or set {WEIGHTS_ENV}=FILE); "
+        "for an offline smoke test use --fid.extractor standin (logged as fid_standin, NOT an FID)"
     )
 
 

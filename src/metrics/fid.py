@@ -6,16 +6,17 @@ eq. 6) is the Fréchet (2-Wasserstein) distance between Gaussians fitted to two 
     d^2 = ||mu_1 - mu_2||^2 + Tr(sigma_1 + sigma_2 - 2 (sigma_1 sigma_2)^{1/2})
 
 Statistics are the mean and the unbiased (N - 1) covariance, as pytorch-fid and torch-fidelity compute them
-(`np.cov(features, rowvar=False)`), always in float64. `StreamingStatistics` accumulates the sum and the sum
-of outer products, so the result does not depend on the batch size, and all-reduces them across processes.
+(`np.cov(features, rowvar=False)`), always in float64. The torchmetrics `Metric`s `FeatureStatistics` and
+`FrechetDistance` accumulate the sum and the sum of outer products, so the result does not depend on the batch
+size, and torchmetrics sums them across processes.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor
+from torchmetrics import Metric
 
 ArrayLike = np.ndarray | Tensor
 
@@ -79,50 +80,91 @@ def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: 
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt_product(sigma1, sigma2))
 
 
-class StreamingStatistics:
-    """Running count, sum and sum of outer products of features (float64), so that mean and covariance do not
-    depend on how the features were batched, and can be summed over processes (`all_reduce`).
+class FeatureStatistics(Metric):
+    """Mean and unbiased covariance of every feature vector passed to `update`, over all processes.
 
-        mu = S1 / n,   sigma = (S2 - n mu mu^T) / (n - 1)   (the unbiased covariance)
+    The states are float64 sums, reduced across processes by torchmetrics' sync ("sum"), so the result depends
+    neither on how the features were batched nor on how they were split over processes:
+
+        mu = S1 / n,   sigma = (S2 - n mu mu^T) / (n - 1)   (S1 = sum x, S2 = sum x x^T; the unbiased covariance)
+
+    `compute()` returns float64 tensors (mu (D,), sigma (D, D)). Every process must call it (it is a collective).
     """
 
-    def __init__(self, dim: int, device: torch.device | str = "cpu") -> None:
-        self.dim = dim
-        self.count = torch.zeros((), dtype=torch.float64, device=device)
-        self.sum = torch.zeros(dim, dtype=torch.float64, device=device)
-        self.sum_outer = torch.zeros(dim, dim, dtype=torch.float64, device=device)
+    is_differentiable = False
+    full_state_update = False
 
-    @property
-    def num_samples(self) -> int:
-        return int(round(float(self.count)))
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_features = int(num_features)
+        self.computed_num_samples = 0  # the count the last compute() saw, summed over the processes
+        self.add_state("num_samples", torch.zeros((), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("feature_sum", torch.zeros(self.num_features, dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state(
+            "outer_sum", torch.zeros(self.num_features, self.num_features, dtype=torch.float64), dist_reduce_fx="sum"
+        )
 
     def update(self, features: Tensor) -> None:
         """Add a batch of features (B, D)."""
-        if features.ndim != 2 or features.shape[1] != self.dim:
-            raise ValueError(f"features must be (B, {self.dim}), got shape {tuple(features.shape)}")
-        x = features.detach().to(self.sum.device, torch.float64)
-        self.count += x.shape[0]
-        self.sum += x.sum(dim=0)
-        self.sum_outer += x.T @ x
+        if features.ndim != 2 or features.shape[1] != self.num_features:
+            raise ValueError(f"features must be (B, {self.num_features}), got shape {tuple(features.shape)}")
+        x = features.detach().to(self.feature_sum.device, torch.float64)
+        self.num_samples += x.shape[0]
+        self.feature_sum += x.sum(dim=0)
+        self.outer_sum += x.T @ x
 
-    def merge(self, other: StreamingStatistics) -> None:
-        """Add another accumulator's features (what all_reduce does across processes)."""
-        self.count += other.count.to(self.count.device)
-        self.sum += other.sum.to(self.sum.device)
-        self.sum_outer += other.sum_outer.to(self.sum_outer.device)
-
-    def all_reduce(self, group: object | None = None) -> None:
-        """Sum the accumulators of all processes in place (no-op without torch.distributed). Every process
-        must call it; the tensors must live on a device the backend supports (CUDA for NCCL)."""
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
-            for tensor in (self.count, self.sum, self.sum_outer):
-                dist.all_reduce(tensor, op=dist.ReduceOp.SUM, group=group)
-
-    def compute(self) -> tuple[np.ndarray, np.ndarray]:
-        """float64 numpy mean (D,) and unbiased covariance (D, D), pytorch-fid's format."""
-        n = float(self.count)
+    def _mean_and_covariance(self) -> tuple[Tensor, Tensor]:
+        n = float(self.num_samples)
+        self.computed_num_samples = int(round(n))  # after compute(), `num_samples` is this process's count again
         if n < 2:
             raise ValueError(f"need at least 2 samples for a covariance, got {n:g}")
-        mu = self.sum.cpu().numpy() / n
-        sigma = (self.sum_outer.cpu().numpy() - n * np.outer(mu, mu)) / (n - 1)
+        mu = self.feature_sum / n
+        sigma = (self.outer_sum - n * torch.outer(mu, mu)) / (n - 1)
         return mu, (sigma + sigma.T) / 2
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        return self._mean_and_covariance()
+
+
+class FrechetDistance(FeatureStatistics):
+    """Squared Fréchet distance (`frechet_distance`, FID's formula) between the Gaussian fitted to the features
+    passed to `update` and a reference Gaussian (mu, sigma) loaded with `load_reference`.
+
+    The reference statistics are fixed data, not an accumulation: they live in buffers (`reference_mean`,
+    `reference_cov`, part of the metric's `state_dict`) that `reset()` keeps and the sync leaves alone, so every
+    process holds the same reference and no D x D matrix is all-gathered at every evaluation for nothing.
+    Load them from a pytorch-fid / torch-fidelity .npz, from the cache (`src.metrics.evaluation`), or from a
+    `FeatureStatistics` of real features. `compute()` returns a float64 scalar tensor.
+    """
+
+    higher_is_better = False
+
+    def __init__(self, num_features: int, reference: tuple[ArrayLike, ArrayLike] | None = None, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        # NaN until loaded: a state_dict carries the reference and whether there is one.
+        self.register_buffer("reference_mean", torch.full((self.num_features,), torch.nan, dtype=torch.float64))
+        self.register_buffer("reference_cov", torch.full((self.num_features,) * 2, torch.nan, dtype=torch.float64))
+        if reference is not None:
+            self.load_reference(*reference)
+
+    def load_reference(self, mu: ArrayLike, sigma: ArrayLike) -> None:
+        """Set the reference Gaussian (float64 copies of `mu` (D,) and `sigma` (D, D))."""
+        mu, sigma = torch.as_tensor(_as_float64(mu)), torch.as_tensor(_as_float64(sigma))
+        if mu.shape != (self.num_features,) or sigma.shape != (self.num_features,) * 2:
+            raise ValueError(
+                f"reference statistics have dimension {tuple(mu.shape)} / {tuple(sigma.shape)}, "
+                f"the features {self.num_features}: were they computed with another feature extractor?"
+            )
+        self.reference_mean = mu.to(self.reference_mean.device)
+        self.reference_cov = sigma.to(self.reference_cov.device)
+
+    @property
+    def has_reference(self) -> bool:
+        return not bool(torch.isnan(self.reference_mean).any())
+
+    def compute(self) -> Tensor:
+        if not self.has_reference:
+            raise RuntimeError("FrechetDistance has no reference statistics: call load_reference(mu, sigma) first")
+        mu, sigma = self._mean_and_covariance()
+        value = frechet_distance(mu, sigma, self.reference_mean, self.reference_cov)
+        return torch.tensor(value, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Kernel Inception Distance and Inception Score from features, as torch-fidelity computes them.
+"""Kernel Inception Distance, Inception Score and precision/recall from features, as torch-fidelity computes them.
 
 KID (Binkowski et al. 2018, "Demystifying MMD GANs", section 3): the unbiased estimate of the squared MMD with
 the polynomial kernel k(x, y) = (gamma x.y + coef0)^degree, gamma = 1/D, coef0 = 1, degree 3, averaged over
@@ -7,6 +7,14 @@ RandomState(2020)); returns (mean, std) over the subsets.
 
 IS (Salimans et al. 2016, "Improved Techniques for Training GANs", section 4): exp(E_x KL(p(y|x) || p(y))),
 on `splits` chunks, with torch-fidelity's shuffling and its 'logits_unbiased' Inception outputs.
+
+Precision and recall (Kynkaanniemi et al. 2019): the fractions of each set inside the other's k-NN manifold.
+
+Each score is a pure function here and a torchmetrics `Metric` (`KernelInceptionDistance`, `InceptionScore`,
+`PrecisionRecall`) that keeps every feature in "cat" states, so torchmetrics gathers them across processes. The
+gathered features are in rank order: KID and IS (which draw subsets and shuffle by position) equal the
+one-process value when each process holds a contiguous block of the same order; precision and recall do not
+depend on the order.
 """
 
 from __future__ import annotations
@@ -14,6 +22,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import Tensor
+from torchmetrics import Metric
+from torchmetrics.utilities import dim_zero_cat
 
 
 def polynomial_kernel(x: np.ndarray, y: np.ndarray, degree: int = 3, gamma: float | None = None, coef0: float = 1.0):
@@ -111,3 +121,99 @@ def precision_recall(
     precision = manifold_coverage(fake, real, knn_radii(real, k, batch_size), batch_size)
     recall = manifold_coverage(real, fake, knn_radii(fake, k, batch_size), batch_size)
     return precision, recall
+
+
+# ---------------------------------------------------------------------------------------------- Metrics
+def _check_features(features: Tensor, name: str = "features") -> Tensor:
+    if features.ndim != 2:
+        raise ValueError(f"{name} must be (B, D), got shape {tuple(features.shape)}")
+    return features.detach()
+
+
+class _RealAndGenerated(Metric):
+    """Every generated (`update(features)`) and real (`update(features, real=True)`) feature vector, in "cat"
+    states. Every process must have updated both sets before `compute()`."""
+
+    is_differentiable = False
+    full_state_update = False
+
+    def __init__(self, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.add_state("generated_features", [], dist_reduce_fx="cat")
+        self.add_state("real_features", [], dist_reduce_fx="cat")
+
+    def update(self, features: Tensor, real: bool = False) -> None:
+        (self.real_features if real else self.generated_features).append(_check_features(features))
+
+    def _both(self) -> tuple[Tensor, Tensor]:
+        # Lists of batches until the sync concatenates them into one tensor.
+        if len(self.real_features) == 0 or len(self.generated_features) == 0:
+            raise RuntimeError(f"{type(self).__name__} needs generated and real features (update(x, real=True))")
+        return tuple(dim_zero_cat(x).cpu().double() for x in (self.generated_features, self.real_features))
+
+
+class KernelInceptionDistance(_RealAndGenerated):
+    """KID (`kernel_inception_distance`: torch-fidelity's subsets, kernel and seed) of the generated features
+    against the real ones; `compute()` -> (mean, std) as float64 tensors."""
+
+    higher_is_better = False
+
+    def __init__(
+        self,
+        subsets: int = 100,
+        subset_size: int = 1000,
+        degree: int = 3,
+        gamma: float | None = None,
+        coef0: float = 1.0,
+        seed: int = 2020,
+        **kwargs,
+    ) -> None:
+        super().__init__(**kwargs)
+        self.subsets, self.subset_size, self.seed = subsets, subset_size, seed
+        self.kernel = dict(degree=degree, gamma=gamma, coef0=coef0)
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        generated, real = self._both()
+        mean, std = kernel_inception_distance(
+            generated, real, self.subsets, self.subset_size, **self.kernel, seed=self.seed
+        )
+        return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
+
+
+class PrecisionRecall(_RealAndGenerated):
+    """Improved precision and recall (`precision_recall`, k-NN manifolds, k = 3) of the generated features
+    against the real ones; `compute()` -> (precision, recall) as float64 tensors."""
+
+    higher_is_better = True
+
+    def __init__(self, k: int = 3, batch_size: int = 1000, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.k, self.batch_size = k, batch_size
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        generated, real = self._both()
+        precision, recall = precision_recall(real, generated, self.k, self.batch_size)
+        return torch.tensor(precision, dtype=torch.float64), torch.tensor(recall, dtype=torch.float64)
+
+
+class InceptionScore(Metric):
+    """IS (`inception_score`: torch-fidelity's splits and shuffling) of the class logits passed to `update`
+    (Inception's 'logits_unbiased', `InceptionFeatures`' "logits"); `compute()` -> (mean, std) float64 tensors."""
+
+    is_differentiable = False
+    higher_is_better = True
+    full_state_update = False
+
+    def __init__(self, splits: int = 10, shuffle: bool = True, seed: int = 2020, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.splits, self.shuffle, self.seed = splits, shuffle, seed
+        self.add_state("logits", [], dist_reduce_fx="cat")
+
+    def update(self, logits: Tensor) -> None:
+        self.logits.append(_check_features(logits, "logits"))
+
+    def compute(self) -> tuple[Tensor, Tensor]:
+        if len(self.logits) == 0:
+            raise RuntimeError("InceptionScore has no logits: call update(logits) first")
+        mean, std = inception_score(dim_zero_cat(self.logits).cpu(), self.splits, self.shuffle, self.seed)
+        return torch.tensor(mean, dtype=torch.float64), torch.tensor(std, dtype=torch.float64)
