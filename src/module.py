@@ -21,7 +21,7 @@ from src.diffusion.likelihood import nll_bits_per_dim
 from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
 from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
-from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, sample
+from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SKIP_TYPES, check_sampler, sample
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.images import to_uint8
@@ -67,7 +67,8 @@ class DiffusionModule(L.LightningModule):
         sampler: "ddim", "ddpm", "ddpm_respaced" (ancestral on `sampling_steps` respaced steps), "dpmpp_2m"
             (DPM-Solver++(2M)), or one of the SDE / probability-flow ODE samplers on `sampling_steps` Karras noise
             levels: "euler_maruyama", "pc" (predictor-corrector), "heun" (EDM), "dpmpp_3m", "unipc", "ipndm"
-            (src/diffusion/k_samplers.py); used by validation grids, the sample callback, FID and predict.
+            (src/diffusion/k_samplers.py); used by validation grids, the sample callback, FID and predict. Or the
+            dotted path "package.module.function" of your own sampler (README "Extending").
         ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
             2021, appendix D; adaptive RK45 with a Hutchinson divergence, uniform dequantisation), on this many
             test batches (0: off; each image costs some hundreds of network calls with gradients).
@@ -162,8 +163,7 @@ class DiffusionModule(L.LightningModule):
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net"])
-        if sampler not in SAMPLERS:
-            raise ConfigError(f"--model.sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        check_sampler(sampler)  # a built-in name, or the dotted path of a sampler function (one-line ConfigError)
         if sampler_options and sampler not in CONTINUOUS_SAMPLERS:
             raise ConfigError(
                 f"--model.sampler_options apply to {', '.join(CONTINUOUS_SAMPLERS)}, not to --model.sampler {sampler}"
