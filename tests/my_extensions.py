@@ -1,9 +1,9 @@
 """A sampler, a loss weighting and a network defined outside `src/`, as a researcher adds their own (README
-"Extending"); tests/test_extending.py selects them by config alone:
+"Extending"); tests/test_extending.py selects them by config alone, with tests/ on the Python path:
 
-    --model.sampler tests.extensions.ddim_eta0
-    --model.loss_weighting tests.extensions.double_weight
-    --model.net.class_path tests.extensions.TinyConvNet
+    --model.sampler my_extensions.ddim_eta0
+    --model.loss_weighting my_extensions.double_weight
+    --model.net.class_path my_extensions.TinyConvNet
 """
 
 from __future__ import annotations
