@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import sys
 import time
@@ -28,9 +29,10 @@ PEAK_TFLOPS = {
 
 
 def unet_settings(config: str) -> dict:
-    """The UNet init_args of configs/<config>.yaml."""
+    """Every UNet argument of configs/<config>.yaml: its init_args over the defaults of those it leaves out."""
+    defaults = {name: p.default for name, p in inspect.signature(UNet).parameters.items()}
     with open(REPO / "configs" / f"{config}.yaml") as f:
-        return yaml.safe_load(f)["model"]["net"]["init_args"]
+        return {**defaults, **yaml.safe_load(f)["model"]["net"]["init_args"]}
 
 
 def our_unet(s: dict) -> UNet:

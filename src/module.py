@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from src.diffusion.guidance import drop_labels
 from src.diffusion.likelihood import nll_bits_per_dim
 from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
+from src.diffusion.losses import loss_weighting as resolve_loss_weighting
 from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
@@ -82,6 +83,10 @@ class DiffusionModule(L.LightningModule):
             > 1: stronger guidance. Conditional nets only.
         sample_labels: conditional nets: the labels of predict / FID / grid samples, used in turn (sample i gets
             sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
+        loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
+            min(SNR, gamma) in the prediction target's terms) or the dotted path of a function weight(snr, prediction)
+            (README "Extending"). L_hybrid (learned variance) and val/loss stay unweighted.
+        min_snr_gamma: gamma of "min_snr" (5 in the paper).
         vlb_weight: lambda of improved DDPM's L_hybrid = L_simple + lambda L_vlb (0.001), used when the net has
             2 x in_channels outputs (a learned variance).
         classifier_path: a `src.models.classifier.NoisyClassifier` file (`NoisyClassifier.save`) for classifier
@@ -126,6 +131,8 @@ class DiffusionModule(L.LightningModule):
         p_uncond: float = 0.1,
         guidance_scale: float = 1.0,
         sample_labels: list[int] | None = None,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
         vlb_weight: float = 0.001,
         classifier_path: str | None = None,
         classifier_scale: float = 0.0,
@@ -146,6 +153,7 @@ class DiffusionModule(L.LightningModule):
             # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the module itself is no hparam.
             self.hparams["net"] = net_spec(net)
         self.net = net
+        self.loss_weight = resolve_loss_weighting(loss_weighting, min_snr_gamma)
         recipe = {"name": schedule, "timesteps": timesteps}
         recipe.update({"beta_start": beta_start, "beta_end": beta_end} if schedule == "linear" else {})
         settings = SamplerSettings.from_options(self.hparams)
@@ -216,7 +224,7 @@ class DiffusionModule(L.LightningModule):
             loss = terms["loss"].mean()
         else:
             loss = l_simple(self.train_net, images, self.schedule, t=self.last_t, prediction=self.model.prediction,
-                            **kwargs).mean()  # fmt: skip
+                            weighting=self.loss_weight, **kwargs).mean()  # fmt: skip
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss

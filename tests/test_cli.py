@@ -127,15 +127,58 @@ def test_help_and_print_config_show_every_model_option() -> None:
         assert key in result.stdout
 
 
-@pytest.mark.parametrize("config", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
-def test_every_config_parses(config: str) -> None:
+# Every shipped recipe: each file of configs/ alone, and each data set's diffusion config with each overlay.
+CONFIG_FILES = sorted(p.name for p in (REPO / "configs").glob("*.yaml"))
+OVERLAYS = sorted(f"overlays/{p.name}" for p in (REPO / "configs" / "overlays").glob("*.yaml"))
+RECIPES = [[name] for name in CONFIG_FILES] + [
+    [name, overlay] for name in CONFIG_FILES if "classifier" not in name and "_cond" not in name for overlay in OVERLAYS
+]
+
+
+def _parse(*files: str, extra: tuple[str, ...] = ()):
     from src.classifier_module import ClassifierModule
     from src.module import DiffusionModule
 
-    model_class = ClassifierModule if "classifier" in config else DiffusionModule
-    cli = cli_main(["--config", str(REPO / "configs" / config)], run=False, model_class=model_class)
+    model_class = ClassifierModule if "classifier" in files[0] else DiffusionModule
+    args = [arg for name in files for arg in ("--config", str(REPO / "configs" / name))]
+    return cli_main([*args, *extra], run=False, model_class=model_class)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=" + ".join)
+def test_every_config_parses(recipe: list[str]) -> None:
+    cli = _parse(*recipe)
     assert cli.model.net.image_size == cli.datamodule.image_size
     assert cli.model.net.in_channels == cli.datamodule.num_channels
+
+
+def _differing_options(a, b) -> set[str]:
+    """The dotted option names whose parsed values differ between two CLIs (the list of config files aside)."""
+
+    def flat(value: object, prefix: str = "") -> dict[str, object]:
+        if isinstance(value, dict):
+            return {k: v for key, item in value.items() for k, v in flat(item, f"{prefix}{key}.").items()}
+        return {prefix[:-1]: value}
+
+    first, second = flat(a.config.as_dict()), flat(b.config.as_dict())
+    return {key for key in first.keys() | second.keys() if key != "config" and first.get(key) != second.get(key)}
+
+
+def test_the_cond_files_are_their_data_set_file_plus_the_cond_overlay() -> None:
+    """A file includes one other (`config:`), so cifar10_cond.yaml and fashion_mnist_cond.yaml restate the overlay's
+    values; they must not drift from it. They differ only where their comments say."""
+    cond = _parse("cifar10_cond.yaml")
+    assert _differing_options(cond, _parse("cifar10.yaml", "overlays/cond.yaml")) == {"run_name"}
+    assert cond.model.net.num_classes == 10 and cond.model.hparams.guidance_scale == 1.3
+    quickstart = _differing_options(
+        _parse("fashion_mnist_cond.yaml"), _parse("fashion_mnist.yaml", "overlays/cond.yaml")
+    )
+    assert quickstart == {
+        "run_name",
+        "model.guidance_scale",
+        "trainer.max_steps",
+        "trainer.max_time",
+        "trainer.callbacks",
+    }
 
 
 def test_bad_sampler_option_is_one_clear_error() -> None:

@@ -34,7 +34,7 @@ TINY_NET = [
     "--trainer.enable_model_summary", "false",
 ]  # fmt: skip
 
-# Every callback class the shipped configs list (configs/*.yaml), at periods small enough to fire in a few steps;
+# Every callback class the shipped configs list (configs/**/*.yaml), at periods small enough to fire in a few steps;
 # the periodic FID callback the README describes comes with the --fid options (with the offline stand-in extractor).
 EVERY_CALLBACK = [
     {"class_path": "lightning.pytorch.callbacks.TQDMProgressBar", "init_args": {"refresh_rate": 50}},
@@ -54,7 +54,7 @@ def config_callbacks() -> set[str]:
     import yaml
 
     names = set()
-    for path in (REPO / "configs").glob("*.yaml"):
+    for path in (REPO / "configs").rglob("*.yaml"):  # the data sets' files and the overlays
         for callback in (yaml.safe_load(path.read_text()).get("trainer") or {}).get("callbacks") or []:
             names.add(callback["class_path"])
     return names

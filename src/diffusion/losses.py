@@ -5,11 +5,13 @@
     L_simple = E_{t, x_0, eps} || eps - eps_theta(sqrt(alpha-bar_t) x_0 + sqrt(1 - alpha-bar_t) eps, t) ||^2
 
 with t uniform over the T steps. The per-example mean over pixels is returned so that callers can weight
-or mask examples before averaging.
+or mask examples before averaging; `l_simple(..., weighting=loss_weighting(NAME))` weights each example by a
+function of its SNR(t) (Min-SNR-gamma, Hang et al. 2023, or one's own).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -17,10 +19,14 @@ import torch
 from torch import Tensor
 
 from src.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl, posterior_log_variance
-from src.diffusion.parameterization import training_target, x0_from_prediction
+from src.diffusion.parameterization import PREDICTIONS, training_target, x0_from_prediction
+from src.diffusion.registry import config_error, import_function
 from src.diffusion.schedule import NoiseSchedule, extract
 
 Denoiser = Callable[..., Tensor]
+# A loss weighting: weight(snr, prediction) -> per-example weights, snr = SNR(t) of each example (B,), float64.
+LossWeight = Callable[[Tensor, str], Tensor]
+LOSS_WEIGHTINGS = ("none", "min_snr")
 
 
 def sample_timesteps(
@@ -30,6 +36,43 @@ def sample_timesteps(
     return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
 
 
+def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
+    """Min-SNR-gamma weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy") for
+    the squared error of each prediction target, from snr = SNR(t) = alpha-bar_t / (1 - alpha-bar_t):
+
+        x0:   min(SNR, gamma)
+        eps:  min(SNR, gamma) / SNR        = min(1, gamma / SNR)
+        v:    min(SNR, gamma) / (SNR + 1)
+
+    All three are the one loss min(SNR, gamma) ||x_0 - x0_hat||^2 written in the target's own error: for the same
+    x_t, ||x_0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR = ||v - v_hat||^2 / (SNR + 1). Clamping the x0 weight at
+    gamma (5 in the paper) stops the nearly clean, high-SNR steps from dominating training.
+    """
+    if prediction not in PREDICTIONS:
+        raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
+    clamped = torch.clamp(snr, max=gamma)
+    if prediction == "x0":
+        return clamped
+    if prediction == "eps":
+        # min(1, gamma / SNR): equal to min(SNR, gamma) / SNR for SNR > 0, and 1 (not 0 / 0) at a zero terminal SNR.
+        return torch.clamp(gamma / snr, max=1.0)
+    return clamped / (snr + 1.0)
+
+
+def loss_weighting(name: str = "none", min_snr_gamma: float = 5.0) -> LossWeight | None:
+    """The `weighting` of `l_simple` that the option `--model.loss_weighting NAME` selects: None for "none" (DDPM's
+    unweighted L_simple), Min-SNR-gamma with gamma = `min_snr_gamma` for "min_snr" (`min_snr_weight`), or one's own
+    function `weight(snr: Tensor, prediction: str) -> Tensor` named by its dotted path "package.module.function".
+    """
+    if name == "none":
+        return None
+    if name == "min_snr":
+        if not min_snr_gamma > 0:
+            raise config_error(f"--model.min_snr_gamma must be > 0 (5 in Hang et al. 2023), got {min_snr_gamma}")
+        return functools.partial(min_snr_weight, gamma=float(min_snr_gamma))
+    return import_function(name, "--model.loss_weighting", LOSS_WEIGHTINGS)
+
+
 def l_simple(
     model: Denoiser,
     x0: Tensor,
@@ -37,6 +80,7 @@ def l_simple(
     t: Tensor | None = None,
     noise: Tensor | None = None,
     prediction: str = "eps",
+    weighting: LossWeight | None = None,
     **model_kwargs: object,
 ) -> Tensor:
     """Per-example L_simple: mean over pixels of (eps - eps_theta(x_t, t))^2, shape (B,).
@@ -44,7 +88,8 @@ def l_simple(
     `t` and `noise` are drawn when not given (Algorithm 1, lines 3-4). Extra keyword arguments (e.g. class
     labels `y`) are passed to the model. `prediction` ("eps", "x0" or "v") is what the model predicts; the same
     unweighted squared error then regresses that target (`src.diffusion.parameterization.training_target`).
-    Output channels beyond the image's (a learned variance) are ignored here; see `l_hybrid`.
+    Output channels beyond the image's (a learned variance) are ignored here; see `l_hybrid`. `weighting`
+    (`loss_weighting`) multiplies each example's error by weighting(SNR(t), prediction); None: unweighted.
     """
     if t is None:
         t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
@@ -56,7 +101,11 @@ def l_simple(
     # Compute the squared error in float32 even under bf16 autocast (the loss is a small difference of O(1)
     # numbers), and in float64 for a float64 net (exact Hessians in the attribution tests).
     dtype = torch.promote_types(torch.promote_types(pred.dtype, target.dtype), torch.float32)
-    return (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
+    loss = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
+    if weighting is None:
+        return loss
+    snr = schedule.snr  # float64 (T,); SNR(t) indexed on the schedule's device, the weights cast to the loss's
+    return loss * weighting(snr[t.to(snr.device)], prediction).to(device=loss.device, dtype=loss.dtype)
 
 
 def learned_variance_vb(

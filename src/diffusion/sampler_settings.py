@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES
+from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, check_sampler
 from src.errors import ConfigError
 
 # SamplerSettings field -> the DiffusionModule option (command-line flag) that sets it.
@@ -50,11 +50,7 @@ class SamplerSettings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", dict(self.options or {}))
-        if self.sampler not in SAMPLERS and "." not in self.sampler:
-            raise ConfigError(
-                f"{FLAGS['sampler']} {self.sampler!r} is unknown; choose one of {', '.join(SAMPLERS)} "
-                "or give a sampler function's import path (package.module.function)"
-            )
+        check_sampler(self.sampler)  # a built-in name, or an importable package.module.function
         if self.options and self.sampler in SAMPLERS and self.sampler not in CONTINUOUS_SAMPLERS:
             raise ConfigError(
                 f"{FLAGS['options']} apply to {', '.join(CONTINUOUS_SAMPLERS)}, not to {FLAGS['sampler']} {self.sampler}"

@@ -20,6 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from src.diffusion.parameterization import EpsPredictor
+from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -377,12 +378,65 @@ def dpm_solver_pp_2m_sample(
 CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")  # in k_samplers.py
 SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m") + CONTINUOUS_SAMPLERS
 
+# ---------------------------------------------------------------------------------------------- your own sampler
+# A sampler of one's own is a function, in any importable file, selected by its dotted path
+# (`--model.sampler my_project.samplers.euler`) or passed to `sample` as the function itself. `sample` calls it as
+#
+#     x_0 = function(model, x_T, schedule, steps=..., eta=..., skip=..., variance=..., generator=...,
+#                    timesteps=..., clip_x0=..., progress=..., **sampler_options)
+#
+# under torch.no_grad(), with the same meanings as for the built-ins:
+# - `model(x_t, t) -> eps`: an eps-predictor whatever the net predicts (x0 / v nets are wrapped by `EpsPredictor`;
+#   guidance is already applied); `t` is an int64 tensor of 0-based timesteps, one per batch element.
+# - `x_T`: the starting noise (B, C, H, W); return x_0 of the same shape, images in [-1, 1].
+# - `schedule`: the `NoiseSchedule` (float64 `alphas_cumprod`, `betas`; cast at the point of use).
+# - `timesteps`: the ascending timesteps that `steps` and `skip` select (`timestep_sequence`, or `logsnr_timesteps`
+#   for skip "logsnr"), ready to visit from the last to the first; `eta`, `variance`, `clip_x0` as in `ddim_sample`
+#   and `ddpm_sample`, for a sampler that has such a knob.
+# - `generator`: one torch.Generator or one per sample: draw noise with `randn_like(x, generator)`, so that sample i
+#   of `predict` depends on its seed alone, whatever the batch.
+# Take `**options` for the keywords the sampler does not use.
+SamplerFunction = Callable[..., Tensor]
+
+
+def sampler_function(path: str) -> SamplerFunction:
+    """The sampler function that the dotted path `path` ("package.module.function") names; a one-line ConfigError
+    when it does not import."""
+    return import_function(path, "--model.sampler", SAMPLERS)
+
+
+def check_sampler(sampler: str) -> None:
+    """Pass for a built-in name or an importable dotted path to a sampler function; a one-line ConfigError else."""
+    if sampler not in SAMPLERS:
+        sampler_function(sampler)
+
+
+@torch.no_grad()
+def _sample_with(
+    function: SamplerFunction,
+    model: Denoiser,
+    x_T: Tensor,
+    schedule: NoiseSchedule,
+    prediction: str,
+    steps: int,
+    skip: str,
+    **options: object,
+) -> Tensor:
+    """`function` called with the convention above."""
+    if prediction != "eps":
+        model = EpsPredictor(model, schedule, prediction)
+    if skip == "logsnr":
+        timesteps = logsnr_timesteps(schedule, steps)
+    else:
+        timesteps = timestep_sequence(schedule.num_timesteps, steps, skip)
+    return function(model, x_T, schedule, steps=steps, skip=skip, timesteps=timesteps, **options)
+
 
 def sample(
     model: Denoiser,
     x_T: Tensor,
     schedule: NoiseSchedule,
-    sampler: str = "ddim",
+    sampler: str | SamplerFunction = "ddim",
     steps: int = 50,
     eta: float = 0.0,
     skip: str = "uniform",
@@ -400,7 +454,12 @@ def sample(
     `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor.
     The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py;
     `sampler_options` are theirs (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`: see
-    `k_samplers.continuous_sample`)."""
+    `k_samplers.continuous_sample`). `sampler` may also be a function of your own, or its dotted path
+    "package.module.function", called with the convention described above `SamplerFunction`."""
+    if callable(sampler) or (sampler not in SAMPLERS and "." in sampler):  # your own: the convention above
+        function = sampler if callable(sampler) else sampler_function(sampler)
+        return _sample_with(function, model, x_T, schedule, prediction, steps, skip, eta=eta, variance=variance,
+                            generator=generator, clip_x0=clip_x0, progress=progress, **sampler_options)  # fmt: skip
     if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
         from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, continuous_sample
 

@@ -1,0 +1,75 @@
+"""A sampler, a loss weighting and a network defined outside `src/`, as a researcher adds their own (README
+"Extending"); tests/test_extending.py selects them by config alone, with tests/ on the Python path:
+
+    --model.sampler my_extensions.ddim_eta0
+    --model.loss_weighting my_extensions.double_weight
+    --model.net.class_path my_extensions.TinyConvNet
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from src.diffusion.samplers import predict_x0_from_eps
+from src.diffusion.schedule import NoiseSchedule
+
+
+@torch.no_grad()
+def ddim_eta0(
+    model, x_T: Tensor, schedule: NoiseSchedule, timesteps: list[int], clip_x0: bool = False, **options
+) -> Tensor:
+    """Deterministic DDIM (Song et al. 2021, eq. 12 with sigma = 0), written from the paper: from the last of
+    `timesteps` to the first, x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps_hat, with a_{-1} = 1."""
+    a = schedule.alphas_cumprod
+    x = x_T
+    for i in reversed(range(len(timesteps))):
+        t = timesteps[i]
+        a_t = float(a[t])
+        a_prev = float(a[timesteps[i - 1]]) if i > 0 else 1.0
+        eps = model(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)).to(x.dtype)
+        x0 = predict_x0_from_eps(x, eps, a_t)
+        if clip_x0:  # re-derive eps from the clamped x_0, as the built-in samplers do
+            x0 = x0.clamp(-1.0, 1.0)
+            eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
+        x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
+    return x
+
+
+@torch.no_grad()
+def denoise_once(model, x_T: Tensor, schedule: NoiseSchedule, **options) -> Tensor:
+    """One network call: the x_0 that eps_theta(x_T, T - 1) implies (DDPM eq. 4 solved for x_0)."""
+    t = schedule.num_timesteps - 1
+    eps = model(x_T, torch.full((x_T.shape[0],), t, dtype=torch.int64, device=x_T.device))
+    return predict_x0_from_eps(x_T, eps.to(x_T.dtype), float(schedule.alphas_cumprod[t])).clamp(-1.0, 1.0)
+
+
+def double_weight(snr: Tensor, prediction: str) -> Tensor:
+    """A loss weighting `weight(snr, prediction) -> Tensor`: 2 for every example (exactly twice L_simple)."""
+    return torch.full_like(snr, 2.0)
+
+
+class TinyConvNet(nn.Module):
+    """A plain eps_theta(x_t, t): three 3x3 convolutions, t / T as an extra input channel.
+
+    `in_channels` and `image_size` are what the command line links to the data (`--data.image_size`) and checks the
+    images against; `config` (the constructor arguments) is recorded in checkpoints so that `--ckpt_path` rebuilds
+    the net."""
+
+    def __init__(self, in_channels: int = 1, image_size: int = 28, width: int = 16, timesteps: int = 1000) -> None:
+        super().__init__()
+        self.in_channels, self.image_size, self.timesteps = in_channels, image_size, timesteps
+        self.config = dict(in_channels=in_channels, image_size=image_size, width=width, timesteps=timesteps)
+        self.body = nn.Sequential(
+            nn.Conv2d(in_channels + 1, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, width, 3, padding=1),
+            nn.SiLU(),
+            nn.Conv2d(width, in_channels, 3, padding=1),
+        )
+
+    def forward(self, x: Tensor, t: Tensor) -> Tensor:
+        level = (t.to(x.dtype) / self.timesteps).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
+        return self.body(torch.cat([x, level], dim=1))
