@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
+from torch import Tensor
 
 _MASK64 = 0xFFFFFFFFFFFFFFFF
 
@@ -24,3 +27,18 @@ def sample_generators(seed: int, indices: torch.Tensor | list[int]) -> list[torc
     batch it is in, the batch size or the number of processes."""
     values = indices.tolist() if isinstance(indices, torch.Tensor) else list(indices)
     return [torch.Generator().manual_seed(mix_seeds(seed, int(i))) for i in values]
+
+
+def randn_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator] | None = None) -> Tensor:
+    """Standard normal noise shaped like `x`, drawn on the generator's device so that a CPU generator gives
+    the same numbers whatever device `x` is on. `generator` is one generator for the whole batch, or one per
+    sample (row i from generator i), which makes each sample's noise independent of the batch it is in."""
+    if generator is None:
+        return torch.randn_like(x)
+    if isinstance(generator, torch.Generator):
+        noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
+    else:
+        if len(generator) != x.shape[0]:
+            raise ValueError(f"need one generator per sample: {len(generator)} generators for {x.shape[0]} samples")
+        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator])
+    return noise.to(x.device)

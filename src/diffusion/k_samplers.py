@@ -31,8 +31,8 @@ from src.diffusion.continuous import (
     DiscreteVPDenoiser,
     karras_sigmas,
 )
-from src.diffusion.samplers import CONTINUOUS_SAMPLERS, randn_like
 from src.diffusion.schedule import NoiseSchedule
+from src.seeding import randn_like
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
@@ -380,6 +380,7 @@ def sample_pc(
 
 
 # The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line).
+CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")
 CONTINUOUS_OPTIONS = ("rho", "churn", "snr", "corrector_steps", "solver_order", "quantize")
 
 

@@ -19,9 +19,11 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, continuous_sample
 from src.diffusion.parameterization import EpsPredictor
 from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
+from src.seeding import randn_like
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 Callback = Callable[[dict], None]
@@ -114,21 +116,6 @@ def ddim_step(x0: Tensor, eps: Tensor, alpha_cumprod_prev: float, sigma: float, 
     if sigma > 0.0:
         x_prev = x_prev + sigma * noise
     return x_prev
-
-
-def randn_like(x: Tensor, generator: Generator = None) -> Tensor:
-    """Standard normal noise shaped like `x`, drawn on the generator's device so that a CPU generator gives
-    the same numbers whatever device `x` is on. `generator` is one generator for the whole batch, or one per
-    sample (row i from generator i), which makes each sample's noise independent of the batch it is in."""
-    if generator is None:
-        return torch.randn_like(x)
-    if isinstance(generator, torch.Generator):
-        noise = torch.randn(x.shape, generator=generator, device=generator.device, dtype=x.dtype)
-    else:
-        if len(generator) != x.shape[0]:
-            raise ValueError(f"need one generator per sample: {len(generator)} generators for {x.shape[0]} samples")
-        noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator])
-    return noise.to(x.device)
 
 
 def _timestep_batch(t: int, x: Tensor) -> Tensor:
@@ -375,7 +362,6 @@ def dpm_solver_pp_2m_sample(
     return x
 
 
-CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")  # in k_samplers.py
 SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m") + CONTINUOUS_SAMPLERS
 
 # ---------------------------------------------------------------------------------------------- your own sampler
@@ -461,8 +447,6 @@ def sample(
         return _sample_with(function, model, x_T, schedule, prediction, steps, skip, eta=eta, variance=variance,
                             generator=generator, clip_x0=clip_x0, progress=progress, **sampler_options)  # fmt: skip
     if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
-        from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, continuous_sample
-
         unknown = sorted(set(sampler_options) - set(CONTINUOUS_OPTIONS))
         if unknown:
             raise ValueError(
