@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from src.diffusion.schedule import NoiseSchedule
+from src.models.convert import load_diffusers_unet
 from src.models.unet import UNet
 
 FORMAT = "ddim-lightning-export"
@@ -179,7 +180,7 @@ def load_model(path: str | os.PathLike, device: torch.device | str = "cpu") -> t
     elif (path / CONFIG_NAME).is_file() and json.loads((path / CONFIG_NAME).read_text()).get("format") == FORMAT:
         net, schedule, options = load_exported(path)
     else:
-        net = UNet.from_diffusers(path)
+        net = load_diffusers_unet(path)
         try:
             schedule = NoiseSchedule.from_diffusers(path)
         except FileNotFoundError:

@@ -19,6 +19,7 @@ from pathlib import Path
 from lightning.pytorch.cli import LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
+from src.callbacks.rng_state import RNGStateCallback
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
@@ -50,10 +51,11 @@ def latest_checkpoint(root: str, run_name: str) -> Path:
 
 
 def fault_callbacks(configured: list, max_nonfinite_skips: int) -> list:
-    """SignalCheckpoint and NonFiniteGuard for every fit run, unless the config already lists them."""
+    """SignalCheckpoint, NonFiniteGuard and RNGStateCallback (exact resume) for every fit run, unless the config
+    already lists them."""
     have = {type(c) for c in configured}
-    added = [] if SignalCheckpoint in have else [SignalCheckpoint()]
-    return added + ([] if NonFiniteGuard in have else [NonFiniteGuard(max_skips=max_nonfinite_skips)])
+    wanted = [SignalCheckpoint(), NonFiniteGuard(max_skips=max_nonfinite_skips), RNGStateCallback()]
+    return [callback for callback in wanted if type(callback) not in have]
 
 
 class DiffusionCLI(LightningCLI):

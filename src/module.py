@@ -28,7 +28,6 @@ from src.images import to_uint8
 from src.metrics import evaluation
 from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
 from src.models.ema import EMA
-from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
 from src.seeding import sample_generators
 
 
@@ -276,21 +275,6 @@ class DiffusionModule(L.LightningModule):
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss
-
-    # ------------------------------------------------------------------ exact resume (src/resume.py)
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning keeps no RNG state; every rank's is saved so a resumed run draws the same t, noise and dropout.
-        checkpoint[RNG_STATES_KEY] = gather_rng_states()
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        states = checkpoint.get(RNG_STATES_KEY) or []
-        # Applied in on_train_start, so whatever runs in between (sanity check, loaders) cannot shift the streams.
-        self._rng_states_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
-
-    def on_train_start(self) -> None:
-        if getattr(self, "_rng_states_to_restore", None) is not None:
-            restore_rng_states(self._rng_states_to_restore)
-            self._rng_states_to_restore = None
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Norm before clipping, so a clipped run still shows how large its gradients were.

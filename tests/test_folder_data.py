@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from src.callbacks.rng_state import RNGStateCallback
 from src.data import ImageDataModule, convert_image, folder_images, scan_folder
 from src.data import folder as folder_module
 from src.errors import ConfigError
@@ -354,8 +355,9 @@ def _fit_folder(root: Path, cache: Path, run: Path, ckpt_path: str | None = None
     data = ImageDataModule("folder", str(root), batch_size=4, val_size=4, image_size=28, num_channels=1,
                            cache_dir=str(cache))  # fmt: skip
     checkpoints = ModelCheckpoint(dirpath=run, save_top_k=-1, every_n_train_steps=3, filename="{step}")
-    trainer = L.Trainer(default_root_dir=run, max_steps=8, accelerator="cpu", logger=False, callbacks=[checkpoints],
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
+    trainer = L.Trainer(default_root_dir=run, max_steps=8, accelerator="cpu", logger=False,
+                        callbacks=[checkpoints, RNGStateCallback()], limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                dropout=0.1, image_size=28, norm_groups=4, mid_attention=False)  # fmt: skip
     module = DiffusionModule(net, timesteps=50, warmup_steps=5, lr=1e-3, ema_decay=0.9, sampling_steps=5)

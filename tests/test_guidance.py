@@ -198,7 +198,8 @@ def test_conditional_config_fits_and_predicts_labelled_pngs(tmp_path: Path) -> N
 
 
 def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path) -> None:
-    from src.models.classifier import NoisyClassifier, noisy_classifier_loss
+    from src.classifier_module import noisy_classifier_loss
+    from src.models.classifier import NoisyClassifier
 
     classifier = NoisyClassifier(num_classes=4, in_channels=1, base_channels=8, channel_mult=(1, 2), image_size=8,
                                  norm_groups=4, attn_resolutions=(4,))  # fmt: skip

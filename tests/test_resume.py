@@ -12,10 +12,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks.faults import SignalCheckpoint
+from src.callbacks.rng_state import RNGStateCallback
 from src.data import ImageDataModule
 from src.models.unet import UNet
 from src.module import DiffusionModule
-from src.resume import ResumableDataLoader, collect_rng_states, restore_rng_states
+from src.resume import RNG_STATES_KEY, ResumableDataLoader, collect_rng_states, gather_rng_states, restore_rng_states
 
 STEPS = 10  # 4 batches per epoch: the runs cross two epoch boundaries
 
@@ -52,12 +53,16 @@ class Record(L.Callback):
         self.losses[trainer.global_step] = outputs["loss"].item()
 
 
-def fit(root: Path, record: Record, num_workers: int, ckpt_path: str | None = None) -> L.Trainer:
+def fit(
+    root: Path, record: Record, num_workers: int, ckpt_path: str | None = None, rng_state: L.Callback | None = None
+) -> L.Trainer:
+    """`rng_state`: the callback that saves and restores the RNG states (default: RNGStateCallback, as the CLI adds)."""
     L.seed_everything(0)  # as the CLI does on every start, resumed or not
     data = SyntheticData(batch_size=8, val_size=8, num_workers=num_workers, random_flip=True)
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=3)
+    rng_state = rng_state or RNGStateCallback()
     trainer = L.Trainer(default_root_dir=root, max_steps=STEPS, accelerator="cpu", logger=False,
-                        callbacks=[checkpoints, SignalCheckpoint(), record], val_check_interval=3,
+                        callbacks=[checkpoints, SignalCheckpoint(), rng_state, record], val_check_interval=3,
                         check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=1,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(tiny_module(), datamodule=data, ckpt_path=ckpt_path)
@@ -135,6 +140,33 @@ def test_signal_between_epochs_resumes_exactly(tmp_path: Path) -> None:
     resumed = state(fit(root, second, num_workers=0, ckpt_path=str(last)))
     assert sorted(second.losses) == list(range(5, STEPS + 1))
     assert {**{s: v for s, v in first.losses.items() if s <= 4}, **second.losses} == reference.losses
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+class OldRNGStates(L.Callback):
+    """Writes checkpoints as DiffusionModule did before RNGStateCallback: every rank's RNG states under the top-level
+    key RNG_STATES_KEY (its `on_save_checkpoint`, unchanged), and no callback entry."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[RNG_STATES_KEY] = gather_rng_states()
+
+
+def test_checkpoint_with_the_old_rng_key_resumes_exactly(tmp_path: Path) -> None:
+    reference = Record()
+    expected = state(fit(tmp_path / "reference", reference, num_workers=0))
+    first = Record(crash_at=5)
+    root = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(root, first, num_workers=0, rng_state=OldRNGStates())
+    last = root / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert RNG_STATES_KEY in checkpoint and RNGStateCallback().state_key not in checkpoint["callbacks"]
+    assert checkpoint["global_step"] == 3
+
+    second = Record()
+    resumed = state(fit(root, second, num_workers=0, ckpt_path=str(last)))  # with RNGStateCallback
+    assert {**{s: v for s, v in first.losses.items() if s <= 3}, **second.losses} == reference.losses
     for key, value in expected.items():
         assert torch.equal(value, resumed[key]), key
 
