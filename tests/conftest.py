@@ -15,3 +15,47 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# The tiny network most tests train or sample with: one channel, 8x8, two levels of 8 and 16 channels, one residual
+# block each, no attention and no dropout: every code path of the UNet and the module, in well under a second.
+TINY_UNET = dict(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
+                 dropout=0.0, image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+# The DiffusionModule settings the tiny tests share (each test adds what it is about: warm-up, EMA, FID, ...).
+TINY_MODULE = dict(timesteps=50, lr=1e-3, ema_decay=0.9, sampling_steps=5)
+
+
+# The factories hold no state, so one per session serves fixtures of every scope.
+@pytest.fixture(scope="session")
+def tiny_unet():
+    """A factory of tiny UNets: `tiny_unet(**overrides)` is `UNet(**TINY_UNET)` with any argument overridden
+    (`image_size=28`, `dropout=0.1`, `num_classes=4`, `attn_resolutions=(4,)`, ...)."""
+    from src.models.unet import UNet
+
+    def make(**overrides):
+        return UNet(**{**TINY_UNET, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_module(tiny_unet):
+    """A factory of tiny DiffusionModules: `tiny_module(net=None, **overrides)` is
+    `DiffusionModule(net or tiny_unet(), **TINY_MODULE)` with any module argument overridden."""
+    from src.module import DiffusionModule
+
+    def make(net=None, **overrides):
+        return DiffusionModule(net if net is not None else tiny_unet(), **{**TINY_MODULE, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def tiny_module_28(tiny_module, tiny_unet):
+    """A factory of the tiny module on 28x28 images with dropout 0.1 and 5 warm-up steps: the one the resume tests
+    train (dropout draws from the RNG on every step, so a resumed run must restore the RNG states to match)."""
+
+    def make(**overrides):
+        return tiny_module(tiny_unet(image_size=28, dropout=0.1), **{"warmup_steps": 5, **overrides})
+
+    return make
