@@ -59,3 +59,37 @@ def tiny_module_28(tiny_module, tiny_unet):
         return tiny_module(tiny_unet(image_size=28, dropout=0.1), **{"warmup_steps": 5, **overrides})
 
     return make
+
+
+# The small network the UNet's own tests check numbers on: 28x28 (odd bottom size 7), three levels, attention at 14.
+SMALL_UNET = dict(in_channels=1, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(14,),
+                  dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def small_unet():
+    """A factory: `small_unet(**overrides)` is `UNet(**SMALL_UNET)` with any argument overridden, built right after
+    `torch.manual_seed(0)` (the same weights every time)."""
+    from src.models.unet import UNet
+
+    def make(**overrides):
+        torch.manual_seed(0)
+        return UNet(**{**SMALL_UNET, **overrides})
+
+    return make
+
+
+@pytest.fixture(scope="session")
+def perturb():
+    """`perturb(module, scale, seed=1)`: every parameter moved by scale * N(0, 1) (a generator seeded with `seed`), off
+    the zero initialisations of the last convs and attention outputs that make every block start as the identity.
+    Returns the module."""
+
+    @torch.no_grad()
+    def move(module, scale, seed=1):
+        generator = torch.Generator().manual_seed(seed)
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+        return module
+
+    return move
