@@ -24,13 +24,12 @@ import argparse
 import copy
 import io
 import os
-import platform
 from collections.abc import Callable
 from types import SimpleNamespace
 
 import lightning as L
 import torch
-from common import median_seconds, our_unet, unet_settings
+from common import cpu_name, median_seconds, our_unet, unet_settings
 from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
@@ -248,18 +247,6 @@ def time_updates(factories: dict[str, Callable], net: nn.Module, rounds: int, re
         for name, fn in fns.items():
             seconds[name].append(median_seconds(fn, repeats, device))
     return {name: min(ts) for name, ts in seconds.items()}  # best round's median: least disturbed
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what the platform module knows."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:
