@@ -94,4 +94,3 @@ class NoisyClassifier(nn.Module):
         model = cls(**blob["config"])
         model.load_state_dict(blob["state_dict"])
         return model.eval()
-
