@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import platform
 import statistics
 import sys
 import time
@@ -69,6 +70,17 @@ def as_eps_fn(name: str, net: torch.nn.Module) -> Callable[[torch.Tensor, torch.
     if name == "diffusers":
         return lambda x, t: net(x, t).sample
     return net
+
+
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo), else what platform reports."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def synchronize(device: torch.device) -> None:

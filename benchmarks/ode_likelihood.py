@@ -9,12 +9,12 @@ divergence, uniform dequantisation). Prints both, the ODE's function evaluations
 from __future__ import annotations
 
 import argparse
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
+from common import cpu_name
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
@@ -22,17 +22,6 @@ from src.data import load_dataset, to_model_range  # noqa: E402
 from src.diffusion.likelihood import nll_bits_per_dim  # noqa: E402
 from src.diffusion.ode_likelihood import DIVERGENCES, ode_nll_bits_per_dim  # noqa: E402
 from src.models.diffusion import DiffusionModel  # noqa: E402
-
-
-def cpu_name() -> str:
-    """The CPU's model name (Linux /proc/cpuinfo), else what platform reports."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def main() -> None:

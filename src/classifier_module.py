@@ -18,12 +18,23 @@ from pathlib import Path
 import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch import Tensor
+from torch import Tensor, nn
 
 from src.diffusion.losses import sample_timesteps
 from src.diffusion.schedule import NoiseSchedule
-from src.models.classifier import NoisyClassifier, noisy_classifier_loss
+from src.models.classifier import NoisyClassifier
 from src.module import linear_warmup
+
+
+def noisy_classifier_loss(
+    classifier: nn.Module, x0: Tensor, y: Tensor, schedule: NoiseSchedule, t: Tensor | None = None
+) -> Tensor:
+    """Cross-entropy of p_phi(y | x_t, t) with x_t ~ q(x_t | x_0) and t uniform (Dhariwal & Nichol, section 4):
+    the classifier must know y from every noise level the sampler will show it. Mean over the batch."""
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
+    x_t = schedule.q_sample(x0, t)
+    return torch.nn.functional.cross_entropy(classifier(x_t, t), y)
 
 
 class ClassifierModule(L.LightningModule):

@@ -22,6 +22,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.fid import FIDCallback
+from src.callbacks.rng_state import RNGStateCallback
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
@@ -92,13 +93,13 @@ def latest_checkpoint(root: str, run_name: str) -> Path:
 
 
 def fit_callbacks(configured: list, max_nonfinite_skips: int, has_logger: bool) -> list:
-    """SignalCheckpoint, NonFiniteGuard and (with a logger) LearningRateMonitor for every fit run, unless the config
-    already lists them."""
+    """SignalCheckpoint, NonFiniteGuard, RNGStateCallback (exact resume) and, with a logger, LearningRateMonitor for
+    every fit run, unless the config already lists them."""
     have = {type(c) for c in configured}
-    wanted = [SignalCheckpoint(), NonFiniteGuard(max_skips=max_nonfinite_skips)]
+    wanted = [SignalCheckpoint(), NonFiniteGuard(max_skips=max_nonfinite_skips), RNGStateCallback()]
     if has_logger:  # the learning rate as `train/lr`, the name configure_optimizers gives the scheduler
         wanted.append(LearningRateMonitor(logging_interval="step"))
-    return [c for c in wanted if type(c) not in have]
+    return [callback for callback in wanted if type(callback) not in have]
 
 
 class DiffusionCLI(LightningCLI):

@@ -25,7 +25,6 @@ from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.models.diffusion import DiffusionModel, build_net, net_spec
 from src.models.ema import ema_decay, update_ema
-from src.resume import RNG_STATES_KEY, gather_rng_states, restore_rng_states
 
 # State-dict keys renamed since a checkpoint format: old prefix -> new prefix (checkpoints written before
 # DiffusionModel held the EMA weights as "ema.model.*").
@@ -229,21 +228,9 @@ class DiffusionModule(L.LightningModule):
         self.log("train/loss", loss, prog_bar=True)
         return loss
 
-    # ------------------------------------------------------------------ checkpoints
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        # Lightning keeps no RNG state; every rank's is saved so a resumed run draws the same t, noise and dropout.
-        checkpoint[RNG_STATES_KEY] = gather_rng_states()
-
+    # ------------------------------------------------------------------ checkpoints (RNG states: src/callbacks/rng_state.py)
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
-        states = checkpoint.get(RNG_STATES_KEY) or []
-        # Applied in on_train_start, so whatever runs in between (sanity check, loaders) cannot shift the streams.
-        self._rng_states_to_restore = states[self.global_rank] if self.global_rank < len(states) else None
-
-    def on_train_start(self) -> None:
-        if getattr(self, "_rng_states_to_restore", None) is not None:
-            restore_rng_states(self._rng_states_to_restore)
-            self._rng_states_to_restore = None
 
     # ------------------------------------------------------------------ optimization
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

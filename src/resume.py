@@ -4,7 +4,8 @@ Lightning saves the model, optimizer, LR schedulers and loop counters, but neith
 the position inside an epoch of a plain DataLoader. This file supplies both:
 
 - `collect_rng_states` / `restore_rng_states`: torch, CUDA, numpy and python RNG states, as plain tensors and
-  lists (so checkpoints still load with `torch.load(weights_only=True)`), gathered from every rank.
+  lists (so checkpoints still load with `torch.load(weights_only=True)`), gathered from every rank; the callback
+  `src.callbacks.rng_state.RNGStateCallback` puts them in checkpoints and restores them.
 - `ResumableSampler` and `ResumableDataLoader`: a seeded, epoch-dependent shuffle (per rank) whose
   `state_dict` records how many batches of the epoch were consumed; Lightning's fit loop saves and restores it
   (any train DataLoader with `state_dict`/`load_state_dict` is picked up as `_Stateful`), and the restored
@@ -26,7 +27,9 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from src.seeding import mix_seeds
 
-RNG_STATES_KEY = "rng_states"  # checkpoint key: a list with one entry per rank
+# The top-level checkpoint key under which checkpoints written before RNGStateCallback hold the RNG states (a list
+# with one entry per rank); still read on resume.
+RNG_STATES_KEY = "rng_states"
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -301,8 +301,9 @@ def write_fake_fashion_mnist(root, n_train: int = 48, n_test: int = 8) -> None:
         (raw / f"{prefix}-labels-idx1-ubyte").write_bytes(header + labels.tobytes())
 
 
-def train_tiny(root, num_classes: int | None = None, max_steps: int = 60):
-    """A tiny model trained on the fake data in `root / "data"`, with checkpoints every 20 steps (for TracIn)."""
+def train_tiny(tiny_unet, root, num_classes: int | None = None, max_steps: int = 60):
+    """A tiny model (`tiny_unet`: the conftest fixture) trained on the fake data in `root / "data"`, with checkpoints
+    every 20 steps (for TracIn)."""
     import lightning as L
     from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -310,8 +311,7 @@ def train_tiny(root, num_classes: int | None = None, max_steps: int = 60):
     from src.module import DiffusionModule
 
     L.seed_everything(0)
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, image_size=28, norm_groups=4, mid_attention=False, num_classes=num_classes)  # fmt: skip
+    net = tiny_unet(image_size=28, num_classes=num_classes)
     module = DiffusionModule(net, timesteps=100, lr=2e-3, warmup_steps=5, ema_decay=0.9, sampling_steps=5)
     data = ImageDataModule("fashion_mnist", data_dir=str(root / "data"), batch_size=16, val_size=0)
     folder = root / ("checkpoints" if num_classes is None else "checkpoints_cond")
@@ -324,10 +324,10 @@ def train_tiny(root, num_classes: int | None = None, max_steps: int = 60):
 
 
 @pytest.fixture(scope="module")
-def trained_run(tmp_path_factory):
+def trained_run(tmp_path_factory, tiny_unet):
     root = tmp_path_factory.mktemp("attribution")
     write_fake_fashion_mnist(root / "data")
-    return root, train_tiny(root)
+    return root, train_tiny(tiny_unet, root)
 
 
 @pytest.mark.slow
@@ -395,14 +395,16 @@ def test_attribution_command_refuses_a_non_empty_output_dir(trained_run, tmp_pat
 
 
 @pytest.mark.slow
-def test_conditional_model_uses_the_labels_of_queries_and_training_images(trained_run, tmp_path, capsys) -> None:
+def test_conditional_model_uses_the_labels_of_queries_and_training_images(
+    trained_run, tmp_path, capsys, tiny_unet
+) -> None:
     from PIL import Image
 
     from src.attribute import main
     from src.data import load_dataset
 
     root, _ = trained_run
-    checkpoint = train_tiny(root, num_classes=10, max_steps=20)[-1]
+    checkpoint = train_tiny(tiny_unet, root, num_classes=10, max_steps=20)[-1]
     report = main(["--ckpt_path", str(checkpoint), "--queries", f"train:{PLANTED}", "--output_dir",
                    str(tmp_path / "a"), "--method", "tracin", "--num_t", "4"])  # fmt: skip
     assert report["queries"][0]["top"][0]["train_index"] == PLANTED

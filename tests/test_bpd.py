@@ -22,7 +22,6 @@ from src.diffusion.likelihood import (
     posterior_log_variance,
 )
 from src.diffusion.schedule import NoiseSchedule
-from src.models.unet import UNet
 from src.module import DiffusionModule
 
 BIN = 2.0 / 255.0  # width of one 8-bit level on [-1, 1]
@@ -125,9 +124,8 @@ def test_bound_of_exact_gaussian_model_matches_closed_form_and_entropy() -> None
     assert abs(float(sub["bpd"].mean()) - closed) < 5 * float(sub["bpd"].std() / math.sqrt(len(bpd))) + 1e-3
 
 
-def test_module_test_step_logs_bpd(tmp_path: Path) -> None:
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-               image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+def test_module_test_step_logs_bpd(tmp_path: Path, tiny_unet) -> None:
+    net = tiny_unet()
     module = DiffusionModule(net, timesteps=20, sampling_steps=2, bpd_timesteps=4)
     images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     loader = DataLoader(list(zip(images, torch.zeros(6, dtype=torch.int64), strict=True)), batch_size=3)
@@ -154,10 +152,9 @@ def test_edge_bins_have_the_same_floor_as_interior_bins() -> None:
     np.testing.assert_allclose(discretized_gaussian_log_likelihood(x, mean, log_scale).numpy(), expected, rtol=1e-9)
 
 
-def test_module_test_step_logs_the_probability_flow_likelihood(tmp_path: Path) -> None:
+def test_module_test_step_logs_the_probability_flow_likelihood(tmp_path: Path, tiny_unet) -> None:
     """`test` under Lightning's inference mode still gets the ODE's divergence gradients."""
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-               image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+    net = tiny_unet()
     module = DiffusionModule(net, timesteps=20, sampling_steps=2, bpd_timesteps=4, ode_bpd_batches=1)
     images = torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     loader = DataLoader(list(zip(images, torch.zeros(4, dtype=torch.int64), strict=True)), batch_size=2)

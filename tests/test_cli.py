@@ -188,7 +188,7 @@ def test_bad_sampler_option_is_one_clear_error() -> None:
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path) -> None:
+def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path, tiny_unet) -> None:
     from src.classifier_module import ClassifierModule
     from src.models.classifier import NoisyClassifier
     from src.module import DiffusionModule
@@ -203,10 +203,7 @@ def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path) -> None:
     classifier = NoisyClassifier.load(str(path))
     assert classifier.num_classes == 10 and classifier.config["base_channels"] == 8
     # The file is what --model.classifier_path takes: classifier guidance samples with it.
-    from src.models.unet import UNet
-
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
+    net = tiny_unet(channel_mult=(1, 2, 2), image_size=28, mid_attention=True)
     module = DiffusionModule(net, sampling_steps=2, classifier_path=str(path), classifier_scale=1.0)
     images = module.model.sample(module.model.initial_noise(torch.arange(2)))
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()

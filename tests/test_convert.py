@@ -1,4 +1,4 @@
-"""diffusers interoperability (src/models/convert.py, UNet.from_diffusers / to_diffusers, NoiseSchedule.from_diffusers):
+"""diffusers interoperability (load_diffusers_unet, save_diffusers_unet, NoiseSchedule.from_diffusers):
 randomly initialised diffusers models, perturbed away from their zero inits and saved with `save_pretrained`, compute
 the same function after conversion, in both directions; unsupported configs and mismatched weights fail clearly."""
 
@@ -10,7 +10,9 @@ import torch
 from src.diffusion.schedule import NoiseSchedule
 from src.models.convert import (
     DiffusersConversionError,
+    load_diffusers_unet,
     read_diffusers_unet,
+    save_diffusers_unet,
     state_dict_from_diffusers,
     unet_args_from_diffusers,
 )
@@ -86,7 +88,7 @@ def test_ddpm_cifar10_from_and_to_diffusers(tmp_path):
     outputs of magnitude ~2, float32)."""
     ref = perturbed_diffusers(DDPM_CIFAR10)
     ref.save_pretrained(tmp_path / "diffusers", safe_serialization=True)
-    net = UNet.from_diffusers(tmp_path / "diffusers")
+    net = load_diffusers_unet(tmp_path / "diffusers")
     assert net.config == dict(
         in_channels=3,
         base_channels=128,
@@ -103,7 +105,7 @@ def test_ddpm_cifar10_from_and_to_diffusers(tmp_path):
     x, t = inputs(ref)
     assert max_error(ref, net, x, t) < 1e-5
 
-    net.to_diffusers(tmp_path / "ours")
+    save_diffusers_unet(net, tmp_path / "ours")
     config = json.loads((tmp_path / "ours" / "config.json").read_text())
     assert {k: config[k] for k in DDPM_CIFAR10} == {
         k: list(v) if isinstance(v, tuple) else v for k, v in DDPM_CIFAR10.items()
@@ -131,11 +133,11 @@ def test_small_28x28_and_deprecated_attention_names(tmp_path):
         state[key] = value
     assert any(".query." in k for k in state)
     torch.save(state, folder / "diffusion_pytorch_model.bin")
-    net = UNet.from_diffusers(folder)
+    net = load_diffusers_unet(folder)
     assert net.config["attn_resolutions"] == [7] and net.config["channel_mult"] == [1, 2, 2]
     x, t = inputs(ref)
     assert max_error(ref, net, x, t) < 1e-5
-    net.to_diffusers(tmp_path / "ours")
+    save_diffusers_unet(net, tmp_path / "ours")
     assert max_error(diffusers.UNet2DModel.from_pretrained(tmp_path / "ours").eval(), net, x, t) < 1e-5
 
 
@@ -143,7 +145,7 @@ def test_class_conditional(tmp_path):
     """num_class_embeds = N becomes num_classes = N - 1 (our table's last row is the null label)."""
     ref = perturbed_diffusers(dict(SMALL_28, num_class_embeds=11))
     ref.save_pretrained(tmp_path)
-    net = UNet.from_diffusers(tmp_path)
+    net = load_diffusers_unet(tmp_path)
     assert net.num_classes == 10
     x, t = inputs(ref)
     y = torch.tensor([3, 10])
@@ -155,7 +157,7 @@ def test_to_diffusers_refuses_sizes_diffusers_cannot_run(tmp_path):
         in_channels=1, base_channels=8, channel_mult=(1, 2, 2, 2), num_res_blocks=1, image_size=28, norm_groups=4
     )
     with pytest.raises(DiffusersConversionError, match="not divisible by 2"):
-        net.to_diffusers(tmp_path)
+        save_diffusers_unet(net, tmp_path)
 
 
 # ---------------------------------------------------------------------------------------------- refusals
@@ -285,13 +287,13 @@ def test_large_image_options_from_and_to_diffusers(tmp_path, changes, options):
     time_embedding_norm="scale_shift" and with down/up=True): same outputs both ways, the same weights back."""
     ref = perturbed_diffusers(dict(OPTIONS_32, **changes))
     ref.save_pretrained(tmp_path / "diffusers")
-    net = UNet.from_diffusers(tmp_path / "diffusers")
+    net = load_diffusers_unet(tmp_path / "diffusers")
     assert {k: v for k, v in net.config.items() if k in options} == options
     assert sum(p.numel() for p in net.parameters()) == sum(p.numel() for p in ref.parameters())
     x, t = inputs(ref)
     assert max_error(ref, net, x, t) < 1e-5
 
-    net.to_diffusers(tmp_path / "ours")
+    save_diffusers_unet(net, tmp_path / "ours")
     written = json.loads((tmp_path / "ours" / "config.json").read_text())
     for key, value in changes.items():
         assert written[key] == (list(value) if isinstance(value, tuple) else value), key
@@ -312,7 +314,7 @@ def test_num_heads_to_diffusers(tmp_path):
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.02 * torch.randn_like(p))
-    net.to_diffusers(tmp_path)
+    save_diffusers_unet(net, tmp_path)
     assert json.loads((tmp_path / "config.json").read_text())["attention_head_dim"] == 32
     ref = diffusers.UNet2DModel.from_pretrained(tmp_path).eval()
     assert ref.mid_block.attentions[0].heads == 2
@@ -321,7 +323,7 @@ def test_num_heads_to_diffusers(tmp_path):
 
     mixed = UNet(**small, attn_resolutions=(8,), num_heads=2)  # 32 channels at 8x8, 64 in the middle
     with pytest.raises(DiffusersConversionError, match=r"heads of \[16, 32\] channels.*use head_channels"):
-        mixed.to_diffusers(tmp_path / "mixed")
+        save_diffusers_unet(mixed, tmp_path / "mixed")
 
 
 def test_large_image_option_refusals():

@@ -105,3 +105,23 @@ def test_mismatched_models_raise():
     ema = EMA(tiny(), decay=0.9)
     with pytest.raises(RuntimeError):
         ema.update(nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 2)), num_updates=0)
+
+
+def test_update_reads_nothing_back_from_the_device_while_averaged_model_does(monkeypatch):
+    """Why src/models/ema.py is ours (its docstring, benchmarks/ema_update.py): AveragedModel tests its n_averaged
+    tensor in Python on every update, a GPU sync on CUDA; our update reads no tensor value. If torch drops those
+    reads, this fails and the choice is worth measuring again."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    reads = []
+    original = torch.Tensor.__bool__
+    monkeypatch.setattr(torch.Tensor, "__bool__", lambda t: reads.append(t) or original(t))
+    model = tiny()
+    ours, theirs = EMA(model, decay=0.9), AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9))
+    theirs.update_parameters(model)  # the first update copies
+    step(model, 1)
+    reads.clear()
+    ours.update(model, 1)
+    assert reads == []
+    theirs.update_parameters(model)
+    assert len(reads) == 2  # bool(n_averaged == 0), n_averaged > 0

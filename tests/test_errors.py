@@ -91,21 +91,24 @@ def test_impossible_sampler_setting(args: list[str], message: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints
-def _tiny_diffusion_module(base_channels: int = 8):
-    from src.models.unet import UNet
+@pytest.fixture
+def tiny_diffusion_module(tiny_unet):
+    """A factory: `tiny_diffusion_module(base_channels=8)`, a module with the default settings on a tiny 28x28 net."""
     from src.module import DiffusionModule
 
-    net = UNet(in_channels=1, base_channels=base_channels, channel_mult=(1, 2, 2), num_res_blocks=1,
-               attn_resolutions=(), dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
-    return DiffusionModule(net, sampling_steps=2)
+    def make(base_channels: int = 8):
+        net = tiny_unet(base_channels=base_channels, channel_mult=(1, 2, 2), image_size=28, mid_attention=True)
+        return DiffusionModule(net, sampling_steps=2)
+
+    return make
 
 
-def test_corrupt_or_missing_checkpoint_is_one_line(tmp_path) -> None:
+def test_corrupt_or_missing_checkpoint_is_one_line(tmp_path, tiny_diffusion_module) -> None:
     import torch
 
     from src.errors import CheckpointError, check_checkpoint
 
-    module = _tiny_diffusion_module()
+    module = tiny_diffusion_module()
     good = tmp_path / "good.ckpt"
     torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, good)
     check_checkpoint(good, module)  # fits: no error
@@ -120,18 +123,18 @@ def test_corrupt_or_missing_checkpoint_is_one_line(tmp_path) -> None:
         check_checkpoint(tmp_path / "other.pt", module)
 
 
-def test_incompatible_checkpoint_names_what_differs(tmp_path) -> None:
+def test_incompatible_checkpoint_names_what_differs(tmp_path, tiny_diffusion_module) -> None:
     import torch
 
     from src.errors import CheckpointError, check_checkpoint
 
-    state = _tiny_diffusion_module(base_channels=8).state_dict()
+    state = tiny_diffusion_module(base_channels=8).state_dict()
     state["extra.weight"] = torch.zeros(1)
     del state["net.conv_out.bias"]
     path = tmp_path / "other.ckpt"
     torch.save({"state_dict": state}, path)
     with pytest.raises(CheckpointError) as info:
-        check_checkpoint(path, _tiny_diffusion_module(base_channels=16))
+        check_checkpoint(path, tiny_diffusion_module(base_channels=16))
     message = str(info.value)
     assert "missing net.conv_out.bias" in message and "unexpected extra.weight" in message
     assert "shapes differ (checkpoint vs model): model.net.conv_in.bias (8,) vs (16,)" in message

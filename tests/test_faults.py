@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import struct
@@ -20,18 +21,16 @@ from torch.utils.data import DataLoader
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.errors import NonFiniteLossError
 from src.main import cli_main
-from src.models.unet import UNet
 from src.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
 
 
-def tiny_module(fused: bool | None = None) -> DiffusionModule:
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
-    return DiffusionModule(net, timesteps=50, warmup_steps=2, lr=1e-3, ema_decay=0.9, sampling_steps=5,
-                           fused_optimizer=fused)  # fmt: skip
+@pytest.fixture
+def tiny_module(tiny_module):
+    """The shared tiny module (tests/conftest.py) with 2 warm-up steps."""
+    return functools.partial(tiny_module, warmup_steps=2)
 
 
 def loader() -> DataLoader:
@@ -56,10 +55,10 @@ class Inject(L.Callback):
 
 def fit(
     root: Path,
+    module: DiffusionModule,
     inject: Inject,
     guard: NonFiniteGuard | None = None,
     max_steps: int = 5,
-    fused: bool | None = None,
     precision: str | L.pytorch.plugins.Precision = "32-true",
 ) -> L.Trainer:
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=1)
@@ -69,17 +68,17 @@ def fit(
     )
     trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
                         callbacks=callbacks, enable_progress_bar=False, enable_model_summary=False, **plugins)  # fmt: skip
-    trainer.fit(tiny_module(fused), loader())
+    trainer.fit(module, loader())
     return trainer
 
 
-def test_nonfinite_step_is_skipped_up_to_the_limit(tmp_path: Path) -> None:
+def test_nonfinite_step_is_skipped_up_to_the_limit(tmp_path: Path, tiny_module) -> None:
     guard = NonFiniteGuard(max_skips=1)
     inject = Inject(nan_at=2)
     with pytest.warns(
         UserWarning, match=r"non-finite loss at step 2 .*images \(8, 1, 8, 8\) min .*\(1 non-finite\), t \["
     ):
-        trainer = fit(tmp_path, inject, guard)
+        trainer = fit(tmp_path, tiny_module(), inject, guard)
     assert trainer.global_step == 5 and guard.num_skipped == 1
     # The skipped step left the weights as they were; the others changed them; all stay finite.
     assert all(torch.equal(a, b) for a, b in zip(inject.weights[2], inject.weights[3], strict=True))
@@ -91,12 +90,12 @@ def test_nonfinite_step_is_skipped_up_to_the_limit(tmp_path: Path) -> None:
     assert {"num_skipped": 1} in states.values()
 
 
-def test_nonfinite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path: Path) -> None:
+def test_nonfinite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path: Path, tiny_module) -> None:
     # Fused AdamW (the default): the bad step is skipped on the device and counted when the next step starts, so
     # the run stops one step later; the checkpoint of that step holds the weights from before the bad step.
     inject = Inject(nan_at=3)
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*loss nan.*t \[.*stopped") as error:
-        fit(tmp_path, inject)
+        fit(tmp_path, tiny_module(), inject)
     assert "\n" not in str(error.value)
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 4
@@ -106,22 +105,22 @@ def test_nonfinite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path: 
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]  # no stray temporary files
 
 
-def test_nonfinite_step_without_fused_optimizer_stops_before_the_update(tmp_path: Path) -> None:
+def test_nonfinite_step_without_fused_optimizer_stops_before_the_update(tmp_path: Path, tiny_module) -> None:
     # An optimizer without found_inf support: the flag is read at once and the run stops before the bad update.
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*stopped"):
-        fit(tmp_path, Inject(nan_at=3), fused=False)
+        fit(tmp_path, tiny_module(fused_optimizer=False), Inject(nan_at=3))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3  # the step before the NaN, not overwritten by the failed one
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())
 
 
-def test_fp16_with_grad_scaler_skips_and_counts_a_nonfinite_loss(tmp_path: Path) -> None:
+def test_fp16_with_grad_scaler_skips_and_counts_a_nonfinite_loss(tmp_path: Path, tiny_module) -> None:
     # 16-mixed: the GradScaler owns found_inf and skips the step; the guard watches the loss and counts it.
     guard = NonFiniteGuard(max_skips=1)
     inject = Inject(nan_at=2)
     with pytest.warns(UserWarning, match=r"non-finite loss at step 2 .*skipped this update \(1 of at most 1\)"):
         precision = L.pytorch.plugins.MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
-        trainer = fit(tmp_path, inject, guard, precision=precision)
+        trainer = fit(tmp_path, tiny_module(), inject, guard, precision=precision)
     assert trainer.precision_plugin.scaler is not None and guard.num_skipped == 1
     assert all(torch.equal(a, b) for a, b in zip(inject.weights[2], inject.weights[3], strict=True))
     assert all(torch.isfinite(p).all() for p in trainer.lightning_module.parameters())
@@ -171,9 +170,9 @@ def test_guard_skips_on_the_device_and_reads_the_flag_later(device: str) -> None
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
-def test_signal_saves_last_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int) -> None:
+def test_signal_saves_last_checkpoint_and_exits_cleanly(tmp_path: Path, signum: int, tiny_module) -> None:
     with pytest.raises(SystemExit) as exit_info:
-        fit(tmp_path, Inject(signal_at=2, signum=signum), max_steps=100)
+        fit(tmp_path, tiny_module(), Inject(signal_at=2, signum=signum), max_steps=100)
     assert exit_info.value.code in (None, 0)
     assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 2
     assert signal.getsignal(signal.SIGUSR1) == signal.SIG_DFL  # our SIGUSR1 handler is gone again

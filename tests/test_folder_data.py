@@ -11,6 +11,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -20,12 +21,11 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from PIL import Image
 
+from src.callbacks.rng_state import RNGStateCallback
 from src.data import ImageDataModule, convert_image, folder_images, scan_folder
 from src.data import folder as folder_module
 from src.errors import ConfigError
 from src.main import cli_main
-from src.models.unet import UNet
-from src.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
@@ -349,27 +349,29 @@ def test_two_ddp_processes_read_one_cache_see_disjoint_batches_of_half_the_globa
 # -- exact resume on a folder ----------------------------------------------------------------------------------------
 
 
-def _fit_folder(root: Path, cache: Path, run: Path, ckpt_path: str | None = None) -> dict[str, torch.Tensor]:
+def _fit_folder(
+    make_module: Callable[[], L.LightningModule], root: Path, cache: Path, run: Path, ckpt_path: str | None = None
+) -> dict[str, torch.Tensor]:
     L.seed_everything(0)
     data = ImageDataModule("folder", str(root), batch_size=4, val_size=4, image_size=28, num_channels=1,
                            cache_dir=str(cache))  # fmt: skip
     checkpoints = ModelCheckpoint(dirpath=run, save_top_k=-1, every_n_train_steps=3, filename="{step}")
-    trainer = L.Trainer(default_root_dir=run, max_steps=8, accelerator="cpu", logger=False, callbacks=[checkpoints],
-                        limit_val_batches=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.1, image_size=28, norm_groups=4, mid_attention=False)  # fmt: skip
-    module = DiffusionModule(net, timesteps=50, warmup_steps=5, lr=1e-3, ema_decay=0.9, sampling_steps=5)
+    trainer = L.Trainer(default_root_dir=run, max_steps=8, accelerator="cpu", logger=False,
+                        callbacks=[checkpoints, RNGStateCallback()], limit_val_batches=0, enable_progress_bar=False,
+                        enable_model_summary=False)  # fmt: skip
+    module = make_module()
     trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
     return {k: v.clone() for k, v in module.state_dict().items()}
 
 
-def test_resume_from_a_folder_is_exact(tmp_path: Path) -> None:
+def test_resume_from_a_folder_is_exact(tmp_path: Path, tiny_module_28) -> None:
     root = tmp_path / "imgs"
     root.mkdir()
     for i in range(24):
         Image.fromarray(noise(30, 28, seed=i, channels=1)[..., 0]).save(root / f"{i}.png")
-    straight = _fit_folder(root, tmp_path / "cache", tmp_path / "a")
-    resumed = _fit_folder(root, tmp_path / "cache", tmp_path / "b", ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))
+    straight = _fit_folder(tiny_module_28, root, tmp_path / "cache", tmp_path / "a")
+    resumed = _fit_folder(tiny_module_28, root, tmp_path / "cache", tmp_path / "b",
+                          ckpt_path=str(tmp_path / "a" / "step=3.ckpt"))  # fmt: skip
     assert straight.keys() == resumed.keys()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
 

@@ -17,7 +17,6 @@ from src.diffusion.guidance import (
     guidance_scale_from_w,
 )
 from src.diffusion.schedule import NoiseSchedule
-from src.models.unet import UNet
 from src.module import DiffusionModule
 
 NUM_CLASSES = 3
@@ -104,12 +103,15 @@ def test_classifier_guidance_shifts_eps_by_the_log_prob_gradient() -> None:
 
 
 # ---------------------------------------------------------------------------------------------- DiffusionModule
-def tiny_conditional(**kwargs) -> DiffusionModule:
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-               image_size=8, norm_groups=4, mid_attention=False, num_classes=NUM_CLASSES,
-               out_channels=kwargs.pop("out_channels", None))  # fmt: skip
-    defaults = dict(timesteps=50, warmup_steps=1, lr=1e-3, ema_decay=0.5, ema_warmup=False, sampling_steps=5)
-    return DiffusionModule(net, **{**defaults, **kwargs})
+@pytest.fixture
+def tiny_conditional(tiny_module, tiny_unet):
+    """A factory of tiny class-conditional modules: `tiny_conditional(out_channels=None, **module_overrides)`."""
+
+    def make(out_channels: int | None = None, **kwargs) -> DiffusionModule:
+        net = tiny_unet(num_classes=NUM_CLASSES, out_channels=out_channels)
+        return tiny_module(net, **{"warmup_steps": 1, "ema_decay": 0.5, "ema_warmup": False, **kwargs})
+
+    return make
 
 
 def loader() -> DataLoader:
@@ -125,7 +127,9 @@ def fit(module: DiffusionModule, root: Path, steps: int = 3) -> None:
 
 
 @pytest.mark.parametrize("extra", [dict(), dict(prediction="v", out_channels=2, ddpm_variance="learned")])
-def test_conditional_module_trains_with_label_dropout_and_samples_with_guidance(tmp_path: Path, extra) -> None:
+def test_conditional_module_trains_with_label_dropout_and_samples_with_guidance(
+    tmp_path: Path, extra, tiny_conditional
+) -> None:
     module = tiny_conditional(p_uncond=0.5, guidance_scale=3.0, **extra)
     seen = []
     forward = module.net.forward
@@ -153,7 +157,7 @@ def test_conditional_module_trains_with_label_dropout_and_samples_with_guidance(
     assert not torch.allclose(module.model.sample(x_T, labels=labels), plain)  # s = 3 differs from s = 1
 
 
-def test_predict_step_returns_labels_in_turn_or_as_configured() -> None:
+def test_predict_step_returns_labels_in_turn_or_as_configured(tiny_conditional) -> None:
     module = tiny_conditional()
     out = module.predict_step(torch.arange(5), 0)
     assert out["labels"].tolist() == [0, 1, 2, 0, 1] and out["images"].shape == (5, 1, 8, 8)
@@ -163,7 +167,7 @@ def test_predict_step_returns_labels_in_turn_or_as_configured() -> None:
         tiny_conditional(sample_labels=[3])
 
 
-def test_module_forward_takes_the_labels_of_a_conditional_net() -> None:
+def test_module_forward_takes_the_labels_of_a_conditional_net(tiny_conditional) -> None:
     module = tiny_conditional()
     x, t, y = torch.randn(2, 1, 8, 8), torch.tensor([3, 7]), torch.tensor([0, 2])
     with torch.no_grad():
@@ -197,8 +201,9 @@ def test_conditional_config_fits_and_predicts_labelled_pngs(tmp_path: Path) -> N
     assert sorted(p.name for p in out.iterdir()) == ["4_0.png", "4_2.png", "4_4.png", "7_1.png", "7_3.png"]
 
 
-def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path) -> None:
-    from src.models.classifier import NoisyClassifier, noisy_classifier_loss
+def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path, tiny_unet) -> None:
+    from src.classifier_module import noisy_classifier_loss
+    from src.models.classifier import NoisyClassifier
 
     classifier = NoisyClassifier(num_classes=4, in_channels=1, base_channels=8, channel_mult=(1, 2), image_size=8,
                                  norm_groups=4, attn_resolutions=(4,))  # fmt: skip
@@ -211,8 +216,7 @@ def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path) -> None:
     t = torch.tensor([0, 5, 10, 20, 30, 49])
     torch.testing.assert_close(loaded(x0, t), classifier(x0, t))
 
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-               image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
+    net = tiny_unet()
     plain = DiffusionModule(net, timesteps=50, sampling_steps=5)
     guided = DiffusionModule(net, timesteps=50, sampling_steps=5, classifier_path=str(tmp_path / "clf.pt"),
                              classifier_scale=5.0)  # fmt: skip

@@ -12,7 +12,6 @@ import torch
 
 from src.diffusion.interpolation import lerp, slerp
 from src.diffusion.schedule import NoiseSchedule
-from src.models.unet import UNet
 
 try:  # the closed-form denoiser of the sampler tests (pytest puts tests/ on sys.path)
     from test_samplers import MU, S, gaussian_model
@@ -102,11 +101,10 @@ def test_reconstruction_error_falls_with_steps():
     )
 
 
-def test_script_writes_its_files(tmp_path):
+def test_script_writes_its_files(tmp_path, tiny_unet):
     script = load_script()
     torch.manual_seed(0)
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-               dropout=0.0, image_size=8, norm_groups=4).eval()  # fmt: skip
+    net = tiny_unet(attn_resolutions=(4,), mid_attention=True).eval()
     with torch.no_grad():
         for p in net.parameters():
             p.add_(0.05 * torch.randn(p.shape))

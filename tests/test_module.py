@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -17,15 +18,13 @@ from src.checkpoint_io import AtomicCheckpointIO
 from src.images import make_grid, save_grid, to_uint8
 from src.loggers import auto_logger, wandb_logged_in
 from src.main import latest_checkpoint
-from src.models.unet import UNet
 from src.module import DiffusionModule
 
 
-def tiny_module(**kwargs) -> DiffusionModule:
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
-               image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
-    defaults = dict(timesteps=50, warmup_steps=4, lr=1e-3, ema_decay=0.9, ema_warmup=False, sampling_steps=5)
-    return DiffusionModule(net, **{**defaults, **kwargs})
+@pytest.fixture
+def tiny_module(tiny_module):
+    """The shared tiny module (tests/conftest.py) with 4 warm-up steps and a fixed EMA decay."""
+    return functools.partial(tiny_module, warmup_steps=4, ema_warmup=False)
 
 
 def loader(n: int = 32, batch_size: int = 8) -> DataLoader:
@@ -39,7 +38,7 @@ def trainer(root: Path, max_steps: int, **kwargs) -> L.Trainer:
                      enable_progress_bar=False, enable_model_summary=False, **kwargs)  # fmt: skip
 
 
-def test_optimizer_holds_only_the_trained_network() -> None:
+def test_optimizer_holds_only_the_trained_network(tiny_module) -> None:
     module = tiny_module()
     optimizer = module.configure_optimizers()["optimizer"]
     in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
@@ -47,7 +46,7 @@ def test_optimizer_holds_only_the_trained_network() -> None:
     assert not any(p.requires_grad for p in module.model.parameters())
 
 
-def test_learning_rate_warms_up_linearly_then_stays() -> None:
+def test_learning_rate_warms_up_linearly_then_stays(tiny_module) -> None:
     module = tiny_module(lr=1e-3, warmup_steps=4)
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
@@ -59,7 +58,7 @@ def test_learning_rate_warms_up_linearly_then_stays() -> None:
     np.testing.assert_allclose(lrs, [2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
 
 
-def test_fit_updates_ema_once_per_step_and_checkpoint_restores_it(tmp_path: Path) -> None:
+def test_fit_updates_ema_once_per_step_and_checkpoint_restores_it(tmp_path: Path, tiny_module) -> None:
     torch.manual_seed(0)
     module = tiny_module()
     start = [p.detach().clone() for p in module.net.parameters()]
@@ -80,7 +79,7 @@ def test_fit_updates_ema_once_per_step_and_checkpoint_restores_it(tmp_path: Path
         assert torch.equal(a, b)
 
 
-def test_resume_restores_ema_optimizer_and_step_count(tmp_path: Path) -> None:
+def test_resume_restores_ema_optimizer_and_step_count(tmp_path: Path, tiny_module) -> None:
     torch.manual_seed(0)
     first = tiny_module()
     t1 = trainer(tmp_path, max_steps=3)
@@ -121,7 +120,7 @@ def test_latest_checkpoint_finds_newest_last_ckpt(tmp_path: Path) -> None:
     assert latest_checkpoint(str(tmp_path), "run").parent.parent.name == "version_1"
 
 
-def test_sample_uses_ema_and_respects_overrides() -> None:
+def test_sample_uses_ema_and_respects_overrides(tiny_module) -> None:
     module = tiny_module()
     with torch.no_grad():
         for p in module.model.net.parameters():
@@ -146,7 +145,7 @@ def test_sample_uses_ema_and_respects_overrides() -> None:
         (dict(ddpm_variance="learned"), "--model.ddpm_variance"),
     ],
 )
-def test_bad_sampler_settings_fail_at_construction(kwargs, message) -> None:
+def test_bad_sampler_settings_fail_at_construction(kwargs, message, tiny_module) -> None:
     with pytest.raises(ValueError, match=message):
         tiny_module(**kwargs)
 
@@ -207,7 +206,7 @@ def test_atomic_checkpoint_keeps_the_old_file_when_a_save_fails(tmp_path: Path) 
     assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]
 
 
-def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
+def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path, tiny_module) -> None:
     """The network's class and arguments are recorded in the checkpoint's hyper-parameters."""
     module = tiny_module(eta=0.5)
     t = trainer(tmp_path, max_steps=1)
@@ -222,7 +221,7 @@ def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path) -> None:
         assert torch.equal(a, b)
 
 
-def test_channels_last_and_compile_keep_training_and_checkpoint_keys(tmp_path: Path) -> None:
+def test_channels_last_and_compile_keep_training_and_checkpoint_keys(tmp_path: Path, tiny_module) -> None:
     torch.manual_seed(0)
     plain = tiny_module()
     trainer(tmp_path / "a", max_steps=2).fit(plain, loader())

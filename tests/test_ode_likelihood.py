@@ -116,14 +116,11 @@ def test_bad_options() -> None:
         ode_log_likelihood(PROBLEM, data(1), SIGMA_MAX, SIGMA_MIN, lambda z: z.sum())
 
 
-def test_runs_on_a_float32_unet() -> None:
+def test_runs_on_a_float32_unet(tiny_unet) -> None:
     """A (random, tiny) UNet in float32: fractional timesteps and the Hutchinson divergence through autograd give
     finite bits/dim."""
-    from src.models.unet import UNet
-
     torch.manual_seed(0)
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, image_size=8, norm_groups=4).eval()  # fmt: skip
+    net = tiny_unet(mid_attention=True).eval()
     x8 = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1.0
     out = ode_nll_bits_per_dim(net, x8, SCHEDULE, rtol=1e-3, atol=1e-3, generator=torch.Generator().manual_seed(1))
     assert out["bpd"].shape == (2,) and torch.isfinite(out["bpd"]).all() and out["nfe"] > 0

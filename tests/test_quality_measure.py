@@ -31,12 +31,11 @@ def train_tiny_feature_classifier(root: Path) -> Path:
 
 @pytest.mark.slow
 @needs_fashion_mnist
-def test_fd_classifier_through_the_cli_and_real_below_noised_real(tmp_path: Path) -> None:
+def test_fd_classifier_through_the_cli_and_real_below_noised_real(tmp_path: Path, tiny_unet) -> None:
     from src import evaluate
     from src.callbacks.fid import FIDCallback
     from src.data import load_dataset
     from src.metrics.features import ClassifierFeatures
-    from src.models.unet import UNet
     from src.module import DiffusionModule
 
     path = train_tiny_feature_classifier(tmp_path / "runs")
@@ -56,9 +55,7 @@ def test_fd_classifier_through_the_cli_and_real_below_noised_real(tmp_path: Path
     assert results["extractor_sha256"] == ClassifierFeatures(path).sha256
 
     # The same file through the FID callback: --fid.extractor FILE logs val/fd_classifier.
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.0, image_size=28, norm_groups=4, mid_attention=False)  # fmt: skip
-    module = DiffusionModule(net, sampling_steps=2)
+    module = DiffusionModule(tiny_unet(image_size=28), sampling_steps=2)
     callback = FIDCallback(extractor=str(path), ref_stats=results["ref_stats"], batch_size=4)
     logged = callback.compute(module, num_samples=8)
     assert list(logged) == ["val/fd_classifier"] and np.isfinite(logged["val/fd_classifier"])

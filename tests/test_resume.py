@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
@@ -12,10 +14,9 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from src.callbacks.faults import SignalCheckpoint
+from src.callbacks.rng_state import RNGStateCallback
 from src.data import ImageDataModule
-from src.models.unet import UNet
-from src.module import DiffusionModule
-from src.resume import ResumableDataLoader, collect_rng_states, restore_rng_states
+from src.resume import RNG_STATES_KEY, ResumableDataLoader, collect_rng_states, gather_rng_states, restore_rng_states
 
 STEPS = 10  # 4 batches per epoch: the runs cross two epoch boundaries
 
@@ -27,12 +28,6 @@ class SyntheticData(ImageDataModule):
         n = 40 if split == "train" else 8
         generator = torch.Generator().manual_seed(1 if split == "train" else 2)
         return torch.randint(0, 256, (n, 1, 28, 28), dtype=torch.uint8, generator=generator), torch.zeros(n).long()
-
-
-def tiny_module() -> DiffusionModule:
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
-               dropout=0.1, image_size=28, norm_groups=4, mid_attention=False)  # fmt: skip
-    return DiffusionModule(net, timesteps=50, warmup_steps=5, lr=1e-3, ema_decay=0.9, sampling_steps=5)
 
 
 class Record(L.Callback):
@@ -52,15 +47,32 @@ class Record(L.Callback):
         self.losses[trainer.global_step] = outputs["loss"].item()
 
 
-def fit(root: Path, record: Record, num_workers: int, ckpt_path: str | None = None) -> L.Trainer:
+@pytest.fixture
+def fit(tiny_module_28):
+    """`fit(root, record, num_workers, ckpt_path=None, rng_state=None)`: `run_fit` of the tiny 28x28 module."""
+    return functools.partial(run_fit, tiny_module_28)
+
+
+def run_fit(
+    make_module: Callable[[], L.LightningModule],
+    root: Path,
+    record: Record,
+    num_workers: int,
+    ckpt_path: str | None = None,
+    rng_state: L.Callback | None = None,
+) -> L.Trainer:
+    """`STEPS` steps of `make_module()` (built after seeding, so every run starts from the same weights) on the
+    synthetic data, with periodic checkpoints. `rng_state`: the callback that saves and restores the RNG states
+    (default: RNGStateCallback, as the CLI adds it)."""
     L.seed_everything(0)  # as the CLI does on every start, resumed or not
     data = SyntheticData(batch_size=8, val_size=8, num_workers=num_workers, random_flip=True)
     checkpoints = ModelCheckpoint(dirpath=root / "checkpoints", save_last=True, save_top_k=0, every_n_train_steps=3)
+    rng_state = rng_state or RNGStateCallback()
     trainer = L.Trainer(default_root_dir=root, max_steps=STEPS, accelerator="cpu", logger=False,
-                        callbacks=[checkpoints, SignalCheckpoint(), record], val_check_interval=3,
+                        callbacks=[checkpoints, SignalCheckpoint(), rng_state, record], val_check_interval=3,
                         check_val_every_n_epoch=None, limit_val_batches=1, num_sanity_val_steps=1,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(tiny_module(), datamodule=data, ckpt_path=ckpt_path)
+    trainer.fit(make_module(), datamodule=data, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -78,7 +90,7 @@ def state(trainer: L.Trainer) -> dict[str, torch.Tensor]:
     "num_workers, kill",
     [(0, "crash_at_5"), (0, "sigterm_at_4"), (2, "sigterm_at_6")],
 )
-def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path: Path, num_workers: int, kill: str) -> None:
+def test_killed_and_resumed_run_equals_uninterrupted_run(tmp_path: Path, num_workers: int, kill: str, fit) -> None:
     reference = Record()
     expected = state(fit(tmp_path / "reference", reference, num_workers))
     assert sorted(reference.losses) == list(range(1, STEPS + 1))
@@ -119,7 +131,7 @@ class EpochEndSignal(Record):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def test_signal_between_epochs_resumes_exactly(tmp_path: Path) -> None:
+def test_signal_between_epochs_resumes_exactly(tmp_path: Path, fit) -> None:
     # Lightning raises the SIGTERMException only once the epoch is complete; the checkpoint then written must not
     # carry the finished epoch's batch counters into the next one (the resumed run would train one batch of it).
     reference = Record()
@@ -135,6 +147,33 @@ def test_signal_between_epochs_resumes_exactly(tmp_path: Path) -> None:
     resumed = state(fit(root, second, num_workers=0, ckpt_path=str(last)))
     assert sorted(second.losses) == list(range(5, STEPS + 1))
     assert {**{s: v for s, v in first.losses.items() if s <= 4}, **second.losses} == reference.losses
+    for key, value in expected.items():
+        assert torch.equal(value, resumed[key]), key
+
+
+class OldRNGStates(L.Callback):
+    """Writes checkpoints as DiffusionModule did before RNGStateCallback: every rank's RNG states under the top-level
+    key RNG_STATES_KEY (its `on_save_checkpoint`, unchanged), and no callback entry."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        checkpoint[RNG_STATES_KEY] = gather_rng_states()
+
+
+def test_checkpoint_with_the_old_rng_key_resumes_exactly(tmp_path: Path, fit) -> None:
+    reference = Record()
+    expected = state(fit(tmp_path / "reference", reference, num_workers=0))
+    first = Record(crash_at=5)
+    root = tmp_path / "killed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        fit(root, first, num_workers=0, rng_state=OldRNGStates())
+    last = root / "checkpoints" / "last.ckpt"
+    checkpoint = torch.load(last, weights_only=True)
+    assert RNG_STATES_KEY in checkpoint and RNGStateCallback().state_key not in checkpoint["callbacks"]
+    assert checkpoint["global_step"] == 3
+
+    second = Record()
+    resumed = state(fit(root, second, num_workers=0, ckpt_path=str(last)))  # with RNGStateCallback
+    assert {**{s: v for s, v in first.losses.items() if s <= 3}, **second.losses} == reference.losses
     for key, value in expected.items():
         assert torch.equal(value, resumed[key]), key
 

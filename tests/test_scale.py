@@ -13,7 +13,6 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.diffusion.losses import l_simple
-from src.models.unet import UNet
 from src.module import DiffusionModule
 
 NUM_ITEMS, STEPS, GLOBAL_BATCH = 32, 3, 8
@@ -80,16 +79,21 @@ class SaveRankState(L.Callback):
         )
 
 
-def tiny_module() -> IndexNoiseModule:
-    torch.manual_seed(0)
-    net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,),
-               dropout=0.0, image_size=8, norm_groups=4)  # fmt: skip
-    return IndexNoiseModule(
-        net, timesteps=50, lr=1e-3, warmup_steps=5, ema_decay=0.9, ema_warmup=True, sampling_steps=5
-    )
+@pytest.fixture
+def tiny_module(tiny_unet):
+    """A factory of the tiny IndexNoiseModule, the same weights every time (seeded)."""
+
+    def make() -> IndexNoiseModule:
+        torch.manual_seed(0)
+        net = tiny_unet(attn_resolutions=(4,), mid_attention=True)
+        return IndexNoiseModule(
+            net, timesteps=50, lr=1e-3, warmup_steps=5, ema_decay=0.9, ema_warmup=True, sampling_steps=5
+        )
+
+    return make
 
 
-def run(tmp_path: Path, devices: int, **kwargs) -> None:
+def run(module: IndexNoiseModule, tmp_path: Path, devices: int, **kwargs) -> None:
     trainer = L.Trainer(
         accelerator="cpu",
         devices=devices,
@@ -106,13 +110,13 @@ def run(tmp_path: Path, devices: int, **kwargs) -> None:
     )
     # Per-process batch = global batch / processes.
     loader = DataLoader(IndexedImages(), batch_size=GLOBAL_BATCH // devices, sampler=RankStrided())
-    trainer.fit(tiny_module(), loader)
+    trainer.fit(module, loader)
 
 
 @pytest.mark.slow
-def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
-    run(tmp_path, devices=1)
-    run(tmp_path, devices=2)
+def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path: Path, tiny_module) -> None:
+    run(tiny_module(), tmp_path, devices=1)
+    run(tiny_module(), tmp_path, devices=2)
     single = torch.load(tmp_path / "rank0_of_1.pt", weights_only=True)
     ranks = [torch.load(tmp_path / f"rank{r}_of_2.pt", weights_only=True) for r in range(2)]
     for state in ranks:
@@ -128,7 +132,7 @@ def test_two_process_ddp_equals_one_process_with_the_same_global_batch(tmp_path:
         assert torch.equal(value, ranks[1]["ema"][name]), name
 
 
-def test_bf16_autocast_training_step_on_cpu_is_finite(tmp_path: Path) -> None:
+def test_bf16_autocast_training_step_on_cpu_is_finite(tmp_path: Path, tiny_module) -> None:
     trainer = L.Trainer(accelerator="cpu", precision="bf16-mixed", max_steps=2, logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
     module = tiny_module()

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from pathlib import Path
 
 import lightning as L
 import numpy as np
 import pytest
 import torch
-from test_resume import SyntheticData, tiny_module
+from test_resume import SyntheticData
 
 from src.callbacks.checkpoint import ModelCheckpoint
 from src.callbacks.time_budget import TimeBudget, lr_decay_factor
@@ -43,7 +44,11 @@ class RecordLR(L.Callback):
 
 
 def fit(
-    root: Path, budget: TimeBudget, max_steps: int = -1, ckpt_path: str | None = None
+    make_module: Callable[[], L.LightningModule],
+    root: Path,
+    budget: TimeBudget,
+    max_steps: int = -1,
+    ckpt_path: str | None = None,
 ) -> tuple[L.Trainer, RecordLR]:
     L.seed_everything(0)
     record = RecordLR()
@@ -51,26 +56,26 @@ def fit(
     trainer = L.Trainer(default_root_dir=root, max_steps=max_steps, accelerator="cpu", logger=False,
                         callbacks=[budget, checkpoints, record], limit_val_batches=0, num_sanity_val_steps=0,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(tiny_module(), datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0))
+    trainer.fit(make_module(), datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0))
     return trainer, record
 
 
-def test_with_max_steps_the_schedule_follows_steps_and_resumes_exactly(tmp_path: Path) -> None:
-    # tiny_module: lr 1e-3 with 5 warm-up steps (src.module.linear_warmup), then the budget's cosine over 10 steps.
-    _, record = fit(tmp_path / "a", TimeBudget("00:01:00:00"), max_steps=10)
+def test_with_max_steps_the_schedule_follows_steps_and_resumes_exactly(tmp_path: Path, tiny_module_28) -> None:
+    # tiny_module_28: lr 1e-3 with 5 warm-up steps (src.module.linear_warmup), then the budget's cosine over 10 steps.
+    _, record = fit(tiny_module_28, tmp_path / "a", TimeBudget("00:01:00:00"), max_steps=10)
     expected = {k: 1e-3 * min(1.0, (k + 1) / 5) * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(10)}
     assert record.lrs.keys() == expected.keys()
     for k in expected:
         assert record.lrs[k] == pytest.approx(expected[k], rel=1e-6), k
 
     # Stopped at 6 (a checkpoint), then continued to 10: the same learning rates from step 6 on.
-    fit(tmp_path / "b", TimeBudget("00:01:00:00"), max_steps=6)
+    fit(tiny_module_28, tmp_path / "b", TimeBudget("00:01:00:00"), max_steps=6)
     L.seed_everything(0)
     record_b = RecordLR()
     trainer = L.Trainer(default_root_dir=tmp_path / "b", max_steps=10, accelerator="cpu", logger=False,
                         callbacks=[TimeBudget("00:01:00:00"), record_b], limit_val_batches=0,
                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(tiny_module(), datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0),
+    trainer.fit(tiny_module_28(), datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0),
                 ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))  # fmt: skip
     assert sorted(record_b.lrs) == [6, 7, 8, 9]
     for k in record_b.lrs:
@@ -78,8 +83,8 @@ def test_with_max_steps_the_schedule_follows_steps_and_resumes_exactly(tmp_path:
 
 
 @pytest.mark.slow
-def test_a_time_sized_run_ends_at_its_budget_and_resume_continues_its_clock(tmp_path: Path) -> None:
-    trainer, record = fit(tmp_path, TimeBudget("00:00:00:03"))
+def test_a_time_sized_run_ends_at_its_budget_and_resume_continues_its_clock(tmp_path: Path, tiny_module_28) -> None:
+    trainer, record = fit(tiny_module_28, tmp_path, TimeBudget("00:00:00:03"))
     steps = trainer.global_step
     assert steps > 2 and trainer.should_stop
     # The learning rate decayed with the time spent, monotonically once warm-up is over (5 steps).
@@ -102,7 +107,8 @@ def test_a_time_sized_run_ends_at_its_budget_and_resume_continues_its_clock(tmp_
     trainer = L.Trainer(default_root_dir=tmp_path / "r", max_steps=-1, accelerator="cpu", logger=False,
                         callbacks=[TimeBudget("00:00:00:03"), resumed], limit_val_batches=0,
                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(tiny_module(), datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0), ckpt_path=str(half))
+    module = tiny_module_28()
+    trainer.fit(module, datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0), ckpt_path=str(half))
     first = min(resumed.progress)
     assert first == steps and 0.5 <= resumed.progress[first] < 1.0
     assert resumed.lrs[first] <= 1e-3 * lr_decay_factor(0.5) * (1 + 1e-6)
@@ -113,5 +119,6 @@ def test_a_time_sized_run_ends_at_its_budget_and_resume_continues_its_clock(tmp_
     trainer = L.Trainer(default_root_dir=tmp_path / "d", max_steps=-1, accelerator="cpu", logger=False,
                         callbacks=[TimeBudget("00:00:00:03"), done], limit_val_batches=0,
                         num_sanity_val_steps=0, enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
-    trainer.fit(tiny_module(), datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0), ckpt_path=str(ckpt))
+    module = tiny_module_28()
+    trainer.fit(module, datamodule=SyntheticData(batch_size=8, val_size=8, num_workers=0), ckpt_path=str(ckpt))
     assert done.lrs == {} and trainer.global_step == steps

@@ -1,6 +1,7 @@
 """UNet (src/models/unet.py): the DDPM CIFAR-10 parameter count, the shape and argument contract, the zero
 initialisation of the output, and the sinusoidal timestep embedding against DDPM's `get_timestep_embedding`."""
 
+import functools
 import math
 
 import numpy as np
@@ -19,29 +20,16 @@ def count(model):
     return sum(p.numel() for p in model.parameters())
 
 
-def small_unet(**kwargs):
-    config = dict(
-        in_channels=1,
-        base_channels=16,
-        channel_mult=(1, 2, 2),
-        num_res_blocks=1,
-        attn_resolutions=(14,),
-        dropout=0.1,
-        image_size=28,
-        norm_groups=4,
-    )
-    config.update(kwargs)
-    torch.manual_seed(0)
-    return UNet(**config)
+@pytest.fixture
+def small_unet(small_unet):
+    """The shared small UNet (tests/conftest.py) with dropout 0.1."""
+    return functools.partial(small_unet, dropout=0.1)
 
 
-@torch.no_grad()
-def perturb(model, scale=0.05, seed=1):
-    """Move every parameter off its initialisation (the zero-initialised convs make the network start as a constant)."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
+@pytest.fixture
+def perturb(perturb):
+    """Every parameter off its initialisation (the zero-initialised convs make the network start as a constant)."""
+    return functools.partial(perturb, scale=0.05)
 
 
 def numpy_get_timestep_embedding(timesteps, embedding_dim):
@@ -105,7 +93,7 @@ def test_parameter_count_matches_diffusers_unet2d():
         ),
     ],
 )
-def test_output_shape(config, shape):
+def test_output_shape(config, shape, small_unet, perturb):
     net = perturb(small_unet(**config)).eval()
     x = torch.randn(shape, generator=torch.Generator().manual_seed(2))
     t = torch.randint(0, 1000, (shape[0],), generator=torch.Generator().manual_seed(3))
@@ -115,19 +103,19 @@ def test_output_shape(config, shape):
     assert torch.isfinite(out).all()
 
 
-def test_scalar_t_broadcasts():
+def test_scalar_t_broadcasts(small_unet, perturb):
     net = perturb(small_unet()).eval()
     x = torch.randn(3, 1, 28, 28, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         torch.testing.assert_close(net(x, torch.tensor(17)), net(x, torch.full((3,), 17, dtype=torch.int64)))
 
 
-def test_learned_variance_output_channels():
+def test_learned_variance_output_channels(small_unet):
     net = small_unet(out_channels=2)
     assert net(torch.zeros(1, 1, 28, 28), torch.zeros(1, dtype=torch.int64)).shape == (1, 2, 28, 28)
 
 
-def test_output_is_zero_at_init():
+def test_output_is_zero_at_init(small_unet):
     """DDPM zero-initialises the final conv, so a fresh network predicts eps = 0 for every input."""
     net = small_unet().eval()
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(5))
@@ -137,7 +125,7 @@ def test_output_is_zero_at_init():
     assert torch.equal(net.conv_out.weight, torch.zeros_like(net.conv_out.weight))
 
 
-def test_output_depends_on_t_and_y():
+def test_output_depends_on_t_and_y(small_unet, perturb):
     net = perturb(small_unet(num_classes=10)).eval()
     x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(6))
     y = torch.tensor([1, 2])
@@ -155,7 +143,7 @@ def test_output_depends_on_t_and_y():
     torch.testing.assert_close(alone, base[:1], rtol=1e-5, atol=1e-6)
 
 
-def test_conditional_requires_labels_and_unconditional_rejects_them():
+def test_conditional_requires_labels_and_unconditional_rejects_them(small_unet):
     cond, uncond = small_unet(num_classes=10), small_unet()
     x, t = torch.zeros(2, 1, 28, 28), torch.tensor([1, 2])
     with pytest.raises(ValueError, match="labels"):
@@ -167,12 +155,12 @@ def test_conditional_requires_labels_and_unconditional_rejects_them():
 
 
 @pytest.mark.parametrize("shape", [(2, 3, 28, 28), (2, 28, 28), (1, 2, 1, 28, 28)])
-def test_wrong_input_shape_raises(shape):
+def test_wrong_input_shape_raises(shape, small_unet):
     with pytest.raises(ValueError, match=r"expects \(B, 1, H, W\)"):
         small_unet()(torch.zeros(shape), torch.tensor([0, 1]))
 
 
-def test_gradient_reaches_every_parameter():
+def test_gradient_reaches_every_parameter(small_unet, perturb):
     net = perturb(small_unet(num_classes=3, dropout=0.0)).train()
     x = torch.randn(4, 1, 28, 28, generator=torch.Generator().manual_seed(7))
     out = net(x, torch.tensor([0, 5, 500, 999]), torch.tensor([0, 1, 2, 3]))
@@ -181,7 +169,7 @@ def test_gradient_reaches_every_parameter():
     assert not missing
 
 
-def test_gradient_at_init_reaches_the_output_conv():
+def test_gradient_at_init_reaches_the_output_conv(small_unet):
     """At init only the zero-initialised output conv gets a non-zero gradient (everything behind it is multiplied by
     its zero weights); the rest must still be connected (grad not None)."""
     net = small_unet(dropout=0.0)

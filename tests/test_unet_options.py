@@ -6,6 +6,7 @@ blocks, output for output, are in tests/test_convert.py."""
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from pathlib import Path
@@ -30,21 +31,10 @@ def count(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
-@torch.no_grad()
-def perturb(model, scale=0.1, seed=1):
+@pytest.fixture
+def perturb(perturb):
     """Off the zero initialisations (last convs, attention output), else every block is the identity."""
-    g = torch.Generator().manual_seed(seed)
-    for p in model.parameters():
-        p.add_(scale * torch.randn(p.shape, generator=g, dtype=p.dtype))
-    return model
-
-
-def small_unet(**kwargs) -> UNet:
-    config = dict(in_channels=1, base_channels=16, channel_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(14,),
-                  dropout=0.0, image_size=28, norm_groups=4)  # fmt: skip
-    config.update(kwargs)
-    torch.manual_seed(0)
-    return UNet(**config)
+    return functools.partial(perturb, scale=0.1)
 
 
 def randn(*shape, seed=0, dtype=torch.float64):
@@ -52,7 +42,7 @@ def randn(*shape, seed=0, dtype=torch.float64):
 
 
 # ---------------------------------------------------------------------------------------------- defaults
-def test_defaults_build_ddpm_network_and_config_records_only_set_options():
+def test_defaults_build_ddpm_network_and_config_records_only_set_options(small_unet):
     explicit = small_unet(num_heads=1, head_channels=None, use_scale_shift_norm=False, resblock_updown=False,
                           gradient_checkpointing=False)  # fmt: skip
     default = small_unet()
@@ -93,7 +83,7 @@ def attention_by_hand(block: AttnBlock, x: torch.Tensor, heads: int) -> torch.Te
 
 
 @pytest.mark.parametrize("heads", [1, 2, 4, 16])
-def test_multi_head_attention_equals_hand_computed_heads(heads):
+def test_multi_head_attention_equals_hand_computed_heads(heads, perturb):
     block = perturb(AttnBlock(16, norm_groups=4, num_heads=heads).double())
     x = randn(2, 16, 5, 3)  # non-square, 15 positions
     with torch.no_grad():
@@ -102,7 +92,7 @@ def test_multi_head_attention_equals_hand_computed_heads(heads):
             assert (block(x) - attention_by_hand(block, x, 1)).abs().max() > 1e-3
 
 
-def test_heads_from_num_heads_or_head_channels():
+def test_heads_from_num_heads_or_head_channels(small_unet):
     assert attention_heads(64, num_heads=4) == 4
     assert attention_heads(64, num_heads=4, head_channels=16) == 4  # head_channels overrides num_heads
     assert attention_heads(96, num_heads=4, head_channels=32) == 3
@@ -163,7 +153,7 @@ def nearest_x2(z: torch.Tensor) -> torch.Tensor:
         ("up", 8, 8, (3, 4), nearest_x2),
     ],
 )
-def test_resblock_equals_hand_computed(scale_shift, resample, cin, cout, shape, by_hand):
+def test_resblock_equals_hand_computed(scale_shift, resample, cin, cout, shape, by_hand, perturb):
     block = ResBlock(cin, cout, temb_channels=12, dropout=0.0, norm_groups=4, use_scale_shift_norm=scale_shift,
                      resample=resample)  # fmt: skip
     assert block.temb_proj.out_features == (2 if scale_shift else 1) * cout
@@ -175,7 +165,7 @@ def test_resblock_equals_hand_computed(scale_shift, resample, cin, cout, shape, 
         torch.testing.assert_close(out, resblock_by_hand(block, x, temb, by_hand), rtol=0, atol=1e-12)
 
 
-def test_up_block_takes_the_skip_size():
+def test_up_block_takes_the_skip_size(perturb):
     """An up block resamples to the size it is given (the skip connection's), so odd sizes round-trip: 4 -> 7."""
     block = perturb(ResBlock(8, 8, 12, 0.0, 4, resample="up").double())
     x, temb = randn(1, 8, 4, 4), randn(1, 12)
@@ -185,7 +175,7 @@ def test_up_block_takes_the_skip_size():
         torch.testing.assert_close(block(x, temb, size=(7, 7)), expected, rtol=0, atol=1e-12)
 
 
-def test_resblock_updown_unet_replaces_every_resampler():
+def test_resblock_updown_unet_replaces_every_resampler(small_unet, perturb):
     net = perturb(small_unet(channel_mult=(1, 2, 2, 2), attn_resolutions=(7,), resblock_updown=True)).eval()
     kinds = [m.resample for m in net.modules() if isinstance(m, ResBlock) and m.resample]
     assert kinds == ["down"] * 3 + ["up"] * 3
@@ -197,7 +187,7 @@ def test_resblock_updown_unet_replaces_every_resampler():
 
 
 # ---------------------------------------------------------------------------------------------- checkpointing
-def test_gradient_checkpointing_same_outputs_and_gradients():
+def test_gradient_checkpointing_same_outputs_and_gradients(small_unet, perturb):
     """Training with dropout: the checkpointed net recomputes every residual and attention block in the backward
     pass (twice the block calls) with the dropout masks of the first pass, and gives the same outputs and
     gradients; in eval mode it runs each block once. Measured on CPU: outputs and gradients bit-identical (the

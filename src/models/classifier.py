@@ -1,8 +1,8 @@
 """A noise-conditioned classifier p_phi(y | x_t, t) for classifier guidance: the UNet's encoder half plus a head
 (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", section 4 and appendix: "the downsampling
 trunk of the UNet model with an attention pool at the 8x8 layer"; here global average pooling, as their
-`pool="adaptive"` option). Trained with cross-entropy on x_t ~ q(x_t | x_0), t uniform (`noisy_classifier_loss`);
-`t = 0` inputs make it an ordinary (almost clean-image) classifier too, which benchmarks/guidance_accuracy.py uses.
+`pool="adaptive"` option). Trained with cross-entropy on x_t ~ q(x_t | x_0), t uniform (`noisy_classifier_loss` in
+src/classifier_module.py, beside its training loop); `t = 0` inputs make it an ordinary (almost clean-image) classifier too, which benchmarks/guidance_accuracy.py uses.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from src.diffusion.losses import sample_timesteps
-from src.diffusion.schedule import NoiseSchedule
 from src.models.unet import ResBlock, down_path, group_norm, run_down_path, timestep_embedding
 
 
@@ -96,14 +94,3 @@ class NoisyClassifier(nn.Module):
         model = cls(**blob["config"])
         model.load_state_dict(blob["state_dict"])
         return model.eval()
-
-
-def noisy_classifier_loss(
-    classifier: nn.Module, x0: Tensor, y: Tensor, schedule: NoiseSchedule, t: Tensor | None = None
-) -> Tensor:
-    """Cross-entropy of p_phi(y | x_t, t) with x_t ~ q(x_t | x_0) and t uniform (Dhariwal & Nichol, section 4):
-    the classifier must know y from every noise level the sampler will show it. Mean over the batch."""
-    if t is None:
-        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
-    x_t = schedule.q_sample(x0, t)
-    return F.cross_entropy(classifier(x_t, t), y)

@@ -1,5 +1,10 @@
 """Weights in and out of diffusers' `UNet2DModel` format (config.json + diffusion_pytorch_model.safetensors).
 
+    net = load_diffusers_unet("ddpm-cifar10-32/")    # our UNet with diffusers' weights
+    save_diffusers_unet(net, "out/")                 # diffusers.UNet2DModel.from_pretrained("out/") loads it
+
+This file imports the UNet; the UNet knows nothing of diffusers (the model layer depends on torch only).
+
 diffusers' DDPM checkpoints (google/ddpm-cifar10-32, ddpm-celebahq-256, ddpm-lsun-*, ddpm-cat-256, ...) are
 conversions of the same TensorFlow DDPM network our UNet reproduces, so the map is one-to-one, parameter by
 parameter. It is written out explicitly below, as nanoGPT's `from_pretrained` does, and every tensor's shape is
@@ -40,7 +45,7 @@ unscaled. Configurations without an equivalent are refused with one error listin
 
 Sizes: diffusers' `Upsample2D` doubles the feature map (`UNet2DModel` passes no `output_size`), ours upsamples to
 the skip connection's size. They agree whenever `image_size` is divisible by 2^(levels - 1) (32 -> 4, 28 -> 7);
-for other sizes (28 with four levels: 7 -> 4 -> 8) diffusers' model cannot run at all, so `to_diffusers` refuses.
+for other sizes (28 with four levels: 7 -> 4 -> 8) diffusers' model cannot run at all, so `save_diffusers_unet` refuses.
 """
 
 from __future__ import annotations
@@ -499,7 +504,10 @@ def read_diffusers_unet(path: str | os.PathLike) -> tuple[dict, dict[str, Tensor
 
 
 def load_diffusers_unet(path: str | os.PathLike) -> UNet:
-    """Our UNet, in eval mode, with the weights of a diffusers UNet2DModel folder."""
+    """Our UNet, in eval mode, with the weights of a diffusers `UNet2DModel` folder (config.json +
+    diffusion_pytorch_model.safetensors or .bin, here or in `unet/`), e.g. google/ddpm-cifar10-32; raises
+    DiffusersConversionError for configurations this UNet cannot represent and for weights that do not match the
+    config."""
     config, state_dict = read_diffusers_unet(path)
     net = UNet(**unet_args_from_diffusers(config))
     net.load_state_dict(state_dict_from_diffusers(state_dict, net))
@@ -507,7 +515,8 @@ def load_diffusers_unet(path: str | os.PathLike) -> UNet:
 
 
 def save_diffusers_unet(net: UNet, path: str | os.PathLike) -> Path:
-    """Write `net` as a diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors."""
+    """Write `net` as a diffusers UNet2DModel folder: config.json + diffusion_pytorch_model.safetensors, which
+    `diffusers.UNet2DModel.from_pretrained` loads into the same function."""
     from safetensors.torch import save_file
 
     config = diffusers_config_from_unet(net)

@@ -20,7 +20,6 @@ Options for larger images, each off by default so that the default network stays
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Sequence
 
 import torch
@@ -300,9 +299,9 @@ class UNet(nn.Module):
         gradient_checkpointing: bool = False,
     ) -> None:
         super().__init__()
-        # The constructor arguments, JSON-ready: what checkpoints, `to_diffusers` and `src.export` write beside the
-        # weights. The options for large images appear only when set, so the DDPM network's config (and every file
-        # written before they existed) stays as it was; a missing option is its default.
+        # The constructor arguments, JSON-ready: what checkpoints, `src.export` and `src.models.convert` (diffusers'
+        # format) write beside the weights. The options for large images appear only when set, so the DDPM network's
+        # config (and every file written before they existed) stays as it was; a missing option is its default.
         self.config = dict(
             in_channels=in_channels,
             base_channels=base_channels,
@@ -414,20 +413,3 @@ class UNet(nn.Module):
                 h = run_layer(layer, h, temb, None, checkpoint)
 
         return self.conv_out(F.silu(self.norm_out(h)))
-
-    # ------------------------------------------------------------------ interoperability (src/models/convert.py)
-    @classmethod
-    def from_diffusers(cls, path: str | os.PathLike) -> UNet:
-        """A UNet with the weights of a diffusers `UNet2DModel` folder (config.json + diffusion_pytorch_model
-        .safetensors or .bin), e.g. google/ddpm-cifar10-32; raises ValueError for configurations this UNet
-        cannot represent and for weights that do not match the config."""
-        from src.models.convert import load_diffusers_unet  # convert.py imports this module
-
-        return load_diffusers_unet(path)
-
-    def to_diffusers(self, path: str | os.PathLike) -> None:
-        """Write config.json + diffusion_pytorch_model.safetensors that `diffusers.UNet2DModel.from_pretrained`
-        loads into the same function."""
-        from src.models.convert import save_diffusers_unet
-
-        save_diffusers_unet(self, path)
