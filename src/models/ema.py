@@ -23,7 +23,8 @@ measured all of them against this class (torch 2.14.1, Lightning 2.6.6; 2-core A
   this class: 0.9-1.3 ms and 15-24 ms per update).
 The sync rule decides: the others add two host syncs per training step. The callbacks also change the checkpoint
 (the averaged weights under "state_dict", the trained ones under "current_model_state") and copy the average into
-the trained network at the end of fit, so this class and its `ema.model.*` checkpoint keys stay.
+the trained network at the end of fit, so ours stays: `update_ema` / `ema_decay` (what DiffusionModule calls, with
+the averaged weights as its sampling model's `model.net.*`) and this class around them.
 """
 
 from __future__ import annotations
