@@ -23,7 +23,7 @@ from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
-from src.models.diffusion import DiffusionModel, build_net, net_spec
+from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe
 from src.models.ema import ema_decay, update_ema
 
 # State-dict keys renamed since a checkpoint format: old prefix -> new prefix (checkpoints written before
@@ -153,8 +153,7 @@ class DiffusionModule(L.LightningModule):
             self.hparams["net"] = net_spec(net)
         self.net = net
         self.loss_weight = resolve_loss_weighting(loss_weighting, min_snr_gamma)
-        recipe = {"name": schedule, "timesteps": timesteps}
-        recipe.update({"beta_start": beta_start, "beta_end": beta_end} if schedule == "linear" else {})
+        recipe = schedule_recipe(schedule, timesteps, beta_start, beta_end)
         settings = SamplerSettings.from_options(self.hparams)
         # The sampling model holds the EMA copy of `net`: its weights are averaged, never optimized.
         self.model = DiffusionModel(

@@ -45,6 +45,14 @@ def build_net(spec: dict) -> nn.Module:
     return getattr(importlib.import_module(module_name), class_name)(**(spec.get("init_args") or {}))
 
 
+def schedule_recipe(name: str, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
+    """The `NoiseSchedule.from_name` arguments of the modules' schedule options (`beta_start` / `beta_end` apply to
+    "linear" only), as an export records them."""
+    return {"name": name, "timesteps": int(timesteps)} | (
+        {"beta_start": float(beta_start), "beta_end": float(beta_end)} if name == "linear" else {}
+    )
+
+
 def net_spec(net: nn.Module) -> dict | None:
     """{"class_path", "init_args"} of a network that records its constructor arguments in `config`, else None."""
     if not hasattr(net, "config"):
@@ -328,9 +336,9 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
         raise ValueError(
             f"{path}: the EMA weights do not fit {spec['class_path']}({spec.get('init_args')}):\n{e}"
         ) from e
-    recipe = {"name": hparams.get("schedule", "linear"), "timesteps": int(hparams.get("timesteps", 1000))}
-    if recipe["name"] == "linear":
-        recipe.update(beta_start=float(hparams.get("beta_start", 1e-4)), beta_end=float(hparams.get("beta_end", 0.02)))
+    options = {"name": hparams.get("schedule", "linear")}
+    options |= {k: hparams[k] for k in ("timesteps", "beta_start", "beta_end") if hparams.get(k) is not None}
+    recipe = schedule_recipe(**options)
     return DiffusionModel(
         net,
         NoiseSchedule.from_name(**recipe),
