@@ -38,7 +38,8 @@ def export_checkpoint(
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace its files")
     model = DiffusionModel.load(ckpt_path, config=config)
-    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+    # Memory-mapped: only the step counters are read here (DiffusionModel.load read the weights).
+    checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True, mmap=True)
     source = {
         "checkpoint": str(ckpt_path),
         "global_step": checkpoint.get("global_step"),

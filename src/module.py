@@ -23,12 +23,8 @@ from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
-from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe
+from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe, upgrade_state_dict
 from src.models.ema import ema_decay, update_ema
-
-# State-dict keys renamed since a checkpoint format: old prefix -> new prefix (checkpoints written before
-# DiffusionModel held the EMA weights as "ema.model.*").
-RENAMED_STATE_KEYS = {"ema.model.": "model.net."}
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
@@ -41,17 +37,6 @@ def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     return {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
-
-
-def upgrade_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A checkpoint's state dict with the keys of older formats renamed (`RENAMED_STATE_KEYS`)."""
-    renamed = {}
-    for key, value in state_dict.items():
-        for old, new in RENAMED_STATE_KEYS.items():
-            if key.startswith(old):
-                key = new + key[len(old) :]
-        renamed[key] = value
-    return renamed
 
 
 class DiffusionModule(L.LightningModule):

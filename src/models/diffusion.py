@@ -31,9 +31,22 @@ EXPORT_FORMAT = "ddim-lightning-export"
 EXPORT_VERSION = 2  # 2: "net" holds {"class_path", "init_args"}; version 1 wrote "unet" (UNet arguments) instead
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-# State-dict prefixes of the sampling (EMA) weights in a DiffusionModule checkpoint, newest first: checkpoints
-# written before DiffusionModel existed hold them as "ema.model.*".
-CHECKPOINT_EMA_PREFIXES = ("model.net.", "ema.model.")
+# The sampling (EMA) weights in a DiffusionModule checkpoint's state dict.
+CHECKPOINT_EMA_PREFIX = "model.net."
+# State-dict keys renamed since a checkpoint format: old prefix -> new prefix (checkpoints written before
+# DiffusionModel held the EMA weights as "ema.model.*").
+RENAMED_STATE_KEYS = {"ema.model.": "model.net."}
+
+
+def upgrade_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A checkpoint's state dict with the keys of older formats renamed (`RENAMED_STATE_KEYS`)."""
+    renamed = {}
+    for key, value in state_dict.items():
+        for old, new in RENAMED_STATE_KEYS.items():
+            if key.startswith(old):
+                key = new + key[len(old) :]
+        renamed[key] = value
+    return renamed
 
 
 def build_net(spec: dict) -> nn.Module:
@@ -318,15 +331,11 @@ def _from_export(folder: Path) -> DiffusionModel:
 def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> DiffusionModel:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     hparams = dict(checkpoint.get("hyper_parameters", {}))
-    state_dict = checkpoint.get("state_dict", {})
-    for prefix in CHECKPOINT_EMA_PREFIXES:
-        state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-        if state:
-            break
-    else:
-        raise ValueError(
-            f"{path}: no EMA weights ({' or '.join(p + '*' for p in CHECKPOINT_EMA_PREFIXES)}) in its state_dict"
-        )
+    state_dict = upgrade_state_dict(checkpoint.get("state_dict", {}))
+    prefix = CHECKPOINT_EMA_PREFIX
+    state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+    if not state:
+        raise ValueError(f"{path}: no EMA weights ({prefix}* or an older name) in its state_dict")
     spec = network_spec(checkpoint, path, config)
     net = build_net(spec)
     # A wrong config fails here, with torch's list of differing keys.
