@@ -26,7 +26,15 @@ from src.callbacks.rng_state import RNGStateCallback
 from src.callbacks.sampling import PNGWriter
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
-from src.errors import UserError, check_checkpoint, check_image_shape, did_you_mean, one_line, read_checkpoint
+from src.errors import (
+    ConfigError,
+    UserError,
+    check_checkpoint,
+    check_image_shape,
+    did_you_mean,
+    one_line,
+    read_checkpoint,
+)
 from src.loggers import auto_logger
 from src.module import DiffusionModule
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
@@ -202,6 +210,12 @@ class DiffusionCLI(LightningCLI):
             has_logger = kwargs.get("logger", config.get("logger")) not in (None, False)
             kwargs["callbacks"] = configured + fit_callbacks(configured, max_skips, has_logger)
         trainer = super().instantiate_trainer(**kwargs)
+        if sum(isinstance(callback, FIDCallback) for callback in trainer.callbacks) > 1:
+            # LightningCLI always adds the `fid` section's instance; a second one would compute FID twice.
+            raise ConfigError(
+                "FIDCallback is listed under trainer.callbacks and is also the `fid` section: remove it from "
+                'trainer.callbacks and set its options with --fid.* (README "Evaluation")'
+            )
         # A forced exit on a second signal (the first, outside fit) takes the DDP ranks this process launched with it.
         register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])
         exit_after_signals(2 if self.subcommand in ("fit", None) else 1)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from src.data import DatasetNotFoundError
-from src.errors import ShapeMismatchError, did_you_mean
+from src.errors import ConfigError, ShapeMismatchError, did_you_mean
 from src.main import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,6 +46,14 @@ def test_a_saved_config_with_the_old_fid_options_names_their_new_place(tmp_path:
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", CONFIG, "--config", str(old)])
     assert "--model.fid_extractor moved to --fid.extractor" in capsys.readouterr().err
+
+
+def test_fid_callback_listed_under_trainer_callbacks_is_not_run_twice(tmp_path: Path) -> None:
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("trainer:\n  callbacks:\n    - class_path: src.callbacks.fid.FIDCallback\n")
+    with pytest.raises(ConfigError, match=r"remove it from trainer.callbacks and set its options with --fid"):
+        cli_main(["validate", "--config", CONFIG, "--config", str(twice),
+                  "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
 
 
 def test_did_you_mean_stays_quiet_without_a_close_match() -> None:
