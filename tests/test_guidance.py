@@ -236,3 +236,23 @@ def test_guidance_accuracy_benchmark_help() -> None:
                             capture_output=True, text=True, timeout=120, env={"OMP_NUM_THREADS": "1", "PATH": ""})  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "--ckpt" in result.stdout and "guidance" in result.stdout
+
+
+def test_guidance_takes_a_v_net_wrapped_as_an_eps_predictor(tiny_conditional) -> None:
+    """classifier_free_guidance(EpsPredictor(net, ...), y, w=w) finds the null label through the wrapper and gives eq. 6
+    of Ho & Salimans on the converted outputs (what notebook 04 does with a v-prediction checkpoint)."""
+    from src.diffusion.parameterization import EpsPredictor
+
+    module = tiny_conditional(prediction="v")
+    net = module.model.net
+    with torch.no_grad():  # make the output depend on the inputs (the zero-initialised output conv hides them)
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    eps_net = EpsPredictor(net, module.schedule, "v")
+    x_t, t, labels = torch.randn(3, 1, 8, 8), torch.tensor([1, 25, 49]), torch.tensor([0, 1, 2])
+    with torch.no_grad():
+        eps_cond = eps_net(x_t, t, labels)
+        eps_null = eps_net(x_t, t, torch.full_like(labels, net.num_classes))
+        guided = classifier_free_guidance(eps_net, labels, w=2.0)(x_t, t)
+    assert not torch.allclose(eps_cond, net(x_t, t, labels))  # converted: v is not eps
+    torch.testing.assert_close(guided, 3.0 * eps_cond - 2.0 * eps_null, rtol=0, atol=1e-5)

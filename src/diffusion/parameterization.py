@@ -100,6 +100,8 @@ class EpsPredictor:
         self.model = model
         self.schedule = schedule
         self.prediction = check_prediction(prediction)
+        # A conditional net's label count, so that classifier_free_guidance finds its null label through the wrapper.
+        self.num_classes = getattr(model, "num_classes", None)
 
     def __call__(self, x_t: Tensor, t: Tensor, *args: object, **kwargs: object) -> Tensor:
         out = self.model(x_t, t, *args, **kwargs)
