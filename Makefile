@@ -13,6 +13,14 @@ NUM_SAMPLES ?= 64
 # minute); fp32 elsewhere, where emulated bf16 would be slower than fp32. Override: make train PRECISION=32-true.
 PRECISION ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16-mixed || echo 32-true)
 OUT ?= $(ROOT)/samples/$(shell date +%Y%m%d-%H%M%S)
+# `make train MINUTES=30`: the run's total training time (empty: the config's, 15 minutes for the quickstart), passed
+# as --trainer.max_time DD:HH:MM:SS (90 -> 00:01:30:00; decimals allowed, 7.5 -> 00:00:07:30). It sets the
+# TimeBudget's duration; with ARGS="--ckpt_path last" it continues a finished run up to that total.
+MINUTES ?=
+MAX_TIME = $(if $(strip $(MINUTES)),--trainer.max_time $(or $(shell echo '$(strip $(MINUTES))' | awk \
+	'/^[0-9]+([.][0-9]+)?$$/ && $$1 > 0 { s = int($$1 * 60 + 0.5); \
+	printf "%02d:%02d:%02d:%02d", s / 86400, s % 86400 / 3600, s % 3600 / 60, s % 60 }'),\
+	$(error MINUTES=$(MINUTES) is not a positive number of minutes; e.g. make train MINUTES=30)))
 
 .PHONY: install data train sample test lint format benchmark clean
 
@@ -35,7 +43,7 @@ data:
 # Offline quickstart: 15 minutes of class-conditional Fashion-MNIST training on the CPU (configs/fashion_mnist_cond.yaml),
 # ending with a sample grid and a checkpoint; CONFIG=configs/fashion_mnist.yaml: the unconditional recipe.
 train: install data
-	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) --trainer.precision $(PRECISION) $(ARGS)
+	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) --trainer.precision $(PRECISION) $(MAX_TIME) $(ARGS)
 
 # NUM_SAMPLES PNG files from the newest checkpoint (or CKPT=...), with the EMA weights.
 sample: install

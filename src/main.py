@@ -17,13 +17,14 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.callbacks import LearningRateMonitor, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.fid import FIDCallback
 from src.callbacks.rng_state import RNGStateCallback
 from src.callbacks.sampling import PNGWriter
+from src.callbacks.time_budget import TimeBudget, spent_budget_error
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
 from src.errors import (
@@ -110,6 +111,18 @@ def fit_callbacks(configured: list, max_nonfinite_skips: int, has_logger: bool) 
     return [callback for callback in wanted if type(callback) not in have]
 
 
+def apply_max_time(config: dict, kwargs: dict) -> None:
+    """`--trainer.max_time` sets the duration of a TimeBudget the config lists (its total training time), instead
+    of Lightning ignoring it behind an info line ("callbacks list already contains a Timer")."""
+    max_time = config.get("max_time")
+    budgets = [c for c in config.get("callbacks") or [] if isinstance(c, TimeBudget)]
+    if max_time is None or not budgets:
+        return
+    for budget in budgets:
+        budget.set_duration(max_time)
+    kwargs["max_time"] = None  # the TimeBudget is the run's Timer; a second one would stop it on its own clock
+
+
 class DiffusionCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_argument(
@@ -182,7 +195,27 @@ class DiffusionCLI(LightningCLI):
         self._check_shapes()
         self._check_checkpoint()
 
-    before_fit = before_validate = before_test = _before_run
+    def _check_time_left(self) -> None:
+        """Continuing a run whose time budget is spent fails here in one line, before config.yaml or a log is
+        written (TimeBudget.on_fit_start would raise the same inside fit, after both)."""
+        path = self._option("ckpt_path")
+        timers = [c for c in self.trainer.callbacks if isinstance(c, Timer) and c._duration]
+        if not path or not timers or not Path(path).is_file():
+            return
+        saved = read_checkpoint(path).get("callbacks") or {}
+        for timer in timers:
+            elapsed = (saved.get(timer.state_key) or {}).get("time_elapsed", {}).get("train", 0.0)
+            error = spent_budget_error(
+                elapsed, timer._duration, self.trainer.max_steps, f"--ckpt_path {path}", isinstance(timer, TimeBudget)
+            )
+            if error is not None:
+                raise error
+
+    def before_fit(self) -> None:
+        self._before_run()
+        self._check_time_left()
+
+    before_validate = before_test = _before_run
     before_predict = _check_checkpoint
 
     def instantiate_trainer(self, **kwargs):
@@ -204,6 +237,7 @@ class DiffusionCLI(LightningCLI):
             kwargs["logger"] = auto_logger(root, run_name, self._option("logger_backend"), version)
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
+        apply_max_time(config, kwargs)
         if self.subcommand in ("fit", None):  # None: run=False, the caller may still fit
             configured = list(config.get("callbacks") or [])  # kwargs["callbacks"] replaces the config's list
             max_skips = self._option("max_nonfinite_skips")
