@@ -17,11 +17,12 @@ import time
 import warnings
 from pathlib import Path
 
-from lightning.pytorch.callbacks import LearningRateMonitor, Timer
+from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.fid import FIDCallback
+from src.callbacks.progress import BudgetProgressBar
 from src.callbacks.rng_state import RNGStateCallback
 from src.callbacks.sampling import PNGWriter
 from src.callbacks.time_budget import TimeBudget, spent_budget_error
@@ -121,6 +122,13 @@ def apply_max_time(config: dict, kwargs: dict) -> None:
     for budget in budgets:
         budget.set_duration(max_time)
     kwargs["max_time"] = None  # the TimeBudget is the run's Timer; a second one would stop it on its own clock
+
+
+def budget_progress_bar(configured: list, enable_progress_bar: bool | None) -> list:
+    """A BudgetProgressBar (the bar shows the time budget, not the epoch) for a run with a TimeBudget, unless the
+    config lists a progress bar or turns it off."""
+    wanted = enable_progress_bar is not False and any(isinstance(c, TimeBudget) for c in configured)
+    return [BudgetProgressBar()] if wanted and not any(isinstance(c, ProgressBar) for c in configured) else []
 
 
 class DiffusionCLI(LightningCLI):
@@ -243,6 +251,7 @@ class DiffusionCLI(LightningCLI):
             max_skips = self._option("max_nonfinite_skips")
             has_logger = kwargs.get("logger", config.get("logger")) not in (None, False)
             kwargs["callbacks"] = configured + fit_callbacks(configured, max_skips, has_logger)
+            kwargs["callbacks"] += budget_progress_bar(configured, config.get("enable_progress_bar"))
         trainer = super().instantiate_trainer(**kwargs)
         if sum(isinstance(callback, FIDCallback) for callback in trainer.callbacks) > 1:
             # LightningCLI always adds the `fid` section's instance; a second one would compute FID twice.

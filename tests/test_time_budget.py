@@ -19,6 +19,7 @@ from test_faults import write_fake_fashion_mnist
 from test_resume import SyntheticData
 
 from src.callbacks.checkpoint import ModelCheckpoint
+from src.callbacks.progress import BudgetProgressBar
 from src.callbacks.time_budget import TimeBudget, format_duration, lr_decay_factor
 from src.errors import ConfigError
 from src.main import cli_main, run
@@ -172,7 +173,7 @@ def test_max_time_sets_the_budget_and_a_finished_run_continues_to_a_larger_total
     lines = LogLines()
     logging.getLogger("lightning.pytorch").addHandler(lines)
     try:
-        cli = cli_main([*args, "--trainer.max_time", "00:00:00:02", "--trainer.enable_progress_bar", "false"])
+        cli = cli_main([*args, "--trainer.max_time", "00:00:00:02", "--trainer.enable_progress_bar", "true"])
     finally:
         logging.getLogger("lightning.pytorch").removeHandler(lines)
     # --trainer.max_time is the TimeBudget's duration (the config says 15 minutes), not a second, ignored Timer.
@@ -181,6 +182,10 @@ def test_max_time_sets_the_budget_and_a_finished_run_continues_to_a_larger_total
     assert not [line for line in lines.lines if "already contains a Timer" in line], lines.lines
     first = saved_state(tmp_path / "runs")
     assert first["global_step"] > 0 and first["callbacks"]["TimeBudget"]["time_elapsed"]["train"] >= 2.0
+    # The progress bar counts the budget, not the epoch (of 6 batches here).
+    assert isinstance(cli.trainer.progress_bar_callback, BudgetProgressBar)
+    bar = capsys.readouterr().out
+    assert "Epoch 0:" in bar and "Epoch 1:" in bar and "100%|" in bar and "00:02 budget, 00:00 left [step" in bar
 
     # Continued with a larger total: trains on until 4 s in all, the decay restarted from p = elapsed / 4 s.
     logging.getLogger("lightning.pytorch").addHandler(lines)
