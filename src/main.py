@@ -6,6 +6,9 @@ A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's o
   --logger_backend     auto | wandb | wandb_offline | tensorboard | csv (used when --trainer.logger is unset)
   --run_name NAME      folder/project name of the run under --trainer.default_root_dir
   --fid.*              FID of EMA samples in validate (--fid.num_samples N) and during fit (--fid.every_n_steps K)
+and gives one of Lightning's a new meaning where the config lists a TimeBudget (src/callbacks/time_budget.py):
+  --trainer.max_time   the TimeBudget's duration, the run's TOTAL training time (DD:HH:MM:SS); with --ckpt_path last
+                       a larger one continues a finished run up to it
 """
 
 from __future__ import annotations
