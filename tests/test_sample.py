@@ -4,11 +4,17 @@ checkpoint, guidance on an unconditional net)."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from test_faults import write_fake_fashion_mnist
 
 from src.errors import ConfigError, UserError
 from src.main import cli_main
@@ -41,6 +47,67 @@ def _grid_size(rows: int, columns: int) -> tuple[int, int]:
 def _cell(grid: Path, row: int, column: int) -> np.ndarray:
     top, left = 2 + row * CELL, 2 + column * CELL
     return np.asarray(Image.open(grid))[top : top + 28, left : left + 28]
+
+
+def _unconditional_checkpoint(path: Path) -> Path:
+    """A checkpoint of an unconditional tiny net of run_name `fashion_mnist` (the unconditional recipe's run), untrained
+    and written without a Trainer: what `predict --ckpt_path` reads of it is the network spec and the weights."""
+    from src.models.unet import UNet
+    from src.module import DiffusionModule
+
+    module = DiffusionModule(UNet(in_channels=1, image_size=28, num_res_blocks=1, dropout=0.0, **TINY_NET))
+    path.parent.mkdir(parents=True)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}, path)
+    return path
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="needs make")
+def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Path) -> None:
+    """`make sample` after `make train` of the conditional quickstart config, with a newer last.ckpt of another run
+    under the same ROOT (the unconditional recipe's; the classifier's would do the same): it samples the configured
+    run (--ckpt_path last: CONFIG's run_name), writes NUM_SAMPLES files to OUT and the grid OUT.png, 10 columns."""
+    root, data = tmp_path / "runs", write_fake_fashion_mnist(tmp_path / "data", n_train=24, n_test=8)
+    callbacks = [
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
+        {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 0, "num_samples": 12}},
+    ]
+    cli_main(["fit", "--config", COND, *TINY, "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
+              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--data.batch_size", "8",
+              "--data.val_size", "8", "--trainer.callbacks", json.dumps(callbacks)])  # fmt: skip
+    # The fit-time grid of a class-conditional model: one column per class as well.
+    (fit_grid,) = root.glob("fashion_mnist_cond/version_0/samples/step_*.png")
+    assert Image.open(fit_grid).size == _grid_size(2, 10)
+    other = _unconditional_checkpoint(root / "fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt")
+    later = other.stat().st_mtime + 60
+    os.utime(other, (later, later))  # the newest last.ckpt under ROOT, of another run
+
+    # `make` runs this interpreter (BIN) and skips the install step (-o install); the net comes from the checkpoint.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    out = root / "samples" / "first"
+    make = ["make", "-o", "install", "sample", f"BIN={bin_dir}", f"CONFIG={COND}", f"ROOT={root}", f"OUT={out}",
+            "NUM_SAMPLES=12", "ARGS=--model.sampling_steps 2 --trainer.enable_progress_bar false"]  # fmt: skip
+    result = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    # Labelled file names: the conditional run's checkpoint, not the newer unconditional one.
+    assert sorted(p.name for p in out.iterdir()) == sorted(f"{i % 10}_{i}.png" for i in range(12))
+    grid = root / "samples" / "first.png"
+    assert Image.open(grid).size == _grid_size(2, 10)
+    # Sample 11 (label 1) is in row 1, column 1: each column holds one class.
+    assert np.array_equal(_cell(grid, 1, 1), np.asarray(Image.open(out / "1_11.png")))
+
+    # CKPT=path is passed as given.
+    dry = subprocess.run(["make", "-n", "-o", "install", "sample", f"CKPT={other}"], cwd=REPO, capture_output=True,
+                         text=True, timeout=60)  # fmt: skip
+    assert f"--ckpt_path {other}" in dry.stdout and "--ckpt_path last" not in dry.stdout
+
+    # Guidance on that unconditional checkpoint: one clear error instead of a scale silently ignored.
+    with pytest.raises(ConfigError, match=r"--model.guidance_scale 1.3: .* --ckpt_path .* is unconditional"):
+        cli_main(["predict", "--config", COND, *TINY, "--ckpt_path", str(other), "--model.guidance_scale", "1.3",
+                  "--output_dir", str(tmp_path / "guided")])  # fmt: skip
+    assert not (tmp_path / "guided").exists()
 
 
 def test_predict_without_a_checkpoint_is_one_line_and_writes_nothing(tmp_path: Path, capfd) -> None:
