@@ -6,8 +6,9 @@ CONFIG ?= configs/fashion_mnist_cond.yaml
 ROOT ?= runs
 ARGS ?=
 FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
-# Newest last.ckpt under ROOT, for `make sample` (override with CKPT=...).
-CKPT ?= $(shell ls -t $(ROOT)/*/*/checkpoints/last.ckpt 2>/dev/null | head -n 1)
+# `make sample`'s checkpoint: empty = `--ckpt_path last`, the newest last.ckpt of CONFIG's run (its run_name under
+# ROOT), never another run's (a classifier's, another recipe's); CKPT=path: that file.
+CKPT ?=
 NUM_SAMPLES ?= 64
 # bf16 autocast for `make train` where the CPU computes bf16 natively (AVX-512 BF16 or AMX: 1.4x more steps per
 # minute); fp32 elsewhere, where emulated bf16 would be slower than fp32. Override: make train PRECISION=32-true.
@@ -45,11 +46,12 @@ data:
 train: install data
 	$(BIN)/python -m src.main fit --config $(CONFIG) --trainer.default_root_dir $(ROOT) --trainer.precision $(PRECISION) $(MAX_TIME) $(ARGS)
 
-# NUM_SAMPLES PNG files from the newest checkpoint (or CKPT=...), with the EMA weights.
+# NUM_SAMPLES PNG files in the folder OUT and their grid OUT.png (one column per class for a conditional model),
+# from CONFIG's newest checkpoint under ROOT (or CKPT=path), with the EMA weights.
 sample: install
-	@test -n "$(CKPT)" || (echo "No checkpoint under $(ROOT): run 'make train' first or pass CKPT=path"; exit 1)
-	$(BIN)/python -m src.main predict --config $(CONFIG) --ckpt_path $(CKPT) \
-		--data.num_samples $(NUM_SAMPLES) --output_dir $(OUT) --trainer.default_root_dir $(ROOT) $(ARGS)
+	$(BIN)/python -m src.main predict --config $(CONFIG) --ckpt_path $(or $(CKPT),last) \
+		--data.num_samples $(NUM_SAMPLES) --output_dir $(OUT) --grid_path $(patsubst %/,%,$(OUT)).png \
+		--trainer.default_root_dir $(ROOT) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -39,6 +39,13 @@ def to_pil(image: Tensor) -> Image.Image:
     return Image.fromarray(array[0] if array.shape[0] == 1 else np.transpose(array, (1, 2, 0)))
 
 
+def read_png(path: str | os.PathLike) -> Tensor:
+    """One PNG file (grayscale or RGB) -> uint8 (C, H, W), the inverse of `save_png`."""
+    with Image.open(path) as image:
+        array = np.array(image.convert("RGB") if image.mode not in ("L", "RGB") else image)  # a writable copy
+    return torch.from_numpy(array[None] if array.ndim == 2 else np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
 def save_png(image: Tensor, path: str | os.PathLike) -> Path:
     """Write one uint8 (C, H, W) image as PNG atomically (temporary file, then rename): a reader never sees
     a half-written file."""

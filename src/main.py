@@ -2,7 +2,9 @@
 
 A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's options it adds:
   --output_dir DIR     predict: folder for the PNG files (default: <run dir>/predictions)
-  --overwrite BOOL     predict: allow writing into a folder that already holds files
+  --overwrite BOOL     predict: allow writing into a folder that already holds files (or over --grid_path)
+  --grid_path FILE     predict: also one PNG grid of all samples (one column per class for a conditional model)
+  --allow_untrained BOOL  predict: sample without --ckpt_path, from the untrained network (else an error)
   --logger_backend     auto | wandb | wandb_offline | tensorboard | csv (used when --trainer.logger is unset)
   --run_name NAME      folder/project name of the run under --trainer.default_root_dir
   --fid.*              FID of EMA samples in validate (--fid.num_samples N) and during fit (--fid.every_n_steps K)
@@ -27,7 +29,7 @@ from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.fid import FIDCallback
 from src.callbacks.progress import BudgetProgressBar
 from src.callbacks.rng_state import RNGStateCallback
-from src.callbacks.sampling import PNGWriter
+from src.callbacks.sampling import PNGWriter, grid_columns
 from src.callbacks.time_budget import TimeBudget, spent_budget_error
 from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
@@ -146,7 +148,20 @@ class DiffusionCLI(LightningCLI):
             "--overwrite",
             type=bool,
             default=False,
-            help="predict: allow writing into an --output_dir that already holds files",
+            help="predict: allow writing into an --output_dir that already holds files, and over --grid_path",
+        )
+        parser.add_argument(
+            "--grid_path",
+            type=str | None,
+            default=None,
+            help="predict: also write one PNG grid of all samples, in index order, to this file (a class-"
+            "conditional model: one column per class); default: no grid",
+        )
+        parser.add_argument(
+            "--allow_untrained",
+            type=bool,
+            default=False,
+            help="predict: sample without --ckpt_path, i.e. from the untrained (random) network, on purpose",
         )
         parser.add_argument(
             "--logger_backend",
@@ -182,6 +197,14 @@ class DiffusionCLI(LightningCLI):
         # ignore `predict --model.sampling_steps 10`; we take only the architecture from the checkpoint.
         subcommand = self.config.get("subcommand")
         ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path == "last":
+            # The configured run's newest last.ckpt (what instantiate_trainer resolves), so that `make sample` and
+            # `--ckpt_path last` take the architecture from the checkpoint as an explicit path does.
+            options = self.config[subcommand]
+            try:
+                ckpt_path = latest_checkpoint(options.get("trainer.default_root_dir") or "runs", options["run_name"])
+            except FileNotFoundError:
+                return  # reported by instantiate_trainer
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
@@ -201,9 +224,25 @@ class DiffusionCLI(LightningCLI):
             return  # names Lightning resolves itself, and remote files
         check_checkpoint(path, self.model)
 
+    def _check_guidance(self) -> None:
+        """Classifier-free guidance needs a class-conditional net; on an unconditional one the scale would be
+        ignored, so a guidance_scale other than 1 fails in one line instead."""
+        if not isinstance(self.model, DiffusionModule) or self.model.conditional:
+            return
+        scale = self.model.hparams.get("guidance_scale", 1.0)
+        if scale != 1.0:
+            ckpt_path = self._option("ckpt_path")
+            source = f"the network of --ckpt_path {ckpt_path}" if ckpt_path else "the network"
+            raise ConfigError(
+                f"--model.guidance_scale {scale}: classifier-free guidance needs a class-conditional net, and "
+                f"{source} is unconditional; leave --model.guidance_scale at 1, or train a conditional net "
+                "(--model.net.init_args.num_classes K, e.g. configs/fashion_mnist_cond.yaml)"
+            )
+
     def _before_run(self) -> None:
         # Before any data is loaded or a step runs: a network that cannot take the images fails at once, in one line.
         self._check_shapes()
+        self._check_guidance()
         self._check_checkpoint()
 
     def _check_time_left(self) -> None:
@@ -227,7 +266,21 @@ class DiffusionCLI(LightningCLI):
         self._check_time_left()
 
     before_validate = before_test = _before_run
-    before_predict = _check_checkpoint
+
+    def before_predict(self) -> None:
+        self._check_guidance()
+        self._check_checkpoint()
+
+    def before_instantiate_classes(self) -> None:
+        # Sampling random weights writes plausible-looking files and a success message: only on request. Checked
+        # on the parsed options, before the model or the trainer is built.
+        options = self.config.get(self.subcommand) if self.subcommand == "predict" else None
+        if options is not None and not options.get("ckpt_path") and not options.get("allow_untrained"):
+            raise ConfigError(
+                "predict needs trained weights: pass --ckpt_path CKPT (a checkpoint file) or --ckpt_path last (the "
+                "newest last.ckpt of --run_name under --trainer.default_root_dir), or --allow_untrained true to "
+                "sample the untrained network"
+            )
 
     def instantiate_trainer(self, **kwargs):
         config = self._option("trainer", default={})
@@ -267,7 +320,11 @@ class DiffusionCLI(LightningCLI):
         exit_after_signals(2 if self.subcommand in ("fit", None) else 1)
         if self.subcommand == "predict":
             output_dir = self._option("output_dir") or os.path.join(root, "predictions", time.strftime("%Y%m%d-%H%M%S"))
-            trainer.callbacks.append(PNGWriter(Path(output_dir), overwrite=self._option("overwrite")))
+            grid_path = self._option("grid_path")
+            columns = grid_columns(self.model) if grid_path else None
+            trainer.callbacks.append(
+                PNGWriter(Path(output_dir), self._option("overwrite"), grid_path=grid_path, grid_columns=columns)
+            )
         return trainer
 
 

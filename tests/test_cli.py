@@ -275,8 +275,11 @@ def _fake_data(tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("subcommand", ["fit", "predict"])
 def test_a_bad_sampler_option_is_one_line(subcommand: str, tmp_path: Path) -> None:
+    # predict: --allow_untrained true, so that the option, not the missing checkpoint, is what fails.
+    where = ["--output_dir", str(tmp_path / "x"), "--allow_untrained", "true"]
+    where = where if subcommand == "predict" else ["--run_name", str(tmp_path / "x")]
     result = subprocess.run([sys.executable, "-m", "src.main", subcommand, "--config", CONFIG, "--model.eta", "7",
-                             "--output_dir" if subcommand == "predict" else "--run_name", str(tmp_path / "x")],
+                             *where],
                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).strip().splitlines()

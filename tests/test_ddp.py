@@ -125,12 +125,15 @@ def test_two_process_predict_writes_each_sample_once_as_one_process_does(ddp_fit
         "ddp": [*DDP, "--data.predict_batch_size", "2"],
         "one": ["--data.predict_batch_size", "5"],
     }.items():
-        code, output = run([*common, *extra, "--output_dir", str(tmp_path / name)], timeout=300)
+        code, output = run([*common, *extra, "--output_dir", str(tmp_path / name), "--grid_path",
+                            str(tmp_path / f"{name}.png")], timeout=300)  # fmt: skip
         assert code == 0, output[-3000:]
         outputs[name] = {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / name).iterdir()}
     assert sorted(outputs["ddp"]) == [f"{i}.png" for i in range(5)]
     assert len(set(outputs["ddp"].values())) == 5  # distinct samples
     assert outputs["ddp"] == outputs["one"]  # byte for byte, whatever the processes and batch size
+    # One grid of all 5 samples (each process wrote its share; rank 0 tiles them), the same as one process's.
+    assert (tmp_path / "ddp.png").read_bytes() == (tmp_path / "one.png").read_bytes()
 
 
 @pytest.mark.slow

@@ -95,7 +95,7 @@ def test_missing_data_set_is_one_line_and_touches_nothing(tmp_path: Path) -> Non
 )
 def test_impossible_sampler_setting(args: list[str], message: str) -> None:
     with pytest.raises(ValueError, match=message):
-        cli_main(["predict", "--config", CONFIG, *args])
+        cli_main(["predict", "--config", CONFIG, "--allow_untrained", "true", *args])
 
 
 # ---------------------------------------------------------------------------------------------- checkpoints

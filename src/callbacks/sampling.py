@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 
-from src.images import make_grid, save_png, to_uint8
+from src.images import make_grid, read_png, save_png, to_uint8
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -57,7 +57,7 @@ class SampleGrid(Callback):
         overrides = {"steps": self.sampling_steps} if self.sampling_steps else {}
         # Fixed noise (sample i's own seeded generator): the grid at step N depends only on the weights.
         images = pl_module.model.sample_indices(torch.arange(self.num_samples), seed=self.seed, **overrides)
-        grid = make_grid(to_uint8(images))
+        grid = make_grid(to_uint8(images), nrow=grid_columns(pl_module))
         self.last_path = save_png(grid, folder / f"step_{step:07d}.png")
         rank_zero_info(f"Saved sample grid {self.last_path} ({time.perf_counter() - start:.1f}s)")
         for logger in trainer.loggers:
@@ -71,6 +71,14 @@ class SampleGrid(Callback):
         self._make_grid(trainer, pl_module)
 
 
+def grid_columns(pl_module: L.LightningModule) -> int | None:
+    """Columns of a sample grid: one per label for a class-conditional model (labels cycle with the sample index,
+    so each column shows one class: 10 for the built-in data sets); None (a near-square grid) otherwise."""
+    label_choices = getattr(getattr(pl_module, "model", None), "label_choices", None)
+    choices = label_choices() if callable(label_choices) else None
+    return len(choices) if choices else None
+
+
 def _log_image(logger, key: str, grid: torch.Tensor, step: int) -> None:
     """Log a uint8 (C, H, W) grid to whichever logger it is (TensorBoard, wandb); others keep the PNG only."""
     experiment = getattr(logger, "experiment", None)
@@ -82,17 +90,27 @@ def _log_image(logger, key: str, grid: torch.Tensor, step: int) -> None:
 
 class PNGWriter(BasePredictionWriter):
     """Writes every predicted image as `<output_dir>/<index>.png` (`<label>_<index>.png` when the batch
-    carries labels), one file per sample, each written atomically.
+    carries labels), one file per sample, each written atomically; with `grid_path`, also one PNG grid of all of
+    them in index order, `grid_columns` per row (None: near-square).
 
-    Refuses to write into a folder that already holds files unless `overwrite` is set, so earlier samples
-    are never silently replaced.
+    Refuses to write into a folder that already holds files, or over an existing grid file, unless `overwrite` is
+    set, so earlier samples are never silently replaced.
     """
 
-    def __init__(self, output_dir: str | os.PathLike, overwrite: bool = False) -> None:
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        overwrite: bool = False,
+        grid_path: str | os.PathLike | None = None,
+        grid_columns: int | None = None,
+    ) -> None:
         super().__init__(write_interval="batch")
         self.output_dir = Path(output_dir)
         self.overwrite = overwrite
+        self.grid_path = Path(grid_path) if grid_path else None
+        self.grid_columns = grid_columns
         self.num_written = 0
+        self._labels: dict[int, int] = {}  # index -> label (-1: none) of the files this process wrote
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "predict":
@@ -102,7 +120,14 @@ class PNGWriter(BasePredictionWriter):
                 f"--output_dir {self.output_dir} already holds files; choose an empty or new "
                 "folder, or pass --overwrite true to replace them"
             )
+        if self.grid_path is not None and self.grid_path.exists() and not self.overwrite:
+            raise FileExistsError(
+                f"--grid_path {self.grid_path} already exists; choose another file, or pass --overwrite true to "
+                "replace it"
+            )
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.num_written = 0
+        self._labels = {}
 
     def write_on_batch_end(
         self, trainer, pl_module, prediction, batch_indices, batch, batch_idx, dataloader_idx
@@ -110,12 +135,37 @@ class PNGWriter(BasePredictionWriter):
         images = to_uint8(prediction["images"]).cpu()
         labels = prediction.get("labels")
         for k, index in enumerate(prediction["index"].tolist()):
-            name = f"{int(labels[k])}_{index}.png" if labels is not None else f"{index}.png"
-            save_png(images[k], self.output_dir / name)
+            save_png(images[k], self.output_dir / self._name(index, int(labels[k]) if labels is not None else -1))
+            self._labels[index] = int(labels[k]) if labels is not None else -1
             self.num_written += 1
+
+    @staticmethod
+    def _name(index: int, label: int) -> str:
+        return f"{label}_{index}.png" if label >= 0 else f"{index}.png"
 
     def on_predict_end(self, trainer, pl_module) -> None:
         rank_zero_info(
             f"Wrote {self.num_written} PNG files to {self.output_dir}"
             + (f" (rank 0; {trainer.world_size} processes)" if trainer.world_size > 1 else "")
         )
+        if self.grid_path is not None:
+            self._write_grid(trainer, pl_module)
+
+    def _write_grid(self, trainer, pl_module) -> None:
+        """One grid of every sample of this run, read back from the files (under DDP each process wrote its own
+        share): every process contributes the labels of its indices, then rank 0 alone reads and tiles."""
+        strategy = trainer.strategy
+        # A collective on every rank (a barrier too: no process reads before all have written): which index holds
+        # which label, as the maximum over ranks of -2 (not written here), -1 (no label) or the label.
+        last = torch.tensor(max(self._labels, default=-1), device=pl_module.device)
+        size = int(strategy.reduce(last, reduce_op="max")) + 1
+        labels = torch.full((size,), -2, dtype=torch.int64)
+        for index, label in self._labels.items():
+            labels[index] = label
+        labels = strategy.reduce(labels.to(pl_module.device), reduce_op="max").cpu().tolist()
+        if trainer.is_global_zero:
+            images = [read_png(self.output_dir / self._name(i, label)) for i, label in enumerate(labels) if label > -2]
+            if images:
+                save_png(make_grid(torch.stack(images), nrow=self.grid_columns), self.grid_path)
+                rank_zero_info(f"Wrote a grid of {len(images)} samples to {self.grid_path}")
+        strategy.barrier("grid")  # the grid exists when predict returns, on every rank

@@ -179,16 +179,24 @@ class DiffusionModel(nn.Module):
                 self._classifier["model"] = model.to(self.device)
         return self._classifier["model"]
 
-    def labels_for(self, indices: Tensor) -> Tensor | None:
-        """The class label of each sample index: `sample_labels[i % len]`, or i % num_classes; None when neither
-        the net is conditional nor classifier guidance is on. Like the noise, it depends only on the index."""
+    def label_choices(self) -> list[int] | None:
+        """The labels samples take in turn (sample i gets `choices[i % len(choices)]`): `sample_labels`, or every
+        class; None when neither the net is conditional nor classifier guidance is on. A grid with one column per
+        choice shows one label per column."""
         if self.conditional:
             num_classes = self.net.num_classes
         elif self.classifier_scale != 0.0:
             num_classes = self.guidance_classifier().num_classes
         else:
             return None
-        choices = self.sample_labels or list(range(num_classes))
+        return list(self.sample_labels or range(num_classes))
+
+    def labels_for(self, indices: Tensor) -> Tensor | None:
+        """The class label of each sample index: `sample_labels[i % len]`, or i % num_classes; None when neither
+        the net is conditional nor classifier guidance is on. Like the noise, it depends only on the index."""
+        choices = self.label_choices()
+        if choices is None:
+            return None
         return torch.as_tensor(choices, dtype=torch.int64)[indices.cpu().long() % len(choices)].to(self.device)
 
     def eps_model(self, labels: Tensor | None = None, guidance_scale: float | None = None, keep_variance: bool = False):
