@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from src.metrics.scores import precision_recall
 
@@ -37,3 +38,13 @@ def test_extremes() -> None:
     # A generator that covers only part of the data: high precision, low recall.
     precision, recall = precision_recall(real, real[real[:, 0] > 0.5])
     assert precision == 1.0 and recall < 0.6
+
+
+def test_knn_radii_equal_the_sorted_distances_with_ties() -> None:
+    from src.metrics.scores import knn_radii
+
+    rng = np.random.default_rng(1)
+    # Integer points on a small grid: many equal distances, and duplicated points (distance 0 to a neighbour).
+    x = rng.integers(0, 3, size=(40, 2)).astype(np.float64)
+    expected = np.sort(np.linalg.norm(x[:, None] - x[None], axis=-1), axis=1)[:, 3]
+    assert np.array_equal(knn_radii(torch.as_tensor(x), k=3, batch_size=7).numpy(), expected)

@@ -97,8 +97,10 @@ def knn_radii(features: Tensor, k: int = 3, batch_size: int = 1000) -> Tensor:
     """Distance from each feature vector to its k-th nearest neighbour in the same set (itself excluded)."""
     radii = []
     for chunk in features.split(batch_size):
-        # k + 1: the nearest "neighbour" of every point is itself, at distance 0.
-        radii.append(torch.cdist(chunk, features).kthvalue(k + 1, dim=1).values)
+        # k + 1: the nearest "neighbour" of every point is itself, at distance 0. topk's (k + 1)-th value is
+        # kthvalue's exactly, ties included, and 12x faster on the CPU for a 1000 x 60000 block
+        # (benchmarks/knn_radii.py): Fashion-MNIST's 60,000 reference features took 226 s of kthvalue.
+        radii.append(torch.cdist(chunk, features).topk(k + 1, dim=1, largest=False).values[:, -1])
     return torch.cat(radii)
 
 
