@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from pathlib import Path
 
 import torch
 
@@ -28,6 +29,10 @@ class ShapeMismatchError(ConfigError):
 
 class CheckpointError(UserError, RuntimeError):
     """A checkpoint that is corrupt or that does not fit the configured model."""
+
+
+class RunNotFoundError(UserError, FileNotFoundError):
+    """`--ckpt_path last` found no checkpoint of the configured run."""
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -76,6 +81,12 @@ def one_line(message: str) -> str:
     if len(lines) < 2 or key is None:
         return " ".join(lines)
     rest = "\n".join(lines[1:])
+    literal = re.search(r"Expected an? (?:typing\.)?Literal\[(.*)\]\. Got value: (.*)$", rest)
+    if literal:  # a value outside an option's choices: name them, and the closest
+        choices = re.findall(r"'([^']*)'", literal[1])
+        close = difflib.get_close_matches(literal[2], choices, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        return f"--{key[1]} {literal[2]}: choose one of {', '.join(choices)}{hint}"
     given = re.search(r"^Given value: (.*)$", rest, flags=re.MULTILINE) or re.search(r"Got value: (.*)$", rest)
     expected = re.search(r"^Subtypes: \[(.*)\]$", rest, flags=re.MULTILINE) or re.search(r"Expected an? (.*?)\.", rest)
     if given is None or expected is None:
@@ -87,6 +98,43 @@ def one_line(message: str) -> str:
     if value.count("[") > value.count("]") or value.count("{") > value.count("}"):
         hint = " (the shell split the value at a space: quote the whole value, '[3, 7]', or drop the spaces, [3,7])"
     return f"--{key[1]} {value}: expected {types}{hint}"
+
+
+def given_paths(args: list[str]) -> set[str]:
+    """The path-like strings of a command line and of the config files it names (where a user's path comes from)."""
+    import yaml
+
+    values: list[object] = []
+    for i, arg in enumerate(args):
+        name, equals, value = arg.partition("=")
+        values.append(value if arg.startswith("--") and equals else arg)
+        following = args[i + 1] if arg in ("--config", "-c") and i + 1 < len(args) else None
+        config = value if name == "--config" and equals else following
+        if config and os.path.isfile(config):
+            try:
+                values.append(yaml.safe_load(Path(config).read_text()))
+            except yaml.YAMLError:
+                pass
+    found: set[str] = set()
+    while values:
+        value = values.pop()
+        if isinstance(value, dict):
+            values.extend(value.values())
+        elif isinstance(value, list):
+            values.extend(value)
+        elif isinstance(value, str) and ("/" in value or "." in value) and not value.startswith("-"):
+            try:
+                float(value)  # a number such as 0.5 is no path
+            except ValueError:
+                found.add(value)
+    return found
+
+
+def names_a_given_path(error: FileNotFoundError, args: list[str]) -> bool:
+    """Whether a FileNotFoundError is about a path from the command line or a config file (a user's mistake, not a
+    bug): its file name, or its message, contains one of those strings."""
+    text = f"{error.filename or ''} {error}"
+    return any(value in text for value in given_paths(args))
 
 
 def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -31,8 +32,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from src.errors import UserError, names_a_given_path, one_line
 from src.metrics import evaluation
-from src.metrics.features import EXTRACTORS, build_feature_extractor, extractor_id, is_classifier_file
+from src.metrics.features import (
+    EXTRACTORS,
+    InceptionWeightsNotFoundError,
+    build_feature_extractor,
+    extractor_id,
+    is_classifier_file,
+    missing_weights_message,
+)
 from src.metrics.fid import FeatureStatistics, FrechetDistance
 from src.metrics.scores import InceptionScore, KernelInceptionDistance, PrecisionRecall
 
@@ -41,6 +50,8 @@ def load_samples(path: str | Path) -> torch.Tensor:
     """uint8 (N, C, H, W) from a folder of PNG/JPEG files (sorted by name) or a .npz whose first array (or
     `samples`) is uint8 (N, H, W, C) (the DDPM/ADM convention), (N, H, W) or (N, C, H, W)."""
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--samples {path}: no such folder or file")
     if path.is_dir():
         from src.data.folder import convert_image, scan_folder
 
@@ -198,5 +209,23 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return results
 
 
+def run(argv: list[str] | None = None) -> None:
+    """The command line: `main`, with a missing file or weights reported as one line in this command's flags."""
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        main(argv)
+    except (UserError, FileNotFoundError) as error:
+        # DIFFUSION_TRACEBACK=1 shows the traceback, as for `python -m src.main`.
+        if os.environ.get("DIFFUSION_TRACEBACK") or not (
+            isinstance(error, UserError) or names_a_given_path(error, argv)
+        ):
+            raise
+        if isinstance(error, InceptionWeightsNotFoundError):
+            message = missing_weights_message(error.reason, "--weights", "--extractor")
+        else:  # the data set messages name `src.main`'s flag
+            message = str(error).replace("--data.data_dir", "--data_dir")
+        sys.exit(f"error: {one_line(message)}")
+
+
 if __name__ == "__main__":
-    main()
+    run()

@@ -10,8 +10,36 @@ checkpoint, not every model option) and the protected methods of ModelCheckpoint
 
 from __future__ import annotations
 
+import logging
+import warnings
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+# What Lightning prints when a Trainer is made that tells the user nothing: no GPU and no TPU on a CPU machine (a
+# GPU that is there stays announced, with its own warning when unused), and advertisements for cloud products.
+BANNER_PREFIXES = ("GPU available: False", "TPU available: False", "💡 Tip:")
+
+
+class _DropBanner(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(BANNER_PREFIXES)
+
+
+def quiet_lightning_banner() -> None:
+    """Silence Lightning's start-up lines that say nothing (they stood before every one-line error and before every
+    predict's output), keeping its other messages and warnings. Lightning logs them through `rank_zero_info`, i.e.
+    the logger `lightning.pytorch.utilities.rank_zero`, which also carries messages worth keeping (and ours): a
+    filter on the exact prefixes rather than a log level. Idempotent."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _DropBanner) for f in logger.filters):
+        logger.addFilter(_DropBanner())
+    # "LOCAL_RANK: 0 - CUDA_VISIBLE_DEVICES: [0]" on every GPU run, the only INFO message of this logger.
+    logging.getLogger("lightning.pytorch.accelerators.cuda").setLevel(logging.WARNING)
+    # Lightning 2.6's own pytree helper against torch >= 2.10, once per run: nothing a user can change.
+    warnings.filterwarnings(
+        "ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated", category=FutureWarning
+    )
 
 
 def request_stop_after_step(trainer: L.Trainer) -> None:

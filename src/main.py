@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -35,14 +36,17 @@ from src.checkpoint_io import AtomicCheckpointIO
 from src.data import DatasetNotFoundError, ImageDataModule
 from src.errors import (
     ConfigError,
+    RunNotFoundError,
     UserError,
     check_checkpoint,
     check_image_shape,
     did_you_mean,
+    names_a_given_path,
     one_line,
     read_checkpoint,
 )
-from src.loggers import auto_logger
+from src.lightning_compat import quiet_lightning_banner
+from src.loggers import Backend, DiscardUnusedLogFolder, auto_logger
 from src.module import DiffusionModule
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
 
@@ -51,6 +55,8 @@ from src.signals import exit_after_signals, exit_on_second_signal, register_chil
 # bad option's one-line error.
 logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
+# Lightning's "GPU available: False", "TPU available: False" and product tips, which stood before every one-line error.
+quiet_lightning_banner()
 
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
 # Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
@@ -96,15 +102,42 @@ def _option_names(parser) -> list[str]:
     return names
 
 
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def config_of_run(run_name: str) -> str | None:
+    """The shipped config (configs/*.yaml) whose `run_name` is `run_name`, if any."""
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        if re.search(rf"^run_name:\s*['\"]?{re.escape(run_name)}['\"]?\s*(#.*)?$", path.read_text(), re.MULTILINE):
+            return f"configs/{path.name}"
+    return None
+
+
 def latest_checkpoint(root: str, run_name: str) -> Path:
-    """The newest `<root>/<run_name>/<version>/checkpoints/last.ckpt`, for `--ckpt_path last`."""
+    """The newest `<root>/<run_name>/<version>/checkpoints/last.ckpt`, for `--ckpt_path last`; a RunNotFoundError
+    (one line, naming the runs under `root` that have one and their configs) when there is none."""
     candidates = sorted(Path(root, run_name).glob("*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-    if not candidates:
-        raise FileNotFoundError(
-            f"--ckpt_path last: no last.ckpt under {Path(root, run_name)}/*/checkpoints; train first "
-            "(same --run_name and --trainer.default_root_dir) or pass the checkpoint's path"
+    if candidates:
+        return candidates[-1]
+    message = f"--ckpt_path last: no last.ckpt under {Path(root, run_name)}/*/checkpoints (--run_name {run_name})"
+    others = sorted({p.parents[2].name for p in Path(root).glob("*/*/checkpoints/last.ckpt")})
+    if others:
+        # The usual cause: the config of another run than the one trained (`make train` trains
+        # configs/fashion_mnist_cond.yaml, whose run is fashion_mnist_cond).
+        runs = []
+        for name in others:
+            config = config_of_run(name)
+            runs.append(f"{name} (--config {config})" if config else f"{name} (--run_name {name})")
+        message += (
+            f"; {root} holds the checkpoints of: {', '.join(runs)}. Pass the run's --config or --run_name, "
+            "or the checkpoint's path as --ckpt_path"
         )
-    return candidates[-1]
+    else:
+        message += (
+            f"; {root} holds no run with a checkpoint. Train first, or point --trainer.default_root_dir at the "
+            "folder holding the runs, or pass the checkpoint's path as --ckpt_path"
+        )
+    raise RunNotFoundError(message)
 
 
 def fit_callbacks(configured: list, max_nonfinite_skips: int, has_logger: bool) -> list:
@@ -165,10 +198,9 @@ class DiffusionCLI(LightningCLI):
         )
         parser.add_argument(
             "--logger_backend",
-            type=str,
+            type=Backend,
             default="auto",
-            help="auto | wandb | wandb_offline | tensorboard | csv; used when --trainer.logger "
-            "is not set (auto: wandb if logged in, else TensorBoard; never prompts)",
+            help="used when --trainer.logger is not set (auto: wandb if logged in, else TensorBoard; never prompts)",
         )
         parser.add_argument("--run_name", type=str, default="ddpm", help="name of the run's log folder")
         parser.add_argument(
@@ -240,7 +272,11 @@ class DiffusionCLI(LightningCLI):
             )
 
     def _before_run(self) -> None:
-        # Before any data is loaded or a step runs: a network that cannot take the images fails at once, in one line.
+        # Before any data is loaded or a step runs: a network that cannot take the images, a mistyped data folder or
+        # checkpoint fail at once, in one line.
+        check_data_dir = getattr(self.datamodule, "check_data_dir", None)
+        if check_data_dir is not None:
+            check_data_dir()
         self._check_shapes()
         self._check_guidance()
         self._check_checkpoint()
@@ -302,12 +338,15 @@ class DiffusionCLI(LightningCLI):
         if not config.get("plugins"):
             kwargs["plugins"] = [AtomicCheckpointIO()]
         apply_max_time(config, kwargs)
+        configured = list(config.get("callbacks") or [])  # kwargs["callbacks"] replaces the config's list
         if self.subcommand in ("fit", None):  # None: run=False, the caller may still fit
-            configured = list(config.get("callbacks") or [])  # kwargs["callbacks"] replaces the config's list
             max_skips = self._option("max_nonfinite_skips")
             has_logger = kwargs.get("logger", config.get("logger")) not in (None, False)
             kwargs["callbacks"] = configured + fit_callbacks(configured, max_skips, has_logger)
             kwargs["callbacks"] += budget_progress_bar(configured, config.get("enable_progress_bar"))
+        if self.subcommand != "predict" and "logger" in kwargs:
+            # A run that fails before its first step leaves no empty version_N behind (the next run takes its number).
+            kwargs["callbacks"] = kwargs.get("callbacks", configured) + [DiscardUnusedLogFolder(root, run_name)]
         trainer = super().instantiate_trainer(**kwargs)
         if sum(isinstance(callback, FIDCallback) for callback in trainer.callbacks) > 1:
             # LightningCLI always adds the `fid` section's instance; a second one would compute FID twice.
@@ -328,7 +367,27 @@ class DiffusionCLI(LightningCLI):
         return trainer
 
 
+def warn_options_before_config(args: list[str]) -> None:
+    """One line on stderr naming the options given before the first --config: jsonargparse applies the arguments
+    in order, so the config file replaces any of them it sets, without a word."""
+    first = next((i for i, a in enumerate(args) if a in ("--config", "-c") or a.startswith("--config=")), None)
+    if first is None:
+        return
+    early = [a.split("=")[0] for a in args[:first] if a.startswith("--") and a.split("=")[0] not in NOT_OVERRIDDEN]
+    if early:
+        *rest, last = dict.fromkeys(early)
+        names, one = (f"{', '.join(rest)} and {last}" if rest else last), not rest
+        sys.stderr.write(
+            f"warning: {names} come{'s' if one else ''} before --config, which is applied after {'it' if one else 'them'}"
+            " and replaces any value its file sets: put options after --config\n"
+        )
+
+
+NOT_OVERRIDDEN = ("--help", "--print_config")  # actions, not values a config file could replace
+
+
 def cli_main(args: list[str] | None = None, run: bool = True, model_class: type = DiffusionModule) -> DiffusionCLI:
+    warn_options_before_config(sys.argv[1:] if args is None else list(args))
     return DiffusionCLI(
         model_class,
         ImageDataModule,
@@ -345,11 +404,13 @@ def run(model_class: type = DiffusionModule) -> None:
     exit_on_second_signal()
     try:
         cli_main(model_class=model_class)
-    except (UserError, DatasetNotFoundError, FileExistsError) as error:
-        # Bad input, not a bug: one line instead of a traceback (DIFFUSION_TRACEBACK=1 shows it).
-        if os.environ.get("DIFFUSION_TRACEBACK"):
+    except (UserError, DatasetNotFoundError, FileExistsError, FileNotFoundError) as error:
+        # Bad input, not a bug: one line instead of a traceback (DIFFUSION_TRACEBACK=1 shows it). A missing file
+        # counts when the command line or a config file named it.
+        user_error = not isinstance(error, FileNotFoundError) or isinstance(error, UserError)
+        if os.environ.get("DIFFUSION_TRACEBACK") or not (user_error or names_a_given_path(error, sys.argv[1:])):
             raise
-        sys.exit(f"error: {error}")
+        sys.exit(f"error: {one_line(str(error))}")
 
 
 if __name__ == "__main__":

@@ -215,6 +215,11 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ checkpoints (RNG states: src/callbacks/rng_state.py)
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["state_dict"] = upgrade_state_dict(checkpoint["state_dict"])
+        if self._trainer is not None and self._trainer.state.fn != "fit":
+            # validate, test and predict use the network only; the callbacks' states (time budget spent, RNG streams,
+            # checkpoint bookkeeping) concern continuing the training, and Lightning would warn that the training
+            # callbacks are missing and that the checkpoint folder changed.
+            checkpoint.pop("callbacks", None)
 
     # ------------------------------------------------------------------ optimization
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:

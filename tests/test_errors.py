@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -232,3 +235,193 @@ def test_the_readme_sample_labels_flag_parses(capsys) -> None:
             cli_main(["predict", "--config", cond, *shlex.split(flag), "--print_config"])
         assert exit_info.value.code in (0, None), capsys.readouterr().err
         assert "  sample_labels:\n  - 3\n  - 7\n" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------------- issue 22: one line each
+def run_main(monkeypatch: pytest.MonkeyPatch, *args: str, module: str = "src.main") -> str:
+    """`python -m <module> ARGS` in this process (the same `run()` the module's __main__ calls): the one-line error
+    it exits with. A traceback would be an exception other than SystemExit, failing the test."""
+    import importlib
+
+    monkeypatch.setattr(sys, "argv", [module, *args])
+    with pytest.raises(SystemExit) as exit_info:
+        importlib.import_module(module).run()
+    message = str(exit_info.value.code)
+    assert message.startswith("error: ") and "\n" not in message and "Traceback" not in message, message
+    return message
+
+
+TINY_FIT = ["--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
+            "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+            "--trainer.enable_model_summary", "false"]  # fmt: skip
+
+
+def test_a_missing_data_dir_is_one_line_never_the_system_copy(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A given --data.data_dir is the only place looked in: it used to fall back to /usr/share/datasets/fashion-mnist
+    # and train, with config.yaml recording the missing folder.
+    runs = tmp_path / "runs"
+    message = run_main(monkeypatch, "fit", "--config", CONFIG, *TINY_FIT, "--data.data_dir", str(tmp_path / "absent"),
+                       "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert message.startswith(f"error: --data.data_dir {tmp_path / 'absent'}: no such folder")
+    assert "--data.download true" in message and "leave --data.data_dir unset" in message
+    assert not runs.exists()
+    # A folder that exists but lacks the files: named as the only place looked in; the run leaves no version folder
+    # (the logger had made it before the data set was read) and keeps an earlier run's folder as it was.
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    earlier = runs / "fashion_mnist" / "version_0"
+    earlier.mkdir(parents=True)
+    (earlier / "notes.txt").write_text("mine")
+    message = run_main(monkeypatch, "fit", "--config", CONFIG, *TINY_FIT, "--data.data_dir", str(empty),
+                       "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert f"looked in {empty / 'FashionMNIST' / 'raw'} and {empty}." in message
+    assert [p.name for p in (runs / "fashion_mnist").iterdir()] == ["version_0"]
+    assert files_under(runs) == {"fashion_mnist/version_0/notes.txt": b"mine"}
+
+
+@pytest.mark.parametrize("backend", ["tensorboard", "csv"])
+def test_a_run_failing_before_its_first_step_leaves_no_version_folder(
+    backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Fails in the data module's setup, after Lightning created the logger's folder (README paths name version_0).
+    runs = tmp_path / "runs"
+    data = tmp_path / "data" / "FashionMNIST" / "raw"
+    data.mkdir(parents=True)
+    run_main(monkeypatch, "fit", "--config", CONFIG, *TINY_FIT, "--data.data_dir", str(tmp_path / "data"),
+             "--logger_backend", backend, "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert not runs.exists(), sorted(runs.rglob("*"))
+
+
+def test_ckpt_path_last_without_a_run_names_the_runs_that_have_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The README's examples use configs/fashion_mnist.yaml, `make train` trains fashion_mnist_cond.yaml.
+    runs = tmp_path / "runs"
+    for name in ("fashion_mnist_cond", "mine"):
+        (runs / name / "version_0" / "checkpoints").mkdir(parents=True)
+        (runs / name / "version_0" / "checkpoints" / "last.ckpt").write_bytes(b"")
+    message = run_main(monkeypatch, "fit", "--config", CONFIG, "--ckpt_path", "last",
+                       "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert f"no last.ckpt under {runs / 'fashion_mnist'}/*/checkpoints (--run_name fashion_mnist)" in message
+    assert "fashion_mnist_cond (--config configs/fashion_mnist_cond.yaml), mine (--run_name mine)" in message
+    assert not (runs / "fashion_mnist").exists()
+    message = run_main(monkeypatch, "predict", "--config", CONFIG, "--ckpt_path", "last",
+                       "--trainer.default_root_dir", str(tmp_path / "nothing"))  # fmt: skip
+    assert "holds no run with a checkpoint" in message and "--trainer.default_root_dir" in message
+
+
+def test_a_misspelled_logger_backend_is_one_line_with_the_choices(capsys) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli_main(["fit", "--config", CONFIG, "--logger_backend", "tensorbord"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[0] == (
+        "error: --logger_backend tensorbord: choose one of auto, wandb, wandb_offline, tensorboard, csv "
+        "(did you mean tensorboard?)"
+    ), err
+
+
+def test_evaluate_without_inception_weights_names_its_own_flags(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("DDIM_FID_WEIGHTS", raising=False)
+    message = run_main(monkeypatch, "--samples", str(tmp_path), "--ref", "fashion_mnist",
+                       "--weights", str(tmp_path / "nope.pth"), module="src.evaluate")  # fmt: skip
+    assert "InceptionV3 weights" in message and "pass --weights FILE" in message
+    assert "use --extractor standin" in message and "--fid." not in message
+
+
+def test_a_failed_download_is_one_line_naming_where_the_files_go(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torchvision.datasets
+
+    def offline(self) -> None:  # torchvision's own message: one line per mirror tried
+        raise RuntimeError(
+            "Error downloading train-images-idx3-ubyte.gz:\nTried https://ossci-datasets.s3.amazonaws.com/mnist/, "
+            "got:\n<urlopen error [Errno -2] Name or service not known>\n"
+        )
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    message = run_main(monkeypatch, "fit", "--config", CONFIG, *TINY_FIT, "--data.dataset", "mnist",
+                       "--data.download", "true", "--data.data_dir", str(data),
+                       "--trainer.default_root_dir", str(runs))  # fmt: skip
+    assert message.startswith("error: --data.download true: downloading MNIST failed (<urlopen error [Errno -2]")
+    assert f"in {data / 'MNIST' / 'raw'}" in message and "drop --data.download" in message
+    assert not runs.exists()
+
+
+def test_a_missing_file_the_user_named_is_one_line_and_other_ones_are_bugs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import src.main
+    from src.errors import names_a_given_path
+
+    config = tmp_path / "mine.yaml"
+    config.write_text("model:\n  classifier_path: clf/missing.pt\n")
+    args = ["fit", "--config", str(config), "--fid.extractor", "other/missing.pt"]
+    assert names_a_given_path(FileNotFoundError(2, "No such file or directory", "clf/missing.pt"), args)
+    assert names_a_given_path(FileNotFoundError("feature classifier other/missing.pt does not exist"), args)
+    assert not names_a_given_path(FileNotFoundError(2, "No such file or directory", "/opt/internal.json"), args)
+
+    def fails(error: Exception):
+        def cli_main(**kwargs):
+            raise error
+
+        return cli_main
+
+    monkeypatch.setattr(src.main, "cli_main", fails(FileNotFoundError(2, "No such file or directory", "x/y.pt")))
+    assert run_main(monkeypatch, "fit", "--model.classifier_path", "x/y.pt").endswith("'x/y.pt'")
+    monkeypatch.setattr(src.main, "cli_main", fails(FileNotFoundError(2, "No such file or directory", "/opt/z.json")))
+    monkeypatch.setattr(sys, "argv", ["src.main", "fit"])
+    with pytest.raises(FileNotFoundError):  # not from the user: the traceback stays
+        src.main.run()
+
+
+def test_options_before_config_are_named_in_a_warning(capsys) -> None:
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--trainer.max_steps", "3", "--run_name=x", "--config", CONFIG, "--print_config"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        "warning: --trainer.max_steps and --run_name come before --config, which is applied after them and replaces "
+        "any value its file sets: put options after --config"
+    ], err
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--config", CONFIG, "--trainer.max_steps", "3", "--print_config"])
+    assert "warning" not in capsys.readouterr().err
+
+
+def test_no_lightning_banner_before_a_one_line_error(tmp_path: Path) -> None:
+    # Through a real process: Lightning's "GPU available: False", "TPU available: ..." and its product tips stood
+    # before every error and every predict.
+    result = subprocess.run(
+        [sys.executable, "-m", "src.main", "predict", "--config", "configs/fashion_mnist_cond.yaml",
+         "--ckpt_path", str(tmp_path / "nonexistent.ckpt"), "--trainer.default_root_dir", str(tmp_path)],
+        cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert (result.stdout + result.stderr).strip().splitlines() == [
+        f"error: --ckpt_path {tmp_path / 'nonexistent.ckpt'}: no such file"
+    ], result.stdout + result.stderr
+
+
+def test_predict_from_a_checkpoint_warns_of_nothing(tmp_path: Path) -> None:
+    # Lightning warned that the training callbacks (NonFiniteGuard, RNGStateCallback) were missing and that the
+    # checkpoint folder had changed: both about resuming training, which predict does not do.
+    import warnings
+
+    from test_faults import write_fake_fashion_mnist
+
+    data, runs = write_fake_fashion_mnist(tmp_path / "data", n_train=16, n_test=4), tmp_path / "runs"
+    common = ["--config", CONFIG, *TINY_FIT, "--data.data_dir", str(data), "--data.val_size", "0",
+              "--data.batch_size", "4", "--model.sampling_steps", "2", "--logger_backend", "csv",
+              "--trainer.default_root_dir", str(runs)]  # fmt: skip
+    cli_main(["fit", *common, "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",'
+              ' "init_args": {"save_last": true}}]'])  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:  # the filters in force, as in `python -m src.main`
+        cli_main(["predict", *common, "--ckpt_path", "last", "--data.num_samples", "2", "--output_dir",
+                  str(tmp_path / "pngs")])  # fmt: skip
+    messages = [str(w.message) for w in caught]
+    assert not [m for m in messages if "callbacks used to create the checkpoint" in m or "dirpath has changed" in m]
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 2

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from src.lightning_compat import (
     epoch_finished,
     last_saved_step,
+    quiet_lightning_banner,
     request_stop_after_step,
     reset_epoch_counters,
     save_last_checkpoint,
@@ -86,3 +87,24 @@ def test_the_cli_still_has_the_step_src_main_overrides() -> None:
     # DiffusionCLI._parse_ckpt_path replaces LightningCLI's, which must still exist and still be called.
     assert callable(getattr(LightningCLI, "_parse_ckpt_path", None))
     assert "self._parse_ckpt_path()" in inspect.getsource(LightningCLI)
+
+
+def test_quiet_lightning_banner_drops_the_banner_and_keeps_the_rest(tmp_path: Path, caplog, recwarn) -> None:
+    """The messages `quiet_lightning_banner` drops are still where and as Lightning emits them (a Trainer's start
+    and its pytree helper), and Lightning's other messages pass. (pytest resets warning filters set at import.)"""
+    import logging
+    import warnings
+
+    from lightning.pytorch.utilities._pytree import _tree_flatten
+
+    quiet_lightning_banner()
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+        L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=True, enable_checkpointing=True)
+        from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+        rank_zero_info("Restoring states from the checkpoint path at x.ckpt")
+    logged = [record.getMessage() for record in caplog.records]
+    assert logged == ["Restoring states from the checkpoint path at x.ckpt"], logged
+    with warnings.catch_warnings(record=True) as caught:
+        _tree_flatten({"a": 1})  # Lightning 2.6 with torch >= 2.10 warned here on every run
+    assert not [w for w in caught if "LeafSpec" in str(w.message)]

@@ -19,13 +19,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.errors import ConfigError
+from src.errors import ConfigError, UserError
 
 __all__ = [
     "DATASETS",
     "DEFAULT_DATA_DIR",
     "DatasetInfo",
     "DatasetNotFoundError",
+    "check_data_dir",
     "dataset_info",
     "download_dataset",
     "load_dataset",
@@ -37,7 +38,7 @@ DEFAULT_DATA_DIR = "data"
 Split = Literal["train", "test"]
 
 
-class DatasetNotFoundError(FileNotFoundError):
+class DatasetNotFoundError(UserError, FileNotFoundError):
     """A data set's files are not where we looked; the message (one line) says how to get them."""
 
 
@@ -148,9 +149,10 @@ def _root(data_dir: str | os.PathLike | None) -> Path:
 def _candidate_dirs(info: DatasetInfo, data_dir: str | os.PathLike | None) -> list[Path]:
     root = _root(data_dir)
     user = [root / info.folder, root]
-    system = [Path(d) for d in info.system_dirs]
-    # An explicit data_dir wins; otherwise prefer what the system package installed.
-    return user + system if data_dir is not None else system + user
+    # An explicit data_dir is the only place looked in: falling back to the system package's copy would train on
+    # other data than the one asked for, and record the wrong folder in config.yaml. Without one, the system
+    # package's copy comes first, then ./data.
+    return user if data_dir is not None else [Path(d) for d in info.system_dirs] + user
 
 
 def _find_file(directory: Path, name: str, info: DatasetInfo) -> Path | None:
@@ -159,30 +161,56 @@ def _find_file(directory: Path, name: str, info: DatasetInfo) -> Path | None:
     return next((p for p in candidates if p.is_file()), None)
 
 
+def _how_to_place(info: DatasetInfo, root: Path) -> str:
+    """Which files to fetch by hand and where to put them below `root` (the data_dir)."""
+    if info.name == "cifar10":
+        return (
+            f"download {info.archive_url} and extract it in {root} (which makes {root / info.folder}"
+            " with data_batch_1 ... data_batch_5, test_batch and batches.meta)"
+        )
+    names = [f"{n}.gz" for split in ("train", "test") for n in info.files[split]]
+    return (
+        f"put {', '.join(names[:-1])} and {names[-1]} (gzipped or not; from {info.archive_url}) in"
+        f" {root / info.folder} (or point --data.data_dir at them)"
+    )
+
+
 def _not_found_message(info: DatasetInfo, dirs: list[Path], data_dir: str | os.PathLike | None, partial: str) -> str:
     looked = ", ".join(map(str, dirs[:-1])) + f" and {dirs[-1]}" if len(dirs) > 1 else str(dirs[0])
     root = _root(data_dir)
     msg = f"{info.title} not found: looked in {looked}{partial}."
-    msg += f" Install it with 'apt-get install -y {info.apt_package}', or" if info.apt_package else " To get it,"
-    if info.name == "cifar10":
-        msg += (
-            f" download {info.archive_url} and extract it in {root} (which makes {root / info.folder}"
-            " with data_batch_1 ... data_batch_5, test_batch and batches.meta),"
-        )
+    if info.apt_package and data_dir is None:
+        msg += f" Install it with 'apt-get install -y {info.apt_package}', or"
     else:
-        names = [f"{n}.gz" for split in ("train", "test") for n in info.files[split]]
-        msg += (
-            f" put {', '.join(names[:-1])} and {names[-1]} (gzipped or not; from {info.archive_url}) in"
-            f" {root / info.folder} (or point --data.data_dir at them),"
-        )
-    return msg + " or pass --data.download true where there is a network."
+        msg += " To get it,"
+    msg += f" {_how_to_place(info, root)},"
+    msg += " or pass --data.download true where there is a network"
+    if info.system_dirs and data_dir is not None:
+        system = " or ".join(info.system_dirs)
+        install = f" ('apt-get install -y {info.apt_package}')" if info.apt_package else ""
+        msg += f", or leave --data.data_dir unset to read the system copy in {system}{install}"
+    return msg + "."
+
+
+def check_data_dir(name: str, data_dir: str | os.PathLike | None) -> None:
+    """Raise `DatasetNotFoundError` (one line) when an explicit ``data_dir`` for data set ``name`` does not exist:
+    it is the only place looked in (see `_candidate_dirs`), so the mistake is named before anything runs."""
+    if data_dir is None or Path(data_dir).expanduser().is_dir():
+        return
+    info = dataset_info(name)
+    msg = f"--data.data_dir {data_dir}: no such folder. Fix the path, or {_how_to_place(info, _root(data_dir))}"
+    msg += ", or add --data.download true to download it there"
+    if info.system_dirs:
+        msg += f", or leave --data.data_dir unset to read the system copy in {' or '.join(info.system_dirs)}"
+    raise DatasetNotFoundError(msg)
 
 
 def find_dataset_files(name: str, split: Split, data_dir: str | os.PathLike | None = None) -> list[Path]:
     """Paths of the files that make up ``split`` of data set ``name`` (idx: images then labels).
 
-    Looks in ``<data_dir>/<torchvision folder>``, in ``data_dir`` itself and, for Fashion-MNIST, in the Debian
-    package's folder. Raises `DatasetNotFoundError` with a one-line how-to when no folder has them all.
+    Looks in ``<data_dir>/<torchvision folder>`` and in ``data_dir`` itself; without a ``data_dir``, first in the
+    Debian package's folder (Fashion-MNIST), then in ``./data``. Raises `DatasetNotFoundError` with a one-line
+    how-to when no folder has them all.
     """
     info = dataset_info(name)
     if split not in info.files:
@@ -275,6 +303,14 @@ def download_dataset(name: str, data_dir: str | os.PathLike | None = None) -> Pa
         pass
     root = _root(data_dir)
     root.mkdir(parents=True, exist_ok=True)
-    for train in (True, False):
-        getattr(tvd, info.torchvision_class)(str(root), train=train, download=True)
+    try:
+        for train in (True, False):
+            getattr(tvd, info.torchvision_class)(str(root), train=train, download=True)
+    except (OSError, RuntimeError) as error:  # no network (URLError), a mirror down, a checksum mismatch
+        # torchvision's message lists every mirror it tried over several lines; the last line is the reason.
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise DatasetNotFoundError(
+            f"--data.download true: downloading {info.title} failed ({lines[-1] if lines else type(error).__name__});"
+            f" to install it by hand, {_how_to_place(info, root)} and drop --data.download"
+        ) from error
     return root / info.folder

@@ -11,7 +11,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from src.data.builtin import DatasetInfo, Split, dataset_info, download_dataset, load_dataset
+from src.data.builtin import DatasetInfo, Split, check_data_dir, dataset_info, download_dataset, load_dataset
 from src.data.datasets import InMemoryImageDataset, SampleIndexDataset, passthrough_collate, to_model_range
 from src.data.folder import FolderImages, folder_images, scan_folder
 from src.errors import ConfigError
@@ -33,7 +33,8 @@ class ImageDataModule(L.LightningDataModule):
         data_dir: "folder": the folder of images (read recursively; class subfolders become labels). Built-in
             sets: the folder with the data in torchvision's layout (<data_dir>/FashionMNIST/raw,
             <data_dir>/MNIST/raw, <data_dir>/cifar-10-batches-py) or the raw files directly; downloads go here.
-            None: the Debian package's folder for Fashion-MNIST (/usr/share/datasets/fashion-mnist), and ./data.
+            A given data_dir is the only place looked in (a missing one is an error, never a fallback). None: the
+            Debian package's folder for Fashion-MNIST (/usr/share/datasets/fashion-mnist), then ./data.
         download: download a built-in data set into data_dir when it is missing (needs a network).
         batch_size: the GLOBAL training batch: the images of one training step summed over all processes (the
             batch papers quote). Each of the trainer's world_size processes loads batch_size / world_size, and a
@@ -201,6 +202,12 @@ class ImageDataModule(L.LightningDataModule):
         elif self.download:
             download_dataset(self.dataset, self.data_dir)
 
+    def check_data_dir(self) -> None:
+        """A built-in set's explicit data_dir that does not exist is an error (one line) unless it is to be
+        downloaded into; the command line calls this before fit, validate and test start (predict needs no data)."""
+        if not self.is_folder and not self.download:
+            check_data_dir(self.dataset, self.data_dir)
+
     def _load_folder(self, warn: bool = True) -> FolderImages:
         if self._folder is None:
             size, channels = self._folder_shape()
@@ -251,6 +258,8 @@ class ImageDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         """Load what ``stage`` needs: train/val for fit and validate, test for test, indices for predict."""
+        if stage in ("fit", "validate", "test", None):
+            self.check_data_dir()
         if stage in ("fit", "validate", None):
             self.per_process_batch_size  # noqa: B018 (a global batch the processes cannot split fails here)
             images, labels = self._split("train")

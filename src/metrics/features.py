@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from src.errors import UserError
+
 # torch-fidelity's InceptionV3 weights (the TF 2015-12-05 graph pytorch-fid and the TTUR code use).
 INCEPTION_WEIGHTS_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_WEIGHTS_URL = f"https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/{INCEPTION_WEIGHTS_FILE}"
@@ -25,8 +27,13 @@ WEIGHTS_ENV = "DDIM_FID_WEIGHTS"
 EXTRACTORS = ("inception", "standin")  # or the path of a classifier file (`ClassifierFeatures`)
 
 
-class InceptionWeightsNotFoundError(FileNotFoundError):
-    """The InceptionV3 weights are neither on disk nor downloadable; the message (one line) says what to do."""
+class InceptionWeightsNotFoundError(UserError, FileNotFoundError):
+    """The InceptionV3 weights are neither on disk nor downloadable; the message (one line) says what to do, in the
+    flags of `python -m src.main` (--fid.*); `reason` alone is kept for commands with other flags (src.evaluate)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(missing_weights_message(reason))
+        self.reason = reason
 
 
 def _to_rgb(images: Tensor) -> Tensor:
@@ -49,17 +56,20 @@ def resolve_inception_weights(weights_path: str | os.PathLike | None = None) -> 
     given = weights_path or os.environ.get(WEIGHTS_ENV) or None
     if given:
         if not Path(given).is_file():
-            raise InceptionWeightsNotFoundError(missing_weights_message(f"{given} does not exist"))
+            raise InceptionWeightsNotFoundError(f"{given} does not exist")
         return str(given)
     cached = hub_weights_path()
     return str(cached) if cached.is_file() else None
 
 
-def missing_weights_message(reason: str) -> str:
+def missing_weights_message(
+    reason: str, weights_flag: str = "--fid.weights_path", extractor_flag: str = "--fid.extractor"
+) -> str:
+    """What to do without the Inception weights, naming the command's own flags (defaults: `src.main`'s)."""
     return (
         f"FID needs the InceptionV3 weights {INCEPTION_WEIGHTS_FILE} ({reason}): download {INCEPTION_WEIGHTS_URL} "
-        f"and put it in {hub_weights_path().parent}/, or pass --fid.weights_path FILE (or set {WEIGHTS_ENV}=FILE); "
-        "for an offline smoke test use --fid.extractor standin (logged as fid_standin, NOT an FID)"
+        f"and put it in {hub_weights_path().parent}/, or pass {weights_flag} FILE (or set {WEIGHTS_ENV}=FILE); "
+        f"for an offline smoke test use {extractor_flag} standin (scored as fid_standin, NOT an FID)"
     )
 
 
@@ -84,7 +94,7 @@ class InceptionFeatures(nn.Module):
             raise
         except Exception as error:  # no network, bad file, ...: one actionable line instead of a long trace
             raise InceptionWeightsNotFoundError(
-                missing_weights_message(f"loading {path or 'the download'} failed: {type(error).__name__}: {error}")
+                f"loading {path or 'the download'} failed: {type(error).__name__}: {error}"
             ) from error
         self.net.requires_grad_(False).eval()
 
