@@ -1,5 +1,5 @@
-"""Every shell command and Python snippet of README.md and docs/*.md runs here, so that a renamed flag, config,
-folder or function fails a test instead of a user.
+"""Every shell command and Python snippet of README.md, docs/*.md and notebooks/README.md runs here, so that a
+renamed flag, config, folder or function fails a test instead of a user.
 
 Each command is checked as deeply as is cheap (the whole file takes well under a minute of CPU):
 
@@ -53,7 +53,7 @@ from PIL import Image
 from src.data import DATASETS
 
 REPO = Path(__file__).resolve().parents[1]
-DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]
+DOCUMENTS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), REPO / "notebooks" / "README.md"]
 OPT_OUT = re.compile(r"^# not run: (\S.*)$")
 MAX_OPT_OUTS = 3
 
@@ -149,6 +149,11 @@ PYTHON_DOCUMENTS = sorted({block.document for block in RUN_BLOCKS if block.langu
 
 
 # ------------------------------------------------------------------------------------------------ the sandbox
+# The tiny run saves its checkpoint only (no sample grid: it would take longer than the training).
+CHECKPOINT_ONLY = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+                   "init_args": {"save_last": True, "save_top_k": 0}}  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder that looks like a checkout after `make train` (see the module docstring)."""
@@ -171,8 +176,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "--model.sampling_steps", "3", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                   "--data.batch_size", "8", "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
                   "--trainer.enable_model_summary", "false",
-                  "--trainer.callbacks", json.dumps([{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                                                      "init_args": {"save_last": True, "save_top_k": 0}}])])  # fmt: skip
+                  "--trainer.callbacks", json.dumps([CHECKPOINT_ONLY])])  # fmt: skip
     finally:
         os.chdir(cwd)
     assert (root / PLACEHOLDERS["CKPT"]).is_file()
