@@ -78,7 +78,7 @@ needs_fashion_mnist = pytest.mark.skipif(
     not any(Path(d).is_dir() for d in DATASETS["fashion_mnist"].system_dirs),
     reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)",
 )
-pytestmark = [needs_fashion_mnist, pytest.mark.usefixtures("one_thread")]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ------------------------------------------------------------------------------------------------ the documents
@@ -342,10 +342,13 @@ def test_opt_outs_stay_few() -> None:
     assert len(opted) <= MAX_OPT_OUTS, f"more code blocks that no test runs than {MAX_OPT_OUTS}: {opted}"
 
 
+@needs_fashion_mnist  # the sandbox trains a tiny model on it
 @pytest.mark.parametrize("command", SHELL_CASES)
 def test_shell_command(command: str, sandbox: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     monkeypatch.chdir(sandbox)
     words = [PLACEHOLDER.sub(lambda m: PLACEHOLDERS[m[1]], word) for word in shlex.split(command, comments=True)]
+    operators = {"&&", "||", "|", ";", "<<", ">", "&"} & set(words)
+    assert not operators, f"one plain command per line, so that each is checked: {sorted(operators)} in {command!r}"
     while words and re.match(r"^[A-Z_][A-Z0-9_]*=", words[0]):  # VAR=value before the program: environment
         name, value = words.pop(0).split("=", 1)
         monkeypatch.setenv(name, value)
@@ -361,6 +364,7 @@ def test_shell_command(command: str, sandbox: Path, monkeypatch: pytest.MonkeyPa
         pytest.fail(f"no check for {program!r}: teach tests/test_docs_commands.py or mark the block '# not run: why'")
 
 
+@needs_fashion_mnist  # the sandbox trains a tiny model on it
 @pytest.mark.parametrize("document", PYTHON_DOCUMENTS)
 def test_python_snippets(document: str, sandbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(sandbox)
@@ -369,6 +373,7 @@ def test_python_snippets(document: str, sandbox: Path, monkeypatch: pytest.Monke
         exec(compile(block.text, f"{document}:{block.line}", "exec"), namespace)  # noqa: S102
 
 
+@needs_fashion_mnist  # the sandbox trains a tiny model on it
 def test_the_checks_catch_what_they_are_for(sandbox: Path, monkeypatch: pytest.MonkeyPatch, capsys) -> None:
     """A misspelt flag, a missing config, a Make variable the Makefile does not read and a script's unknown flag all
     fail their check: the checks above are not vacuous."""
