@@ -1,6 +1,6 @@
 """Error of each probability-flow ODE solver against a high-accuracy solution of the same ODE, at 5, 10 and 20 model
 evaluations, on data whose exact denoiser is closed form (a Gaussian and a 3-component Gaussian mixture, both
-image-shaped 2 x 4 x 4; tests/ode_reference.py). Prints the README's "SDE and ODE samplers" table.
+image-shaped 2 x 4 x 4; tests/ode_reference.py). Prints the tables of docs/samplers.md, "Accuracy on closed-form data".
 
 Noise levels: the DDPM linear schedule's (T = 1000) sigma_max = 157.4 to sigma_min = 0.0100 on EDM's rho = 7 grid
 (Karras et al. 2022, eq. 5) and on the grid uniform in log sigma (DPM-Solver's logSNR spacing), then 0. The reference: scipy RK45 at rtol = atol = 1e-10 in float64 down to sigma_min,

@@ -1,7 +1,7 @@
 """Sample quality of every sampler at (about) the same number of model evaluations, on a trained model: each
 sampler writes `--num-samples` PNG files through `python -m src.main predict`, then `python -m src.evaluate` scores
 them. With a classifier file as `--extractor` (configs/fashion_mnist_fd_classifier.yaml trains one) the score is
-`fd_classifier` (README "Quality measure"; NOT an FID), with the real-vs-real and noised-real values beside it.
+`fd_classifier` (docs/quality.md; NOT an FID), with the real-vs-real and noised-real values beside it.
 
     python benchmarks/solver_quality.py --ckpt runs/fashion_mnist/version_0/checkpoints/last.ckpt \
         --extractor runs/fashion_mnist_fd_classifier/version_0/classifier.pt --nfe 10 --num-samples 1000

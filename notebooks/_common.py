@@ -3,8 +3,9 @@
 - `import _common` (from notebooks/, where Jupyter starts a notebook's kernel) puts the repository root on
   `sys.path`, so `import src` works without installing the project;
 - `checkpoint_path()` resolves the checkpoint a notebook's parameters cell names (NOTEBOOK_CHECKPOINT or
-  NOTEBOOK_COND_CHECKPOINT), else the newest `runs/<config>/*/checkpoints/last.ckpt` (what `make train` writes),
-  else trains a small model through the project's command line;
+  NOTEBOOK_COND_CHECKPOINT), else the newest `runs/<config>/*/checkpoints/last.ckpt` (`make train` writes
+  `runs/fashion_mnist_cond/`, `make train CONFIG=configs/fashion_mnist.yaml` `runs/fashion_mnist/`), else trains a
+  small model through the project's command line;
 - `show_grid()` shows a batch of images with matplotlib (`src.images.make_grid` does the tiling).
 """
 
@@ -33,8 +34,9 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 
 # Where a notebook trains its own model when it finds none (gitignored, like every run folder).
 FALLBACK_ROOT = REPO_ROOT / "runs" / "notebooks"
-# Training steps of that fallback model: the quickstart network learns blurry but recognisable shapes in a few hundred
-# steps (600 took about 6 minutes on a busy 2-core CPU); the full quickstart (`make train`) runs 2,500.
+# Training steps of that fallback model: the `make train` network learns blurry but recognisable shapes in a few
+# hundred steps (600 took about 6 minutes on a busy 2-core CPU); `make train` trains for 15 minutes (about 3,000 steps
+# of batch 64 on a 2-core CPU, docs/quality.md).
 FALLBACK_STEPS = 600
 FALLBACK_STEPS_QUICK = 100
 
@@ -87,9 +89,13 @@ def checkpoint_path(given: str | os.PathLike | None, config: str = "fashion_mnis
         if found is not None:
             return found
     steps = FALLBACK_STEPS_QUICK if quick else FALLBACK_STEPS
+    # The notebooks that show an unconditional model name "fashion_mnist"; plain `make train` writes the
+    # class-conditional run, which they do not use: say so rather than leave the user wondering.
+    config_option = "" if config == "fashion_mnist_cond" else f" CONFIG=configs/{config}.yaml"
     print(
         f"No checkpoint given and none under runs/{config}/: training a small model now "
-        f"(configs/{config}.yaml, {steps} steps, a few CPU minutes) into {FALLBACK_ROOT.relative_to(REPO_ROOT)}/"
+        f"(configs/{config}.yaml, {steps} steps, a few CPU minutes) into {FALLBACK_ROOT.relative_to(REPO_ROOT)}/; "
+        f"`make train{config_option}` trains the full one into runs/{config}/"
     )
     return train_checkpoint(config, FALLBACK_ROOT, steps)
 

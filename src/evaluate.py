@@ -5,7 +5,7 @@
     python -m src.evaluate --samples DIR --ref fashion_mnist --extractor standin   # offline smoke test, NOT FID
     python -m src.evaluate --samples DIR --ref IMAGES_DIR --kid --prc     # a folder of images as the reference
     python -m src.evaluate --samples DIR --ref fashion_mnist --extractor CLASSIFIER.pt --prc --reference_values
-        # fd_classifier: Fréchet distance in a Fashion-MNIST classifier's features (README "Quality measure")
+        # fd_classifier: Fréchet distance in a Fashion-MNIST classifier's features (docs/quality.md)
 
 A folder (either side) is read recursively, every file Pillow opens; a --ref folder is converted to the samples'
 channels and size as training converts it (decoded once into the image cache of `src/data/folder.py`).

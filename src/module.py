@@ -69,7 +69,7 @@ class DiffusionModule(L.LightningModule):
             sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
         loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
             min(SNR, gamma) in the prediction target's terms) or the dotted path of a function weight(snr, prediction)
-            (README "Extending"). L_hybrid (learned variance) and val/loss stay unweighted.
+            (docs/extending.md). L_hybrid (learned variance) and val/loss stay unweighted.
         min_snr_gamma: gamma of "min_snr" (5 in the paper).
         vlb_weight: lambda of improved DDPM's L_hybrid = L_simple + lambda L_vlb (0.001), used when the net has
             2 x in_channels outputs (a learned variance).

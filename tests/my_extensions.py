@@ -1,5 +1,5 @@
-"""A sampler, a loss weighting and a network defined outside `src/`, as a researcher adds their own (README
-"Extending"); tests/test_extending.py selects them by config alone, with tests/ on the Python path:
+"""A sampler, a loss weighting and a network defined outside `src/`, as a researcher adds their own
+(docs/extending.md); tests/test_extending.py selects them by config alone, with tests/ on the Python path:
 
     --model.sampler my_extensions.ddim_eta0
     --model.loss_weighting my_extensions.double_weight

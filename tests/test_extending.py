@@ -1,4 +1,4 @@
-"""README "Extending": a sampler, a loss weighting and a network defined outside `src/` (tests/my_extensions.py),
+"""docs/extending.md: a sampler, a loss weighting and a network defined outside `src/` (tests/my_extensions.py),
 selected by config alone and used through `python -m src.main fit|predict`, the way a user runs them."""
 
 from __future__ import annotations

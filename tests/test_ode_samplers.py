@@ -238,7 +238,7 @@ def test_reference_solution_is_the_exact_gaussian_flow() -> None:
 @pytest.mark.parametrize("problem", list(PROBLEMS))
 def test_solvers_converge_to_the_ode_solution(problem: str) -> None:
     """Every solver's error falls with the number of evaluations, and at 20 evaluations the multistep solvers beat
-    Euler (= DDIM) by at least 2x (measured errors: benchmarks/ode_solver_error.py and the README table)."""
+    Euler (= DDIM) by at least 2x (measured errors: benchmarks/ode_solver_error.py and the table in docs/samplers.md)."""
     x_T = noise()
     reference = reference_solution(PROBLEMS[problem], x_T * math.sqrt(1 + SIGMA_MAX**2), SIGMA_MAX, SIGMA_MIN)
     errors = {s: [solver_error(s, problem, n, x_T, reference) for n in (5, 20, 80)] for s in ODE_SOLVERS}

@@ -41,7 +41,7 @@ class FIDCallback(Callback):
             for smoke tests, logged as `val/fid_standin`: NOT an FID) or the path of a classifier file (logged as
             `val/fd_classifier`; configs/fashion_mnist_fd_classifier.yaml trains one).
         weights_path: the InceptionV3 weights file (default: $DDIM_FID_WEIGHTS, then torch-fidelity's download
-            location; README "Evaluation").
+            location; docs/evaluation.md).
         ref_stats: a .npz with `mu` and `sigma` (pytorch-fid / torch-fidelity format) used as is; None: computed
             from the data set's `ref_split` once and cached.
         ref_split: "train" (the convention for CIFAR-10 FIDs) or "test".

@@ -31,7 +31,7 @@ class SamplerSettings:
 
     Args:
         sampler: a name of `samplers.SAMPLERS` ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m", or an SDE / ODE sampler
-            of k_samplers.py), or the dotted import path of a sampler function (README "Extending").
+            of k_samplers.py), or the dotted import path of a sampler function (docs/extending.md).
         steps: sampling steps (ignored by "ddpm", which runs all T steps).
         eta: DDIM eta in [0, 1]: 0 deterministic DDIM, 1 DDPM-like.
         skip: timestep spacing, one of `samplers.SKIP_TYPES`.
