@@ -69,8 +69,6 @@ PLACEHOLDER = re.compile(rf"\b({'|'.join(PLACEHOLDERS)})\b(?!=)")
 # configs/folder32.yaml). Strict: once those branches are merged these commands pass, the XPASS fails, and the entry
 # is to be deleted here.
 PENDING_MERGE = {
-    "MINUTES=": "make train MINUTES=... (the time-budget branch)",
-    "--grid_path": "predict --grid_path (the predict branch)",
     "folder32.yaml": "configs/folder32.yaml (the folder branch)",
 }
 
