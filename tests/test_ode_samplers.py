@@ -9,6 +9,7 @@ Everything runs in float64 on tiny image-shaped data whose exact denoiser is clo
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -427,6 +428,18 @@ def test_dispatch_reaches_every_continuous_sampler() -> None:
     # A v-network sampled through the dispatcher gives what the eps-network gives.
     v_model = lambda x, t: prediction_from_eps("v", model(x, t), x, SCHEDULE, t)  # noqa: E731
     torch.testing.assert_close(sample(v_model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, prediction="v"), expected)
+
+
+def test_dispatch_refuses_an_option_the_sampler_does_not_read() -> None:
+    """`sample(sampler="dpmpp_3m", solver_order=2)` ran DPM-Solver++(3M) unchanged; now it is refused."""
+    model = GaussianEps(MU, S, SCHEDULE.alphas_cumprod)
+    x_T = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    message = "sampler 'dpmpp_3m' does not read solver_order (solver_order is read by unipc, ipndm); it takes rho"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=4, solver_order=2)
+    with pytest.raises(ValueError, match="sampler 'heun' does not read snr"):
+        sample(model, x_T, SCHEDULE, sampler="heun", steps=4, snr=0.1)
+    sample(model, x_T, SCHEDULE, sampler="ipndm", steps=4, solver_order=2, rho=5, quantize=True)  # all read
 
 
 def test_grids() -> None:

@@ -396,9 +396,28 @@ def sample_pc(
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-# The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line).
 CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")
+# The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line), and
+# which sampler reads which: an option given to a sampler that does not read it is refused, never ignored.
 CONTINUOUS_OPTIONS = ("rho", "churn", "snr", "corrector_steps", "solver_order", "quantize")
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "euler_maruyama": ("rho", "quantize"),
+    "pc": ("rho", "snr", "corrector_steps", "quantize"),
+    "heun": ("rho", "churn", "quantize"),
+    "dpmpp_3m": ("rho", "quantize"),
+    "unipc": ("rho", "solver_order", "quantize"),
+    "ipndm": ("rho", "solver_order", "quantize"),
+}
+
+
+def unread_options(sampler: str, names: Sequence[str]) -> list[str]:
+    """The names among `names` (of CONTINUOUS_OPTIONS) that the continuous sampler `sampler` does not read."""
+    return [name for name in names if name not in SAMPLER_OPTIONS[sampler]]
+
+
+def readers(option: str) -> list[str]:
+    """The continuous samplers that read `option`."""
+    return [name for name, options in SAMPLER_OPTIONS.items() if option in options]
 
 
 def continuous_sample(
@@ -410,38 +429,47 @@ def continuous_sample(
     generator: Generator = None,
     prediction: str = "eps",
     progress: bool = False,
-    rho: float = 7.0,
-    churn: float = 0.0,
-    snr: float = 0.16,
-    corrector_steps: int = 1,
+    rho: float | None = None,
+    churn: float | None = None,
+    snr: float | None = None,
+    corrector_steps: int | None = None,
     solver_order: int | None = None,
     quantize: bool | None = None,
     clip_x0: bool = False,
 ) -> Tensor:
     """Sample with `sampler` (one of CONTINUOUS_SAMPLERS) from x_T ~ N(0, I) of a DDPM network `model(x_t, t)`.
 
-    The network is wrapped as the VP denoiser (`DiscreteVPDenoiser`); the grid is `steps` Karras levels (rho) from
-    the schedule's sigma_max to sigma_min, then 0. `quantize` (default: round t unless the model is a plain
-    nn.Module, whose sinusoidal embedding takes fractional t, such as the UNet) rounds timesteps to integers.
-    `solver_order`: UniPC's order (default 2) or iPNDM's maximum order (default 4); DPM-Solver++(3M) is order 3.
+    The network is wrapped as the VP denoiser (`DiscreteVPDenoiser`); the grid is `steps` Karras levels (`rho`,
+    default 7) from the schedule's sigma_max to sigma_min, then 0. `quantize` (default: round t unless the model is a
+    plain nn.Module, whose sinusoidal embedding takes fractional t, such as the UNet) rounds timesteps to integers.
+    `churn` (heun, default 0), `snr` and `corrector_steps` (pc, defaults 0.16 and 1), `solver_order` (unipc: its order,
+    default 2; ipndm: its maximum order, default 4). An option the sampler does not read (`SAMPLER_OPTIONS`) is a
+    ValueError: DPM-Solver++(3M) has no order to choose (the published update, second order: `sample_dpmpp_3m`).
     `clip_x0` clamps the denoised image to [-1, 1] at every evaluation."""
     if sampler not in CONTINUOUS_SAMPLERS:
         raise ValueError(f"unknown continuous sampler {sampler!r}; choose one of {', '.join(CONTINUOUS_SAMPLERS)}")
+    given = {"rho": rho, "churn": churn, "snr": snr, "corrector_steps": corrector_steps, "solver_order": solver_order}
+    unread = unread_options(sampler, [name for name, value in given.items() if value is not None])
+    if unread:
+        read_by = "; ".join(f"{name} is read by {', '.join(readers(name))}" for name in unread)
+        raise ValueError(f"sampler {sampler!r} does not read {', '.join(unread)} ({read_by}); it takes "
+                         f"{', '.join(SAMPLER_OPTIONS[sampler])}")  # fmt: skip
     # Counts may arrive as floats from a config's {name: number} mapping.
-    corrector_steps = int(corrector_steps)
+    corrector_steps = 1 if corrector_steps is None else int(corrector_steps)
     solver_order = None if solver_order is None else int(solver_order)
     if quantize is None:
         quantize = not isinstance(model, torch.nn.Module)
     denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize, clip_x0)
-    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, 7.0 if rho is None else rho)
     x = x_T * math.sqrt(1.0 + denoiser.sigma_max**2)  # x~ = x_T / sqrt(a_T)
     common = {"progress": progress}
     if sampler == "euler_maruyama":
         return sample_euler_maruyama(denoiser, x, sigmas, generator=generator, **common)
     if sampler == "pc":
+        snr = 0.16 if snr is None else snr
         return sample_pc(denoiser, x, sigmas, snr=snr, corrector_steps=corrector_steps, generator=generator, **common)
     if sampler == "heun":
-        return sample_heun(denoiser, x, sigmas, churn=churn, generator=generator, **common)
+        return sample_heun(denoiser, x, sigmas, churn=churn or 0.0, generator=generator, **common)
     if sampler == "dpmpp_3m":
         return sample_dpmpp_3m(denoiser, x, sigmas, **common)
     if sampler == "unipc":
