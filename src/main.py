@@ -352,7 +352,7 @@ class DiffusionCLI(LightningCLI):
             # LightningCLI always adds the `fid` section's instance; a second one would compute FID twice.
             raise ConfigError(
                 "FIDCallback is listed under trainer.callbacks and is also the `fid` section: remove it from "
-                'trainer.callbacks and set its options with --fid.* (docs/evaluation.md)'
+                "trainer.callbacks and set its options with --fid.* (docs/evaluation.md)"
             )
         # A forced exit on a second signal (the first, outside fit) takes the DDP ranks this process launched with it.
         register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])

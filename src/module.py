@@ -8,6 +8,7 @@ optimizer and its warm-up, the EMA update, and the loss and likelihood logged by
 
 from __future__ import annotations
 
+import contextvars
 import copy
 
 import lightning as L
@@ -25,6 +26,9 @@ from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe, upgrade_state_dict
 from src.models.ema import ema_decay, update_ema
+
+# True while `DiffusionModule.load_from_checkpoint` builds a module from a checkpoint's recorded options.
+_FROM_CHECKPOINT = contextvars.ContextVar("from_checkpoint", default=False)
 
 
 def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
@@ -139,7 +143,10 @@ class DiffusionModule(L.LightningModule):
         self.net = net
         self.loss_weight = resolve_loss_weighting(loss_weighting, min_snr_gamma)
         recipe = schedule_recipe(schedule, timesteps, beta_start, beta_end)
-        settings = SamplerSettings.from_options(self.hparams)
+        # A checkpoint's recorded sampler options may hold some its sampler never read (accepted before they were
+        # refused): those are reset to their defaults, which changes nothing; options given now must fit the sampler.
+        from_checkpoint = _FROM_CHECKPOINT.get()
+        settings = SamplerSettings.from_options(self.hparams, stored=from_checkpoint)
         # The sampling model holds the EMA copy of `net`: its weights are averaged, never optimized.
         self.model = DiffusionModel(
             copy.deepcopy(net).eval().requires_grad_(False),
@@ -153,8 +160,20 @@ class DiffusionModule(L.LightningModule):
             classifier_scale=classifier_scale,
             sample_seed=sample_seed,
         )
+        if not from_checkpoint:  # after DiffusionModel's own checks (a learned variance needs the net's channels)
+            settings.check_variance(bound=bpd_timesteps != 0)
 
     upgrade_state_dict = staticmethod(upgrade_state_dict)
+
+    @classmethod
+    def load_from_checkpoint(cls, *args: object, **kwargs: object) -> DiffusionModule:  # type: ignore[override]
+        """Lightning's `load_from_checkpoint`; recorded sampler options that the sampler does not read are reset to
+        their defaults (`SamplerSettings.stored`) instead of refused, so older checkpoints keep loading."""
+        token = _FROM_CHECKPOINT.set(True)
+        try:
+            return super().load_from_checkpoint(*args, **kwargs)
+        finally:
+            _FROM_CHECKPOINT.reset(token)
 
     @property
     def schedule(self) -> NoiseSchedule:

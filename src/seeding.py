@@ -42,3 +42,9 @@ def randn_like(x: Tensor, generator: torch.Generator | Sequence[torch.Generator]
             raise ValueError(f"need one generator per sample: {len(generator)} generators for {x.shape[0]} samples")
         noise = torch.stack([torch.randn(x.shape[1:], generator=g, device=g.device, dtype=x.dtype) for g in generator])
     return noise.to(x.device)
+
+
+def generator_device(generator: torch.Generator | None) -> torch.device | None:
+    """The device to draw on with `generator` (torch draws only on the generator's own device: a CUDA generator
+    with a CPU tensor raises), None for torch's global RNG (the default device)."""
+    return None if generator is None else generator.device

@@ -225,13 +225,14 @@ def test_classifier_guided_predict_through_the_cli(tmp_path: Path) -> None:
 @needs_fashion_mnist
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm_respaced"])
 def test_stochastic_predict_is_the_same_at_every_batch_size(tmp_path: Path, sampler: str) -> None:
-    """Sample i depends on (seed, i) alone, also for samplers that add noise at every step (eta = 1)."""
+    """Sample i depends on (seed, i) alone, also for samplers that add noise at every step (DDIM with eta = 1;
+    ddpm_respaced always, and it does not read --model.eta)."""
     ckpt = _fit(tmp_path / "runs", 2)
     files = {}
+    eta = ["--model.eta", "1"] if sampler == "ddim" else []
     for batch in ("2", "5"):
         out = tmp_path / f"batch{batch}"
-        _predict(ckpt, tmp_path / "runs", out, "--model.sampler", sampler, "--model.eta", "1",
-                 "--data.predict_batch_size", batch)  # fmt: skip
+        _predict(ckpt, tmp_path / "runs", out, "--model.sampler", sampler, *eta, "--data.predict_batch_size", batch)
         files[batch] = {p.name: p.read_bytes() for p in out.iterdir()}
     assert files["2"] == files["5"] and len(set(files["2"].values())) == 5
 

@@ -116,9 +116,10 @@ def test_two_process_predict_writes_each_sample_once_as_one_process_does(ddp_fit
                                                                          data: Path) -> None:  # fmt: skip
     root, _ = ddp_fit
     (ckpt,) = root.glob("fashion_mnist/version_*/checkpoints/last.ckpt")
-    # eta = 1: a stochastic sampler, whose per-step noise must also depend on the sample index alone.
+    # DDIM with eta = 1: a stochastic sampler, whose per-step noise must also depend on the sample index alone (the
+    # config's DPM-Solver++(2M) is deterministic and does not read --model.eta).
     common = ["predict", "--config", "configs/fashion_mnist.yaml", *TINY_NET, "--ckpt_path", str(ckpt),
-              "--data.data_dir", str(data), "--model.eta", "1", "--data.num_samples", "5",
+              "--data.data_dir", str(data), "--model.sampler", "ddim", "--model.eta", "1", "--data.num_samples", "5",
               "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
     outputs = {}
     for name, extra in {

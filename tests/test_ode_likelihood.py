@@ -124,3 +124,55 @@ def test_runs_on_a_float32_unet(tiny_unet) -> None:
     x8 = torch.randint(0, 256, (2, 1, 8, 8), generator=torch.Generator().manual_seed(0)).float() / 127.5 - 1.0
     out = ode_nll_bits_per_dim(net, x8, SCHEDULE, rtol=1e-3, atol=1e-3, generator=torch.Generator().manual_seed(1))
     assert out["bpd"].shape == (2,) and torch.isfinite(out["bpd"]).all() and out["nfe"] > 0
+
+
+# ---------------------------------------------------------------------------------------------- generator device
+@pytest.fixture
+def draws(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object, object]]:
+    """Every torch.rand / randn / randint call given a generator, as (name, generator, device asked for). torch draws
+    only on the generator's device (a CUDA generator with the default CPU device raises), so each must ask for it."""
+    calls: list[tuple[str, object, object]] = []
+    for name in ("rand", "randn", "randint"):
+        real = getattr(torch, name)
+
+        def spy(*args, _real=real, _name=name, **kwargs):
+            if kwargs.get("generator") is not None:
+                calls.append((_name, kwargs["generator"], kwargs.get("device")))
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(torch, name, spy)
+    return calls
+
+
+def test_noise_is_drawn_on_the_generators_device(draws: list) -> None:
+    """dequantize, the Hutchinson probe of ode_log_likelihood, the stratified timesteps and noise of the bound, the
+    training timesteps and a data set's flips draw on the generator's device, then move to the data's."""
+    from src.diffusion.likelihood import nll_bits_per_dim
+    from src.diffusion.losses import sample_timesteps
+
+    g = torch.Generator().manual_seed(0)
+    x = data(2)
+    draws.clear()  # the test's own data
+    dequantize(x.clamp(-1, 1), g)
+    prior = lambda z: PROBLEM.log_prob(z, SIGMA_MAX)  # noqa: E731
+    ode_log_likelihood(PROBLEM, x, SIGMA_MIN, SIGMA_MAX, prior, "rademacher", rtol=1e-3, atol=1e-3, generator=g)
+    schedule = NoiseSchedule.linear(20)
+    nll_bits_per_dim(lambda x_t, t: 0.1 * x_t, x.clamp(-1, 1), schedule, num_timesteps=3, generator=g)
+    sample_timesteps(4, 20, "cpu", g)
+    from src.data.datasets import InMemoryImageDataset  # the random flips of a data set given a generator
+
+    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
+    InMemoryImageDataset(images, torch.zeros(3), random_flip=True, generator=g).__getitems__([0, 2])
+    assert {name for name, _, _ in draws} == {"rand", "randn", "randint"}
+    assert all(device == generator.device for _, generator, device in draws), draws
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_cuda_generator_draws_the_likelihood_noise() -> None:
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = data(2).clamp(-1, 1)
+    assert dequantize(x, g).device == x.device
+    prior = lambda z: PROBLEM.log_prob(z, SIGMA_MAX)  # noqa: E731
+    out = ode_log_likelihood(PROBLEM, x, SIGMA_MIN, SIGMA_MAX, prior, "rademacher", rtol=1e-3, atol=1e-3, generator=g)
+    assert torch.isfinite(out["logp"]).all()

@@ -9,6 +9,7 @@ Everything runs in float64 on tiny image-shaped data whose exact denoiser is clo
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -254,30 +255,85 @@ ORDER_CASES = {  # solver, grid ("log": uniform in log sigma, "linear": uniform 
     "euler": (K.sample_euler, "log", 1),
     "heun": (K.sample_heun, "linear", 2),
     "dpmpp_2m": (K.sample_dpmpp_2m, "log", 2),
-    # The multistep third-order update of the DPM-Solver reference code and diffusers: its D2 = (D1_0 - D1_1) / (r0 + r1)
-    # is h^2 x'' / 2, half the Taylor term, so the step's local error is O(h^3) and the solver second order.
+    # The multistep third-order update of the DPM-Solver reference code, diffusers and k-diffusion is second order:
+    # its D2 is h^2 x'' / 2, half the Taylor term, and its first step is DDIM (test_dpmpp_3m_order below).
     "dpmpp_3m": (lambda m, x, s: K.sample_dpmpp_3m(m, x, s, lower_order_final=False), "log", 2),
     "unipc2": (lambda m, x, s: K.sample_unipc(m, x, s, order=2, lower_order_final=False), "log", 3),  # UniC: +1
     "unipc3": (lambda m, x, s: K.sample_unipc(m, x, s, order=3, lower_order_final=False), "log", 4),
-    "ipndm": (K.sample_ipndm, "linear", 3.5),  # Adams-Bashforth 4: the ratio is still rising towards 16 here
+    # Adams-Bashforth 4 on equal steps in sigma: the ratio is still rising towards 16 here (test_ipndm_order below).
+    "ipndm": (K.sample_ipndm, "linear", 3.5),
 }
+
+
+def order_grid(grid: str, n: int) -> torch.Tensor:
+    """n steps from sigma = 3 to 0.3: uniform in log sigma ("log"), in sigma ("linear"), or EDM's rho = 7
+    levels ("karras", what `--model.sampler` uses); "log_tiny_start": uniform in log sigma after two first steps of
+    h^2 each, whose error (local O(h^2) and O(h^3) for a multistep solver's order-1 and order-2 warm-up) is then
+    O(h^4), so that the measured order is that of the multistep update itself."""
+    if grid == "log":
+        return torch.linspace(math.log(3.0), math.log(0.3), n + 1, dtype=DTYPE).exp()
+    if grid == "linear":
+        return torch.linspace(3.0, 0.3, n + 1, dtype=DTYPE)
+    if grid == "karras":
+        return karras_sigmas(n + 1, 0.3, 3.0)[:-1]
+    span = math.log(10.0)
+    tiny = (span / n) ** 2
+    h = (span - 2 * tiny) / n
+    lam = [0.0, tiny] + [2 * tiny + j * h for j in range(n + 1)]  # lambda - lambda_0 = -log(sigma / 3)
+    return 3.0 * torch.tensor([-v for v in lam], dtype=DTYPE).exp()
+
+
+def convergence_slopes(fn, grid: str, steps: tuple[int, ...]) -> list[float]:
+    """log2 of the max error ratio on the Gaussian (exact flow known) each time the steps double: the order."""
+    problem, x = PROBLEMS["gaussian"], noise() * 3
+    exact = problem.exact_flow(x, 3.0, 0.3)
+    errors = [(fn(problem, x, order_grid(grid, n)) - exact).abs().max().item() for n in steps]
+    return [math.log2(a / b) for a, b in zip(errors, errors[1:], strict=False)]
 
 
 @pytest.mark.parametrize("solver", list(ORDER_CASES))
 def test_order_of_convergence(solver: str) -> None:
     """Halving the steps from 64 to 128 (sigma 3 -> 0.3 on the Gaussian, exact flow known) divides the error by
-    about 2^order. Measured ratios: Euler 2.0, Heun 4.0, 2M 4.0, 3M 3.8, UniPC-2 7.7, UniPC-3 16.0, iPNDM 12."""
+    about 2^order. Measured ratios: Euler 2.0, Heun 4.0, 2M 4.0, 3M 3.5, UniPC-2 7.7, UniPC-3 16.0, iPNDM 12."""
     fn, grid, order = ORDER_CASES[solver]
-    problem, x = PROBLEMS["gaussian"], noise() * 3
+    (slope,) = convergence_slopes(fn, grid, (64, 128))
+    assert order - 0.5 < slope < order + 0.5, slope
 
-    def levels(n: int) -> torch.Tensor:
-        if grid == "log":
-            return torch.linspace(math.log(3.0), math.log(0.3), n + 1, dtype=DTYPE).exp()
-        return torch.linspace(3.0, 0.3, n + 1, dtype=DTYPE)
 
-    exact = problem.exact_flow(x, 3.0, 0.3)
-    e64, e128 = ((fn(problem, x, levels(n)) - exact).abs().max().item() for n in (64, 128))
-    assert 2 ** (order - 0.5) < e64 / e128 < 2 ** (order + 0.5), (e64, e128, e64 / e128)
+def test_dpmpp_3m_order() -> None:
+    """DPM-Solver++(3M) as published (DPM-Solver reference code, diffusers, k-diffusion's sample_dpmpp_3m_sde with
+    eta = 0) is second order: D2 = (D1_0 - D1_1) / (r0 + r1) estimates h^2 x''/2, half the Taylor term that its
+    coefficient multiplies. With the warm-up error made negligible, doubling D2 (`taylor_d2`) measures order 3.0
+    and the published update 2.0; on a plain grid the DDIM first step keeps both at 2.
+    Measured slopes, 32 -> 64 -> 128 -> 256 steps: published 2.51 2.03 1.97 (tiny start), 1.75 1.82 1.92 (plain);
+    doubled D2 3.00 3.01 3.00 (tiny start), 1.43 1.73 1.88 (plain)."""
+    steps = (32, 64, 128, 256)
+    published = lambda m, x, s: K.sample_dpmpp_3m(m, x, s, lower_order_final=False)  # noqa: E731
+    doubled = lambda m, x, s: K.sample_dpmpp_3m(m, x, s, lower_order_final=False, taylor_d2=True)  # noqa: E731
+    slopes = {
+        "published, tiny start": convergence_slopes(published, "log_tiny_start", steps),
+        "doubled D2, tiny start": convergence_slopes(doubled, "log_tiny_start", steps),
+        "published": convergence_slopes(published, "log", steps),
+        "doubled D2": convergence_slopes(doubled, "log", steps),
+    }
+    print({name: [round(v, 2) for v in values] for name, values in slopes.items()})
+    assert all(abs(v - 3.0) < 0.1 for v in slopes["doubled D2, tiny start"]), slopes
+    assert all(abs(v - 2.0) < 0.1 for v in slopes["published, tiny start"][1:]), slopes
+    assert all(v < 2.1 for v in slopes["published"] + slopes["doubled D2"]), slopes
+
+
+def test_ipndm_order() -> None:
+    """iPNDM's fixed Adams-Bashforth coefficients hold for equal steps in sigma: there its error falls 10-13x per
+    halving (32 -> 256 steps; 16x, order 4, only once the warm-up error is negligible, which its Euler first step
+    prevents beyond some 500 steps); on the Karras rho = 7 grid that `--model.sampler ipndm` uses it is second
+    order (4x) at every step count. Measured slopes, 32 -> 64 -> 128 -> 256: uniform in sigma 3.27 3.60 3.73,
+    Karras 2.01 1.99 1.99."""
+    steps = (32, 64, 128, 256)
+    uniform = convergence_slopes(K.sample_ipndm, "linear", steps)
+    karras = convergence_slopes(K.sample_ipndm, "karras", steps)
+    print({"uniform in sigma": [round(v, 2) for v in uniform], "karras": [round(v, 2) for v in karras]})
+    assert all(3.1 < v < 4.0 for v in uniform), uniform
+    assert all(abs(v - 2.0) < 0.1 for v in karras), karras
 
 
 # ---------------------------------------------------------------------------------------------- SDE samplers
@@ -372,6 +428,18 @@ def test_dispatch_reaches_every_continuous_sampler() -> None:
     # A v-network sampled through the dispatcher gives what the eps-network gives.
     v_model = lambda x, t: prediction_from_eps("v", model(x, t), x, SCHEDULE, t)  # noqa: E731
     torch.testing.assert_close(sample(v_model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, prediction="v"), expected)
+
+
+def test_dispatch_refuses_an_option_the_sampler_does_not_read() -> None:
+    """`sample(sampler="dpmpp_3m", solver_order=2)` ran DPM-Solver++(3M) unchanged; now it is refused."""
+    model = GaussianEps(MU, S, SCHEDULE.alphas_cumprod)
+    x_T = torch.randn(2, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
+    message = "sampler 'dpmpp_3m' does not read solver_order (solver_order is read by unipc, ipndm); it takes rho"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=4, solver_order=2)
+    with pytest.raises(ValueError, match="sampler 'heun' does not read snr"):
+        sample(model, x_T, SCHEDULE, sampler="heun", steps=4, snr=0.1)
+    sample(model, x_T, SCHEDULE, sampler="ipndm", steps=4, solver_order=2, rho=5, quantize=True)  # all read
 
 
 def test_grids() -> None:

@@ -86,3 +86,22 @@ def test_old_checkpoints_load_in_python(checkpoints) -> None:
         assert torch.equal(DiffusionModel.load(old).net(x, t), expected)
         module = DiffusionModule.load_from_checkpoint(old, map_location="cpu")
         assert torch.equal(module.model.net(x, t), expected)
+
+
+def test_recorded_options_the_sampler_does_not_read_are_reset_when_loading(checkpoints, tmp_path: Path) -> None:
+    """Options its sampler never read, recorded before they were refused, do not stop a checkpoint from loading:
+    they are reset to their defaults (sampling is unchanged, as the sampler never read them)."""
+    from src.diffusion.sampler_settings import SamplerSettings
+
+    new, _ = checkpoints
+    checkpoint = torch.load(new, weights_only=False)
+    hparams = checkpoint["hyper_parameters"]
+    checkpoint["hyper_parameters"] = {**hparams, "sampler": "dpmpp_3m", "eta": 0.5, "skip": "logsnr",
+                                      "ddpm_variance": "fixed_large", "bpd_timesteps": 0,
+                                      "sampler_options": {"solver_order": 2, "rho": 5.0}}  # fmt: skip
+    path = tmp_path / "unread.ckpt"
+    torch.save(checkpoint, path)
+    expected = SamplerSettings(sampler="dpmpp_3m", steps=hparams["sampling_steps"], variance="fixed_large",
+                               clip_x0=hparams["clip_denoised"], options={"rho": 5.0})  # fmt: skip
+    assert DiffusionModel.load(path).settings == expected
+    assert DiffusionModule.load_from_checkpoint(path, map_location="cpu").model.settings == expected

@@ -11,6 +11,8 @@ import torch
 from lightning.pytorch.callbacks import BasePredictionWriter, Callback
 from lightning.pytorch.utilities import rank_zero_info
 
+from src.diffusion.samplers import SAMPLER_ARGUMENTS
+from src.errors import ConfigError
 from src.images import make_grid, read_png, save_png, to_uint8
 
 
@@ -32,7 +34,8 @@ class SampleGrid(Callback):
         every_n_steps: steps between grids (0: only at the end of training).
         num_samples: images in the grid.
         seed: seed of the fixed noise (the same x_T every time, so grids show progress, not luck).
-        sampling_steps: DDIM steps for the grid (None: the model's `sampling_steps`).
+        sampling_steps: sampling steps for the grid (None: the model's `sampling_steps`); refused at the start of fit
+            when the model's sampler does not take steps (ddpm).
     """
 
     def __init__(
@@ -44,6 +47,12 @@ class SampleGrid(Callback):
         self.sampling_steps = sampling_steps
         self.last_path: Path | None = None
         self._last_step = -1
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        sampler = pl_module.model.settings.sampler
+        if stage == "fit" and self.sampling_steps and "steps" not in SAMPLER_ARGUMENTS.get(sampler, ("steps",)):
+            raise ConfigError(f"SampleGrid's sampling_steps {self.sampling_steps}: --model.sampler {sampler} takes no "
+                              "steps (it runs all --model.timesteps); remove sampling_steps from its init_args")  # fmt: skip
 
     def _make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step

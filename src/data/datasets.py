@@ -9,6 +9,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from src.seeding import generator_device
+
 
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 images in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``), the range the model works in."""
@@ -72,7 +74,8 @@ class InMemoryImageDataset(Dataset):
             idx = self.indices[idx]
         x = self.images[idx]  # a new tensor (advanced indexing copies), so flipping in place is safe
         if self.random_flip:
-            flip = torch.rand(len(idx), generator=self.generator) < 0.5
+            u = torch.rand(len(idx), generator=self.generator, device=generator_device(self.generator))
+            flip = (u < 0.5).to(x.device)
             x[flip] = x[flip].flip(-1)
         return (x if self.uint8 else to_model_range(x)), self.labels[idx]
 

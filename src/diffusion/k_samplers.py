@@ -144,22 +144,32 @@ def sample_dpmpp_3m(
     sigmas: Tensor,
     order: int = 3,
     lower_order_final: bool = True,
+    taylor_d2: bool = False,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
     """DPM-Solver++(3M) (Lu et al. 2022, "DPM-Solver++", section 4 and appendix: the multistep data-prediction
-    solver of order 3), one evaluation per step. With h = lambda_next - lambda_i, r0 = h_{i-1} / h, r1 = h_{i-2} / h
-    and D0 = x_theta at step i:
+    solver with a third-order extrapolation), one evaluation per step. With h = lambda_next - lambda_i,
+    r0 = h_{i-1} / h, r1 = h_{i-2} / h and D0 = x_theta at step i:
 
         x~_next = sigma_next / sigma_i x~_i - (e^-h - 1) D0 + ((e^-h - 1) / h + 1) D1 - ((e^-h - 1 + h) / h^2 - 1/2) D2
         D1_0 = (D0 - D_{i-1}) / r0, D1_1 = (D_{i-1} - D_{i-2}) / r1,
         D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1),   D2 = (D1_0 - D1_1) / (r0 + r1),
 
     (alpha = 1 in the x~ variable), the second-order step x~_next = ... - (e^-h - 1) (D0 + D1_0 / 2) and the first
-    DDIM. Orders per step as `_multistep_order` (the update and the schedule of orders of diffusers'
-    `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3)`). Note: D2 estimates h^2 x''/2, half
-    the second-order Taylor term of the exponential integrator, so as in the DPM-Solver reference code and diffusers the
-    update's local error is O(h^3): the solver converges with order 2, not 3 (tests/test_ode_samplers.py)."""
+    DDIM. Orders per step as `_multistep_order`: the update and the schedule of orders of diffusers'
+    `DPMSolverMultistepScheduler(algorithm_type="dpmsolver++", solver_order=3)`, which this equals step for step.
+    k-diffusion's `sample_dpmpp_3m_sde` with eta = 0 has the same third-order update, but takes its second step with
+    ((e^-h - 1) / h + 1) D1_0 and has no lower-order final steps.
+
+    Its order of convergence is 2, not 3, for two reasons (measured on Gaussian data with the exact denoiser,
+    tests/test_ode_samplers.py): D2 estimates h^2 x''/2, half the second-order Taylor term h^2 x'' that the
+    coefficient (e^-h - 1 + h) / h^2 - 1/2 multiplies, so each step's local error is O(h^3) (error ratio 4 per
+    halving of the steps even without warm-up error); and the first-order first step (DDIM, local error O(h^2))
+    leaves an O(h^2) error whatever the later steps do. `taylor_d2=True` doubles D2, which makes the step third
+    order: with the warm-up made negligible the error then falls 8x per halving (order 3.0), but on a plain grid
+    the first step still limits it to order 2, and on the Karras grid of `continuous_sample` it is no more
+    accurate than the published update at 10-40 steps; the default is the published update."""
     steps = len(sigmas) - 1
     history: list[tuple[Tensor, float]] = []  # (D, lambda) of the previous steps, newest last
     for i, sigma, sigma_next in _steps(sigmas, f"DPM-Solver++({order}M)", progress):
@@ -183,7 +193,7 @@ def sample_dpmpp_3m(
                     r1 = (lam_prev - lam_prev2) / h
                     d1_1 = (d_prev - d_prev2) / r1
                     d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
-                    d2 = (d1_0 - d1_1) / (r0 + r1)
+                    d2 = (d1_0 - d1_1) / (r0 + r1) * (2.0 if taylor_d2 else 1.0)
                     x = x + (phi1 / h + 1.0) * d1 - ((phi1 + h) / h**2 - 0.5) * d2
         history = (history + [(denoised, _lambda(sigma))])[-2:]
         _report(callback, x, i, sigma, denoised)
@@ -289,7 +299,14 @@ def sample_ipndm(
     the improved pseudo-numerical method of Liu et al. 2022 with lower-order warm-up): explicit Adams-Bashforth
     steps of orders 1-4 on the probability-flow ODE in sigma, with the fixed equal-step coefficients
     (3, -1) / 2, (23, -16, 5) / 12 and (55, -59, 37, -9) / 24 applied to the last derivatives d = (x~ - D) / sigma.
-    One evaluation per step; every step, the last one included, uses the multistep formula."""
+    One evaluation per step; every step, the last one included, uses the multistep formula.
+
+    The coefficients are those of equal steps in sigma, so the fourth order holds only there: on a grid uniform
+    in sigma the error falls 10-13x per halving of 32-256 steps (towards 16x when the warm-up steps are exact), on
+    unequal steps (the Karras rho = 7 grid of `continuous_sample`, or steps uniform in log sigma) the method is
+    second order, 4x per halving at every step count, for max_order 2, 3 and 4 alike. Its Euler first step (local
+    error O(h^2)) also makes it second order on the uniform grid beyond some 500 steps (tests/test_ode_samplers.py
+    measures both grids)."""
     if max_order not in (1, 2, 3, 4):
         raise ValueError(f"iPNDM max_order must be 1-4, got {max_order}")
     coefficients = {1: (1.0,), 2: (1.5, -0.5), 3: (23 / 12, -16 / 12, 5 / 12), 4: (55 / 24, -59 / 24, 37 / 24, -9 / 24)}
@@ -379,9 +396,28 @@ def sample_pc(
 # ---------------------------------------------------------------------------------------------- dispatch
 
 
-# The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line).
 CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")
+# The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line), and
+# which sampler reads which: an option given to a sampler that does not read it is refused, never ignored.
 CONTINUOUS_OPTIONS = ("rho", "churn", "snr", "corrector_steps", "solver_order", "quantize")
+SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
+    "euler_maruyama": ("rho", "quantize"),
+    "pc": ("rho", "snr", "corrector_steps", "quantize"),
+    "heun": ("rho", "churn", "quantize"),
+    "dpmpp_3m": ("rho", "quantize"),
+    "unipc": ("rho", "solver_order", "quantize"),
+    "ipndm": ("rho", "solver_order", "quantize"),
+}
+
+
+def unread_options(sampler: str, names: Sequence[str]) -> list[str]:
+    """The names among `names` (of CONTINUOUS_OPTIONS) that the continuous sampler `sampler` does not read."""
+    return [name for name in names if name not in SAMPLER_OPTIONS[sampler]]
+
+
+def readers(option: str) -> list[str]:
+    """The continuous samplers that read `option`."""
+    return [name for name, options in SAMPLER_OPTIONS.items() if option in options]
 
 
 def continuous_sample(
@@ -393,38 +429,47 @@ def continuous_sample(
     generator: Generator = None,
     prediction: str = "eps",
     progress: bool = False,
-    rho: float = 7.0,
-    churn: float = 0.0,
-    snr: float = 0.16,
-    corrector_steps: int = 1,
+    rho: float | None = None,
+    churn: float | None = None,
+    snr: float | None = None,
+    corrector_steps: int | None = None,
     solver_order: int | None = None,
     quantize: bool | None = None,
     clip_x0: bool = False,
 ) -> Tensor:
     """Sample with `sampler` (one of CONTINUOUS_SAMPLERS) from x_T ~ N(0, I) of a DDPM network `model(x_t, t)`.
 
-    The network is wrapped as the VP denoiser (`DiscreteVPDenoiser`); the grid is `steps` Karras levels (rho) from
-    the schedule's sigma_max to sigma_min, then 0. `quantize` (default: round t unless the model is a plain
-    nn.Module, whose sinusoidal embedding takes fractional t, such as the UNet) rounds timesteps to integers.
-    `solver_order`: UniPC's order (default 2) or iPNDM's maximum order (default 4); DPM-Solver++(3M) is order 3.
+    The network is wrapped as the VP denoiser (`DiscreteVPDenoiser`); the grid is `steps` Karras levels (`rho`,
+    default 7) from the schedule's sigma_max to sigma_min, then 0. `quantize` (default: round t unless the model is a
+    plain nn.Module, whose sinusoidal embedding takes fractional t, such as the UNet) rounds timesteps to integers.
+    `churn` (heun, default 0), `snr` and `corrector_steps` (pc, defaults 0.16 and 1), `solver_order` (unipc: its order,
+    default 2; ipndm: its maximum order, default 4). An option the sampler does not read (`SAMPLER_OPTIONS`) is a
+    ValueError: DPM-Solver++(3M) has no order to choose (the published update, second order: `sample_dpmpp_3m`).
     `clip_x0` clamps the denoised image to [-1, 1] at every evaluation."""
     if sampler not in CONTINUOUS_SAMPLERS:
         raise ValueError(f"unknown continuous sampler {sampler!r}; choose one of {', '.join(CONTINUOUS_SAMPLERS)}")
+    given = {"rho": rho, "churn": churn, "snr": snr, "corrector_steps": corrector_steps, "solver_order": solver_order}
+    unread = unread_options(sampler, [name for name, value in given.items() if value is not None])
+    if unread:
+        read_by = "; ".join(f"{name} is read by {', '.join(readers(name))}" for name in unread)
+        raise ValueError(f"sampler {sampler!r} does not read {', '.join(unread)} ({read_by}); it takes "
+                         f"{', '.join(SAMPLER_OPTIONS[sampler])}")  # fmt: skip
     # Counts may arrive as floats from a config's {name: number} mapping.
-    corrector_steps = int(corrector_steps)
+    corrector_steps = 1 if corrector_steps is None else int(corrector_steps)
     solver_order = None if solver_order is None else int(solver_order)
     if quantize is None:
         quantize = not isinstance(model, torch.nn.Module)
     denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize, clip_x0)
-    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, rho)
+    sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, 7.0 if rho is None else rho)
     x = x_T * math.sqrt(1.0 + denoiser.sigma_max**2)  # x~ = x_T / sqrt(a_T)
     common = {"progress": progress}
     if sampler == "euler_maruyama":
         return sample_euler_maruyama(denoiser, x, sigmas, generator=generator, **common)
     if sampler == "pc":
+        snr = 0.16 if snr is None else snr
         return sample_pc(denoiser, x, sigmas, snr=snr, corrector_steps=corrector_steps, generator=generator, **common)
     if sampler == "heun":
-        return sample_heun(denoiser, x, sigmas, churn=churn, generator=generator, **common)
+        return sample_heun(denoiser, x, sigmas, churn=churn or 0.0, generator=generator, **common)
     if sampler == "dpmpp_3m":
         return sample_dpmpp_3m(denoiser, x, sigmas, **common)
     if sampler == "unipc":

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from src.diffusion.schedule import NoiseSchedule, extract
+from src.seeding import generator_device
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 VARIANCES = ("fixed_small", "fixed_large")
@@ -137,10 +138,11 @@ def bound_timesteps(
     if num < 1:
         raise ValueError(f"need at least one KL timestep, got {num}")
     strata = np.array_split(np.arange(1, num_timesteps), num)
-    return [
-        (int(stratum[0]) + torch.randint(0, len(stratum), (batch_size,), generator=generator), len(stratum))
-        for stratum in strata
-    ]
+    pairs = []
+    for stratum in strata:  # drawn on the generator's device (a CUDA generator cannot draw a CPU tensor)
+        t = torch.randint(0, len(stratum), (batch_size,), generator=generator, device=generator_device(generator))
+        pairs.append((int(stratum[0]) + t.cpu(), len(stratum)))
+    return pairs
 
 
 @torch.no_grad()
@@ -166,7 +168,9 @@ def nll_bits_per_dim(
 
     def term(t: Tensor) -> Tensor:
         noise = (
-            torch.randn(x.shape, generator=generator, dtype=dtype).to(x.device) if generator else torch.randn_like(x)
+            torch.randn(x.shape, generator=generator, device=generator.device, dtype=dtype).to(x.device)
+            if generator
+            else torch.randn_like(x)
         )
         return vb_terms(model, x, t.to(x.device), schedule, noise, variance, clip_x0)
 

@@ -32,8 +32,10 @@ LOSS_WEIGHTINGS = ("none", "min_snr")
 def sample_timesteps(
     batch_size: int, num_timesteps: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
 ) -> Tensor:
-    """t ~ Uniform({0, ..., T-1}), int64 (Algorithm 1, line 3)."""
-    return torch.randint(0, num_timesteps, (batch_size,), device=device, generator=generator)
+    """t ~ Uniform({0, ..., T-1}), int64 (Algorithm 1, line 3), on `device`; drawn on the generator's device."""
+    if generator is None:
+        return torch.randint(0, num_timesteps, (batch_size,), device=device)
+    return torch.randint(0, num_timesteps, (batch_size,), device=generator.device, generator=generator).to(device)
 
 
 def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from src.diffusion.continuous import DiscreteVPDenoiser
 from src.diffusion.schedule import NoiseSchedule
+from src.seeding import generator_device
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 DIVERGENCES = ("exact", "rademacher", "gaussian")
@@ -51,7 +52,9 @@ def gaussian_log_prob(x: Tensor, std: float) -> Tensor:
 def dequantize(x: Tensor, generator: torch.Generator | None = None) -> Tensor:
     """Uniform dequantisation of 8-bit images given in [-1, 1] (k / 127.5 - 1): x = 2 (k + U) / 256 - 1."""
     k = ((x.double() + 1.0) * 127.5).round().clamp(0, 255)
-    u = torch.rand(x.shape, generator=generator, dtype=torch.float64).to(x.device)
+    # Drawn on the generator's device (a CUDA generator cannot draw a CPU tensor), then moved to x's.
+    u = torch.rand(x.shape, generator=generator, device=generator_device(generator), dtype=torch.float64)
+    u = u.to(x.device)
     return 2.0 * (k + u) / 256.0 - 1.0
 
 
@@ -92,7 +95,8 @@ def ode_log_likelihood(
     batch, n = shape[0], x[0].numel()
     noise = None
     if divergence != "exact":
-        noise = torch.randn(shape, generator=generator, dtype=torch.float64).to(device, dtype)
+        noise = torch.randn(shape, generator=generator, device=generator_device(generator), dtype=torch.float64)
+        noise = noise.to(device, dtype)
         if divergence == "rademacher":
             noise = noise.sign()
     nfe = 0

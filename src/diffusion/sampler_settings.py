@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from src.diffusion.samplers import CONTINUOUS_SAMPLERS, DDPM_VARIANCES, SAMPLERS, SKIP_TYPES, check_sampler
+from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, SAMPLER_OPTIONS, readers
+from src.diffusion.samplers import DDPM_VARIANCES, SAMPLER_ARGUMENTS, SAMPLERS, SKIP_TYPES, check_sampler
 from src.errors import ConfigError
 
 # SamplerSettings field -> the DiffusionModule option (command-line flag) that sets it.
@@ -32,12 +33,18 @@ class SamplerSettings:
     Args:
         sampler: a name of `samplers.SAMPLERS` ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m", or an SDE / ODE sampler
             of k_samplers.py), or the dotted import path of a sampler function (docs/extending.md).
-        steps: sampling steps (ignored by "ddpm", which runs all T steps).
+        steps: sampling steps (not read by "ddpm", which runs all T steps).
         eta: DDIM eta in [0, 1]: 0 deterministic DDIM, 1 DDPM-like.
         skip: timestep spacing, one of `samplers.SKIP_TYPES`.
         variance: the DDPM variance, "fixed_small", "fixed_large" or "learned" (a net with 2 x channels outputs).
         clip_x0: clamp the predicted x_0 to [-1, 1] at every step.
         options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize).
+
+    Each built-in sampler reads only some of these (`samplers.SAMPLER_ARGUMENTS`, `k_samplers.SAMPLER_OPTIONS`):
+    `steps`, `eta` or `skip` set to a value other than the default, or an option given, that the sampler does not
+    read is a one-line ConfigError naming the sampler and what it takes, never silently ignored. `variance` is
+    checked where its other reader is known, the bound of `test/bpd` (`check_variance`). A sampler of one's own
+    (a dotted path) receives everything.
     """
 
     sampler: str = "ddim"
@@ -51,13 +58,7 @@ class SamplerSettings:
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", dict(self.options or {}))
         check_sampler(self.sampler)  # a built-in name, or an importable package.module.function
-        if self.options and self.sampler in SAMPLERS and self.sampler not in CONTINUOUS_SAMPLERS:
-            raise ConfigError(
-                f"{FLAGS['options']} apply to {', '.join(CONTINUOUS_SAMPLERS)}, not to {FLAGS['sampler']} {self.sampler}"
-            )
-        if self.sampler in CONTINUOUS_SAMPLERS:
-            from src.diffusion.k_samplers import CONTINUOUS_OPTIONS
-
+        if self.sampler in SAMPLERS:
             unknown = sorted(set(self.options) - set(CONTINUOUS_OPTIONS))
             if unknown:
                 raise ConfigError(
@@ -73,13 +74,80 @@ class SamplerSettings:
             raise ConfigError(f"{FLAGS['eta']} must be in [0, 1], got {self.eta}")
         if self.steps < 1:
             raise ConfigError(f"{FLAGS['steps']} must be at least 1, got {self.steps}")
+        unread = self.unread()
+        if unread:
+            raise ConfigError(self._unread_message(unread))
+
+    def unread(self) -> list[str]:
+        """What the chosen built-in sampler does not read although it is set: `steps`, `eta` or `skip` of a value
+        other than the default, and the names in `options`. Empty for a sampler of one's own."""
+        if self.sampler not in SAMPLERS:
+            return []
+        takes = SAMPLER_ARGUMENTS[self.sampler]
+        unread = [
+            name for name in ("steps", "eta", "skip") if name not in takes and getattr(self, name) != _DEFAULTS[name]
+        ]
+        return unread + [name for name in self.options if name not in SAMPLER_OPTIONS.get(self.sampler, ())]
+
+    def _unread_message(self, unread: list[str]) -> str:
+        """One line: what the sampler does not read (and which samplers do), the fix, and what it takes."""
+        parts, fixes = [], []
+        for name in unread:
+            if name in FLAGS:
+                users = [s for s, takes in SAMPLER_ARGUMENTS.items() if name in takes]
+                others = [s for s in SAMPLER_ARGUMENTS if s not in users]
+                users = users if len(users) <= len(SAMPLER_ARGUMENTS) // 2 else [f"all but {', '.join(others)}"]
+                parts.append(f"{FLAGS[name]} {getattr(self, name)} (read by {', '.join(users)})")
+                fixes.append(f"{FLAGS[name]} {_DEFAULTS[name]}")
+            else:
+                parts.append(f"{FLAGS['options']} {name} (read by {', '.join(readers(name))})")
+        options = [name for name in unread if name not in FLAGS]
+        if options:
+            fixes.append(f"{FLAGS['options']} without {', '.join(options)}")
+        takes = [FLAGS[name] for name in SAMPLER_ARGUMENTS[self.sampler]] + [FLAGS["clip_x0"]]
+        if self.sampler in SAMPLER_OPTIONS:
+            takes.append(f"{FLAGS['options']} {{{', '.join(SAMPLER_OPTIONS[self.sampler])}}}")
+        it = "it" if len(unread) == 1 else "them"
+        return (f"{FLAGS['sampler']} {self.sampler} does not read {', '.join(parts)}: pass {' and '.join(fixes)}, or "
+                f"choose a sampler that reads {it}; {self.sampler} takes {', '.join(takes)}")  # fmt: skip
+
+    def check_variance(self, bound: bool) -> None:
+        """`variance` is read by the DDPM samplers and by the variational bound (`bound`: test/bpd is on, which
+        evaluates fixed variances only); a value other than the default that neither reads is a ConfigError."""
+        if self.variance == "fixed_small" or self.sampler not in SAMPLERS:
+            return
+        if "variance" in SAMPLER_ARGUMENTS[self.sampler] or (bound and self.variance != "learned"):
+            return
+        users = ", ".join(s for s, takes in SAMPLER_ARGUMENTS.items() if "variance" in takes)
+        bound_note = "" if self.variance == "learned" else " and by test/bpd with --model.bpd_timesteps, 0 here"
+        raise ConfigError(
+            f"{FLAGS['sampler']} {self.sampler} does not read {FLAGS['variance']} {self.variance} (read by "
+            f"{FLAGS['sampler']} {users}{bound_note}): pass {FLAGS['variance']} fixed_small, or choose a sampler "
+            "that reads it"
+        )
 
     @classmethod
-    def from_options(cls, options: dict) -> SamplerSettings:
+    def from_options(cls, options: dict, stored: bool = False) -> SamplerSettings:
         """The settings of DiffusionModule's options (`sampler`, `sampling_steps`, `ddpm_variance`, ...: the names of
-        `FLAGS`), e.g. a checkpoint's hyperparameters; options it does not hold keep the defaults."""
+        `FLAGS`), e.g. a checkpoint's hyperparameters; options it does not hold keep the defaults. `stored`: the
+        options were recorded (a checkpoint, an export), see `stored`."""
         names = {flag.removeprefix("--model."): name for name, flag in FLAGS.items()}
-        return cls(**{name: options[option] for option, name in names.items() if options.get(option) is not None})
+        fields = {name: options[option] for option, name in names.items() if options.get(option) is not None}
+        return cls.stored(**fields) if stored else cls(**fields)
+
+    @classmethod
+    def stored(cls, **fields: object) -> SamplerSettings:
+        """Settings recorded before unread ones were refused (a checkpoint, an export): what the sampler does not
+        read is reset to its default, which changes nothing, since the sampler never read it."""
+        sampler = fields.get("sampler", cls.sampler)
+        if sampler not in SAMPLERS:
+            return cls(**fields)
+        for name in ("steps", "eta", "skip"):
+            if name in fields and name not in SAMPLER_ARGUMENTS[sampler]:
+                fields[name] = _DEFAULTS[name]
+        if fields.get("options"):
+            fields["options"] = {k: v for k, v in fields["options"].items() if k in SAMPLER_OPTIONS.get(sampler, ())}
+        return cls(**fields)
 
     def check_steps(self, num_timesteps: int) -> None:
         """`steps` must fit the schedule's T."""
@@ -87,11 +155,16 @@ class SamplerSettings:
             raise ConfigError(f"{FLAGS['steps']} must be in [1, {num_timesteps}] (--model.timesteps), got {self.steps}")
 
     def replace(self, **changes: object) -> SamplerSettings:
-        """A copy with `changes` (field names; unknown names are an error, not silently ignored)."""
+        """A copy with `changes` (field names; unknown names are an error, not silently ignored). A new `sampler`
+        drops what it does not read from the old settings (`stored`); what `changes` set must fit it."""
         unknown = sorted(set(changes) - {f.name for f in dataclasses.fields(self)})
         if unknown:
             raise TypeError(f"unknown sampler setting(s) {', '.join(unknown)}; fields: {', '.join(FLAGS)}")
-        return dataclasses.replace(self, **changes)
+        if "sampler" not in changes:
+            return dataclasses.replace(self, **changes)
+        kept = {k: v for k, v in self.to_dict().items() if k not in changes}
+        carried = type(self).stored(sampler=changes["sampler"], **kept)  # the old settings, fitted to the new sampler
+        return dataclasses.replace(carried, **changes)
 
     def kwargs(self) -> dict[str, object]:
         """Keyword arguments of `samplers.sample`: the fields, with `options` spread out."""
@@ -101,3 +174,7 @@ class SamplerSettings:
     def to_dict(self) -> dict[str, object]:
         """A JSON-ready dict (the export's "sampler" entry); `SamplerSettings(**d)` reads it back."""
         return dataclasses.asdict(self)
+
+
+# The default of each field but `options` (what "set" is measured against).
+_DEFAULTS = {f.name: f.default for f in dataclasses.fields(SamplerSettings) if f.name != "options"}

@@ -363,6 +363,16 @@ def dpm_solver_pp_2m_sample(
 
 
 SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m") + CONTINUOUS_SAMPLERS
+# The arguments of `sample` that each built-in sampler reads, besides `clip_x0` (all of them) and the
+# `sampler_options` of the SDE / ODE samplers (`k_samplers.SAMPLER_OPTIONS`). `SamplerSettings` refuses a value
+# other than the default for an argument the chosen sampler does not read, so no setting is silently ignored.
+SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {
+    "ddim": ("steps", "eta", "skip"),
+    "ddpm": ("variance",),  # all T steps
+    "ddpm_respaced": ("steps", "skip", "variance"),
+    "dpmpp_2m": ("steps", "skip"),
+    **{name: ("steps",) for name in CONTINUOUS_SAMPLERS},  # on `steps` Karras noise levels
+}
 
 # ---------------------------------------------------------------------------------------------- your own sampler
 # A sampler of one's own is a function, in any importable file, selected by its dotted path
@@ -439,9 +449,10 @@ def sample(
 
     `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor.
     The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py;
-    `sampler_options` are theirs (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`: see
-    `k_samplers.continuous_sample`). `sampler` may also be a function of your own, or its dotted path
-    "package.module.function", called with the convention described above `SamplerFunction`."""
+    `sampler_options` are theirs (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`, `quantize`: see
+    `k_samplers.continuous_sample`; one the sampler does not read, `k_samplers.SAMPLER_OPTIONS`, is a ValueError).
+    `sampler` may also be a function of your own, or its dotted path "package.module.function", called with the
+    convention described above `SamplerFunction`."""
     if callable(sampler) or (sampler not in SAMPLERS and "." in sampler):  # your own: the convention above
         function = sampler if callable(sampler) else sampler_function(sampler)
         return _sample_with(function, model, x_T, schedule, prediction, steps, skip, eta=eta, variance=variance,

@@ -332,7 +332,7 @@ def _from_export(folder: Path) -> DiffusionModel:
     sampler = dict(meta.get("sampler", {}))
     prediction = meta.get("prediction") or sampler.pop("prediction", "eps")  # version 1 kept it with the sampler
     sampler.pop("prediction", None)
-    settings = SamplerSettings(**sampler)
+    settings = SamplerSettings.stored(**sampler)  # what its sampler does not read: the defaults (changes nothing)
     return DiffusionModel(net, schedule, prediction, settings, None if "betas" in recipe else recipe)
 
 
@@ -360,7 +360,7 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
         net,
         NoiseSchedule.from_name(**recipe),
         hparams.get("prediction", "eps"),
-        SamplerSettings.from_options(hparams),
+        SamplerSettings.from_options(hparams, stored=True),
         recipe,
         guidance_scale=hparams.get("guidance_scale", 1.0),
         sample_labels=hparams.get("sample_labels"),
