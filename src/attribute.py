@@ -136,7 +136,9 @@ def training_set(checkpoint_path: str, data_dir: str | None, limit: int) -> tupl
     labels, their indices in the data set's training file, and the data set's name."""
     data = data_module(checkpoint_path, data_dir)
     images, labels = load_dataset(data.dataset, "train", data.data_dir)
-    indices = data.train_val_indices(len(images))[0] if data.val_size > 0 else torch.arange(len(images))
+    indices = (
+        data.train_val_indices(len(images))[0] if data.num_held_out(len(images)) > 0 else torch.arange(len(images))
+    )
     if limit > 0:
         indices = indices[:limit]
     return images[indices], labels[indices], indices, data.dataset

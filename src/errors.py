@@ -146,8 +146,8 @@ def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str) ->
     if tuple(data_shape) != net_shape:
         raise ShapeMismatchError(
             f"--data.dataset {dataset} gives images of shape {tuple(data_shape)} (C, H, W) but the network takes "
-            f"{net_shape}: set --model.net.init_args.in_channels {data_shape[0]} and "
-            f"--model.net.init_args.image_size {data_shape[-1]}, or choose a matching data set"
+            f"{net_shape}: set --model.net.init_args.in_channels {data_shape[0]} and --image_size {data_shape[-1]}, "
+            "or choose a matching data set"
         )
 
 

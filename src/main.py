@@ -7,6 +7,7 @@ A LightningCLI over DiffusionModule and ImageDataModule. On top of Lightning's o
   --allow_untrained BOOL  predict: sample without --ckpt_path, from the untrained network (else an error)
   --logger_backend     auto | wandb | wandb_offline | tensorboard | csv (used when --trainer.logger is unset)
   --run_name NAME      folder/project name of the run under --trainer.default_root_dir
+  --image_size S       the resolution: the net's image_size (so a folder's images) with its attention moved along
   --fid.*              FID of EMA samples in validate (--fid.num_samples N) and during fit (--fid.every_n_steps K)
 and gives one of Lightning's a new meaning where the config lists a TimeBudget (src/callbacks/time_budget.py):
   --trainer.max_time   the TimeBudget's duration, the run's TOTAL training time (DD:HH:MM:SS); with --ckpt_path last
@@ -23,8 +24,13 @@ import time
 import warnings
 from pathlib import Path
 
+import lightning as L
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.fid import FIDCallback
@@ -47,6 +53,7 @@ from src.errors import (
 )
 from src.lightning_compat import quiet_lightning_banner
 from src.loggers import Backend, DiscardUnusedLogFolder, auto_logger
+from src.models.unet import feature_resolutions
 from src.module import DiffusionModule
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
 
@@ -57,6 +64,10 @@ logging.getLogger("lightning.fabric.utilities.seed").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode")
 # Lightning's "GPU available: False", "TPU available: False" and product tips, which stood before every one-line error.
 quiet_lightning_banner()
+
+# Networks above this many parameters get a warning when they train on the CPU: the CPU recipes have 1-2M
+# (configs/folder32.yaml, configs/fashion_mnist.yaml), the GPU recipes 36M and more (cifar10, folder64, folder256).
+CPU_PARAMETER_LIMIT = 10_000_000
 
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
 # Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
@@ -140,6 +151,60 @@ def latest_checkpoint(root: str, run_name: str) -> Path:
     raise RunNotFoundError(message)
 
 
+def apply_image_size(config: Namespace) -> None:
+    """`--image_size S`: the network's input size set to S (and through the link the data's, which a folder's
+    images are converted to), with its attention moved to the same levels of the network (configs/folder32.yaml's
+    attention at its lowest level, 8 x 8 at 32, becomes 12 x 12 at 48). Nothing when --image_size is not given."""
+    size = config.get("image_size")
+    net = config.get("model.net.init_args")
+    if size is None or net is None or net.get("image_size") is None:
+        return
+    if size < 1:
+        raise ConfigError(f"--image_size must be positive, got {size}")
+    attn, levels = net.get("attn_resolutions"), net.get("channel_mult")
+    if attn is not None and levels is not None:
+        old, new = feature_resolutions(net.image_size, len(levels)), feature_resolutions(size, len(levels))
+        net.attn_resolutions = [new[old.index(r)] if r in old else r for r in attn]
+    net.image_size = size
+    if config.get("data") is not None and "image_size" in config.data:
+        config.data.image_size = size  # the link from the net's image_size was applied when the options were parsed
+
+
+def check_attention_resolutions(config: Namespace) -> None:
+    """ConfigError (one line) when an `attn_resolutions` size is no feature map of the network: the UNet would
+    silently leave that attention out (e.g. a 32-pixel recipe's [8] after --model.net.init_args.image_size 48)."""
+    net = config.get("model.net.init_args")
+    attn = net.get("attn_resolutions") if net is not None else None
+    size, levels = (net.get("image_size"), net.get("channel_mult")) if net is not None else (None, None)
+    if not attn or size is None or levels is None:
+        return
+    sizes = feature_resolutions(size, len(levels))
+    missing = [r for r in attn if r not in sizes]
+    if missing:
+        raise ConfigError(
+            f"--model.net.init_args.attn_resolutions {list(attn)}: at image_size {size} this network's feature maps "
+            f"are {sizes} pixels wide, so attention at {missing} would never run; pick sizes from that list, e.g. "
+            f"--model.net.init_args.attn_resolutions [{sizes[-1]}] (the lowest), or change the resolution with "
+            "--image_size instead, which moves the attention along"
+        )
+
+
+@rank_zero_only
+def warn_if_gpu_sized_on_cpu(trainer: L.Trainer, net: torch.nn.Module) -> None:
+    """One line when a network meant for GPUs is about to train on the CPU (configs/folder64.yaml on a laptop would
+    take weeks), naming the recipes sized for a CPU. Small nets, the CPU recipes' among them, stay quiet. Logged
+    through Lightning's logger, as its own notices are: a Python warning would add its file, line and source."""
+    if not isinstance(trainer.accelerator, CPUAccelerator):
+        return
+    count = sum(p.numel() for p in net.parameters())
+    if count > CPU_PARAMETER_LIMIT:
+        logging.getLogger("lightning.pytorch").warning(
+            f"warning: training a {count / 1e6:.0f}M-parameter network on the CPU: a GPU-sized recipe "
+            "(configs/folder64.yaml trained 0.08 images/s on 2 CPU cores, ~100x slower than configs/folder32.yaml); "
+            "on a CPU use configs/folder32.yaml (a folder of images) or configs/fashion_mnist.yaml, or a GPU"
+        )
+
+
 def fit_callbacks(configured: list, max_nonfinite_skips: int, has_logger: bool) -> list:
     """SignalCheckpoint, NonFiniteGuard, RNGStateCallback (exact resume) and, with a logger, LearningRateMonitor for
     every fit run, unless the config already lists them."""
@@ -204,6 +269,14 @@ class DiffusionCLI(LightningCLI):
         )
         parser.add_argument("--run_name", type=str, default="ddpm", help="name of the run's log folder")
         parser.add_argument(
+            "--image_size",
+            type=int | None,
+            default=None,
+            help="the resolution in one flag: sets --model.net.init_args.image_size (and so the size a folder's "
+            "images are converted to) and moves the net's attn_resolutions to the same levels of the network "
+            "(null: the config's size)",
+        )
+        parser.add_argument(
             "--max_nonfinite_skips",
             type=int,
             default=0,
@@ -244,6 +317,13 @@ class DiffusionCLI(LightningCLI):
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
 
+    def before_instantiate_classes(self) -> None:
+        self._check_untrained_predict()
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        apply_image_size(config)
+        if self.subcommand == "fit" and not config.get("ckpt_path"):  # a checkpoint's net is what it was trained as
+            check_attention_resolutions(config)
+
     def _check_shapes(self) -> None:
         data = self.datamodule
         if data is not None and hasattr(data, "image_shape"):
@@ -280,6 +360,8 @@ class DiffusionCLI(LightningCLI):
         self._check_shapes()
         self._check_guidance()
         self._check_checkpoint()
+        if hasattr(self.datamodule, "check_num_classes"):  # a folder's classes, before it is decoded
+            self.datamodule.check_num_classes(getattr(getattr(self.model, "net", None), "num_classes", None))
 
     def _check_time_left(self) -> None:
         """Continuing a run whose time budget is spent fails here in one line, before config.yaml or a log is
@@ -300,6 +382,7 @@ class DiffusionCLI(LightningCLI):
     def before_fit(self) -> None:
         self._before_run()
         self._check_time_left()
+        warn_if_gpu_sized_on_cpu(self.trainer, getattr(self.model, "net", self.model))
 
     before_validate = before_test = _before_run
 
@@ -307,7 +390,7 @@ class DiffusionCLI(LightningCLI):
         self._check_guidance()
         self._check_checkpoint()
 
-    def before_instantiate_classes(self) -> None:
+    def _check_untrained_predict(self) -> None:
         # Sampling random weights writes plausible-looking files and a success message: only on request. Checked
         # on the parsed options, before the model or the trainer is built.
         options = self.config.get(self.subcommand) if self.subcommand == "predict" else None

@@ -69,7 +69,6 @@ PLACEHOLDER = re.compile(rf"\b({'|'.join(PLACEHOLDERS)})\b(?!=)")
 # configs/folder32.yaml). Strict: once those branches are merged these commands pass, the XPASS fails, and the entry
 # is to be deleted here.
 PENDING_MERGE = {
-    "folder32.yaml": "configs/folder32.yaml (the folder branch)",
 }
 
 needs_fashion_mnist = pytest.mark.skipif(

@@ -81,7 +81,7 @@ def test_missing_data_set_is_one_line_and_touches_nothing(tmp_path: Path) -> Non
     before = files_under(data)
     with pytest.raises(DatasetNotFoundError, match="lacks data_batch_2") as error:
         cli_main(["fit", "--config", CONFIG, "--data.dataset", "cifar10", "--data.data_dir", str(data),
-                  "--model.net.init_args.in_channels", "3", "--model.net.init_args.image_size", "32",
+                  "--model.net.init_args.in_channels", "3", "--image_size", "32",
                   "--trainer.max_steps", "1", "--logger_backend", "csv",
                   "--trainer.default_root_dir", str(tmp_path / "runs")])  # fmt: skip
     assert "\n" not in str(error.value)

@@ -18,6 +18,10 @@ from src.errors import ConfigError
 from src.resume import ResumableDataLoader
 
 FOLDER = "folder"
+# The validation images held out of the training set when --data.val_size is not given: 1,000 for the built-in sets
+# (every shipped result used that split) and for large folders; 5% of a smaller folder (see `num_held_out`).
+DEFAULT_VAL_SIZE = 1000
+FOLDER_VAL_FRACTION = 0.05
 
 
 class ImageDataModule(L.LightningDataModule):
@@ -42,16 +46,18 @@ class ImageDataModule(L.LightningDataModule):
             per-process batch. (Gradient accumulation multiplies the batch of an optimizer step on top.)
         num_workers: DataLoader worker processes (0 loads in the main process, which is fast enough here).
         pin_memory: pin batches in page-locked memory for faster host-to-GPU copies.
-        val_size: number of training images held out for validation (a fixed seeded draw). Built-in sets: 0 trains
-            on the whole training set and validates on the official test set. "folder": the held-out images are
-            the validation and the test set (0: neither).
+        val_size: number of training images held out for validation (a fixed seeded draw). None (the default):
+            1,000 for the built-in sets (the split every shipped result used); for a folder 5% of its images, at
+            least 1 and at most 1,000 (a folder of 50 images holds out 2; a folder of one image, none). Built-in
+            sets: 0 trains on the whole training set and validates on the official test set. "folder": the
+            held-out images are the validation and the test set (0: neither).
         split_seed: seed of the permutation that picks the validation images.
         random_flip: random horizontal flips of training images; None: on for cifar10 and folder, off otherwise.
         drop_last: drop the last incomplete training batch (kept when the set is smaller than a batch).
         num_samples: size of the predict set, i.e. how many images `predict` generates.
         predict_batch_size: batch size of predict (sampling), per process (it changes no sample, only memory).
         image_size: "folder": the height = width images are converted to. The command line sets it from the
-            network (model.net.init_args.image_size); built-in sets keep their own size.
+            network (model.net.init_args.image_size, which --image_size sets); built-in sets keep their own size.
         num_channels: "folder": the channels images are converted to (1: grayscale, 3: RGB, 4: RGBA). The command
             line sets it from the network (model.net.init_args.in_channels).
         cache_dir: "folder": where the decoded uint8 cache goes (default: $DDIM_DATA_CACHE, then
@@ -67,7 +73,7 @@ class ImageDataModule(L.LightningDataModule):
         batch_size: int = 128,
         num_workers: int = 0,
         pin_memory: bool = False,
-        val_size: int = 1000,
+        val_size: int | None = None,
         split_seed: int = 0,
         random_flip: bool | None = None,
         drop_last: bool = True,
@@ -87,7 +93,7 @@ class ImageDataModule(L.LightningDataModule):
             if value < 1:
                 raise ConfigError(f"--data.{arg} must be positive, got {value}")
         for arg, value in [("num_workers", num_workers), ("val_size", val_size), ("num_samples", num_samples)]:
-            if value < 0:
+            if value is not None and value < 0:
                 raise ConfigError(f"--data.{arg} must be >= 0, got {value}")
         if num_channels is not None and num_channels not in (1, 3, 4):
             raise ConfigError(f"--data.dataset folder converts images to 1, 3 or 4 channels, not {num_channels}")
@@ -226,35 +232,63 @@ class ImageDataModule(L.LightningDataModule):
                 self._arrays[split] = load_dataset(self.dataset, split, self.data_dir)
         return self._arrays[split]
 
+    def num_held_out(self, num_train: int) -> int:
+        """How many of ``num_train`` training images are held out for validation: `val_size`, or its default.
+
+        The default scales with a folder, so that a folder of a few dozen images trains (a fixed 1,000 rejected
+        every folder of 1,000 images or fewer), while a large one validates on 1,000 images as the built-in sets
+        do; the built-in sets keep the 1,000 of every earlier run.
+        """
+        if self.val_size is not None:
+            return self.val_size
+        if not self.is_folder:
+            return DEFAULT_VAL_SIZE
+        if num_train < 2:
+            return 0  # one image: train on it, nothing left to validate on
+        return min(DEFAULT_VAL_SIZE, max(1, int(num_train * FOLDER_VAL_FRACTION)))
+
     def train_val_indices(self, num_train: int) -> tuple[Tensor, Tensor]:
         """Indices of the training part and of the held-out validation part of a training set of that size.
 
         A permutation drawn from its own generator seeded with ``split_seed``: the same split every run and
         on every rank, whatever the global seed.
         """
-        if self.val_size >= num_train:
+        val_size = self.num_held_out(num_train)
+        if val_size >= num_train:
             where = f" in {self.data_dir}" if self.is_folder else ""
             raise ConfigError(
-                f"--data.val_size {self.val_size} leaves no training images out of the {num_train}{where}; "
+                f"--data.val_size {val_size} leaves no training images out of the {num_train}{where}; "
                 "set a smaller --data.val_size"
             )
         perm = torch.randperm(num_train, generator=torch.Generator().manual_seed(self.split_seed))
         # Sorted, so the kept images stay in file order (and memory access stays mostly sequential).
-        return perm[self.val_size :].sort().values, perm[: self.val_size].sort().values
+        return perm[val_size:].sort().values, perm[:val_size].sort().values
+
+    def check_num_classes(self, num_classes: int | None) -> None:
+        """ConfigError (one line) unless a folder has as many class subfolders as a class-conditional net has
+        classes. Cheap (a scan of the file names): the command line calls it before the folder is decoded."""
+        if not self.is_folder or not num_classes or len(self.class_names) == num_classes:
+            return
+        if not self.class_names:
+            # A flat folder under a class-conditional recipe, e.g. `make train`'s Fashion-MNIST one: what the user
+            # wants is the folder recipe (an unconditional RGB net), not 10 classes of which 9 never occur.
+            raise ConfigError(
+                f"the network is class-conditional (--model.net.init_args.num_classes {num_classes}) but "
+                f"{self.data_dir} has no class subfolders: train it with the folder recipe, --config "
+                f'configs/folder32.yaml (make train CONFIG=configs/folder32.yaml ARGS="--data.data_dir '
+                f'{self.data_dir}"), or set --model.net.init_args.num_classes null'
+            )
+        found = ", ".join(self.class_names[:5]) + (", ..." if len(self.class_names) > 5 else "")
+        raise ConfigError(
+            f"the network is class-conditional with --model.net.init_args.num_classes {num_classes}, but "
+            f"{self.data_dir} has {len(self.class_names)} class subfolders ({found}); set num_classes to the number "
+            "of subfolders, or null for an unconditional net"
+        )
 
     def _check_labels_fit_the_net(self) -> None:
         """A class-conditional net needs as many classes as the folder has class subfolders."""
         module = self.trainer.lightning_module if self.trainer is not None else None
-        num_classes = getattr(getattr(module, "net", None), "num_classes", None)
-        if not self.is_folder or not num_classes or len(self.class_names) == num_classes:
-            return
-        found = ", ".join(self.class_names[:5]) + (", ..." if len(self.class_names) > 5 else "")
-        found = f"({found})" if found else "(its images are not in class subfolders)"
-        raise ConfigError(
-            f"the network is class-conditional with --model.net.init_args.num_classes {num_classes}, but "
-            f"{self.data_dir} has {len(self.class_names)} class subfolders {found}; set num_classes to the number "
-            "of subfolders, or null for an unconditional net"
-        )
+        self.check_num_classes(getattr(getattr(module, "net", None), "num_classes", None))
 
     def setup(self, stage: str | None = None) -> None:
         """Load what ``stage`` needs: train/val for fit and validate, test for test, indices for predict."""
@@ -263,8 +297,11 @@ class ImageDataModule(L.LightningDataModule):
         if stage in ("fit", "validate", None):
             self.per_process_batch_size  # noqa: B018 (a global batch the processes cannot split fails here)
             images, labels = self._split("train")
-            if self.val_size > 0 or self.is_folder:
+            if self.is_folder or self.num_held_out(len(images)) > 0:
                 train_idx, val_idx = self.train_val_indices(len(images))
+                if self.is_folder and self.val_size is None:
+                    rank_zero_info(f"Holding out {len(val_idx)} of the {len(images)} images of {self.data_dir} for "
+                                   "validation and test (5%, at most 1,000; set --data.val_size N to change)")  # fmt: skip
                 # No flips in the dataset: the training loader draws them (see `train_dataloader`).
                 self.train_set = InMemoryImageDataset(images, labels, indices=train_idx, uint8=True)
                 self.val_set = InMemoryImageDataset(images, labels, indices=val_idx, uint8=True)

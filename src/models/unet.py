@@ -174,6 +174,16 @@ class Upsample(nn.Module):
         return self.conv(F.interpolate(x, size=size, mode="nearest"))
 
 
+def feature_resolutions(image_size: int, num_levels: int) -> list[int]:
+    """The feature-map size of each level of the encoder (`down_path`) for ``image_size`` inputs, from the input's
+    down to the middle block's: each level but the last halves it, rounding up (28 -> 14 -> 7). `attn_resolutions`
+    name sizes from this list."""
+    sizes = [image_size]
+    for _ in range(num_levels - 1):
+        sizes.append((sizes[-1] + 1) // 2)
+    return sizes
+
+
 def down_path(
     base_channels: int,
     channel_mult: Sequence[int],
