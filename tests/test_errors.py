@@ -279,6 +279,22 @@ def test_a_missing_data_dir_is_one_line_never_the_system_copy(tmp_path: Path, mo
     assert files_under(runs) == {"fashion_mnist/version_0/notes.txt": b"mine"}
 
 
+def test_a_folder_of_images_given_to_a_builtin_data_set_names_the_folder_recipe(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `make train ARGS="--data.data_dir my_photos"` trains the quickstart's Fashion-MNIST config: the folder holds
+    # PNG files, not the idx files, and the fix is the folder recipe.
+    from PIL import Image
+
+    photos = tmp_path / "photos" / "cats"
+    photos.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(photos / "0.png")
+    message = run_main(monkeypatch, "fit", "--config", CONFIG, *TINY_FIT, "--data.data_dir", str(tmp_path / "photos"),
+                       "--trainer.default_root_dir", str(tmp_path / "runs"))  # fmt: skip
+    assert "holds image files" in message and "--config configs/folder32.yaml" in message
+    assert "\n" not in message.strip()
+
+
 @pytest.mark.parametrize("backend", ["tensorboard", "csv"])
 def test_a_run_failing_before_its_first_step_leaves_no_version_folder(
     backend: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

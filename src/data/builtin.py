@@ -175,10 +175,28 @@ def _how_to_place(info: DatasetInfo, root: Path) -> str:
     )
 
 
+def _holds_images(root: Path) -> bool:
+    """Whether `root` or one of its subfolders holds an image file (a look at two levels, not a full scan)."""
+    suffixes = {".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+    try:
+        entries = list(root.iterdir())
+        if any(e.suffix.lower() in suffixes for e in entries if e.is_file()):
+            return True
+        return any(f.suffix.lower() in suffixes for d in entries if d.is_dir() for f in d.iterdir())
+    except OSError:
+        return False
+
+
 def _not_found_message(info: DatasetInfo, dirs: list[Path], data_dir: str | os.PathLike | None, partial: str) -> str:
     looked = ", ".join(map(str, dirs[:-1])) + f" and {dirs[-1]}" if len(dirs) > 1 else str(dirs[0])
     root = _root(data_dir)
     msg = f"{info.title} not found: looked in {looked}{partial}."
+    if data_dir is not None and _holds_images(root):
+        # The usual cause: a folder of one's own images given to a built-in data set's config.
+        msg += (
+            f" {root} holds image files: to train on them, use the folder recipe (--config configs/folder32.yaml,"
+            ' make train CONFIG=configs/folder32.yaml ARGS="--data.data_dir DIR") or --data.dataset folder.'
+        )
     if info.apt_package and data_dir is None:
         msg += f" Install it with 'apt-get install -y {info.apt_package}', or"
     else:
