@@ -238,6 +238,13 @@ def test_the_readme_sample_labels_flag_parses(capsys) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- issue 22: one line each
+@pytest.fixture(autouse=True)
+def no_signal_watcher(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run()` installs the process's SIGTERM watcher (src/signals.py), which would stay in the test process and end
+    it at a later test's own SIGTERM (tests/test_faults.py): the suite stopped there without a word."""
+    monkeypatch.setattr("src.main.exit_on_second_signal", lambda: True)
+
+
 def run_main(monkeypatch: pytest.MonkeyPatch, *args: str, module: str = "src.main") -> str:
     """`python -m <module> ARGS` in this process (the same `run()` the module's __main__ calls): the one-line error
     it exits with. A traceback would be an exception other than SystemExit, failing the test."""
