@@ -5,12 +5,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+
+HEADER_HEIGHT = 12  # pixels of the strip that names a grid's columns (`label_columns`)
 
 
 def to_uint8(images: Tensor) -> Tensor:
@@ -31,6 +34,30 @@ def make_grid(images: Tensor, nrow: int | None = None, padding: int = 2, pad_val
         top, left = padding + row * (h + padding), padding + col * (w + padding)
         grid[:, top : top + h, left : left + w] = images[k]
     return grid
+
+
+def label_columns(
+    grid: Tensor, names: Sequence[str], cell_width: int, padding: int = 2, pad_value: int = 255
+) -> Tensor:
+    """`grid` (uint8 (C, H, W), from `make_grid` with len(names) columns of `cell_width` pixels) with a strip of
+    HEADER_HEIGHT pixels on top naming each column: a class-conditional grid holds one class per column, and the
+    header says which. A name wider than its cell is cut to the characters that fit (the full names are the data
+    set's `class_names`)."""
+    channels, _, width = grid.shape
+    strip = Image.new("L", (width, HEADER_HEIGHT), color=pad_value)
+    draw = ImageDraw.Draw(strip)
+    try:  # FreeType's default font at a size that fits a 28-pixel cell; the bitmap fallback otherwise
+        font = ImageFont.load_default(size=9)
+    except (ImportError, OSError, TypeError):
+        font = ImageFont.load_default()
+    ink = 0 if pad_value > 127 else 255
+    for column, name in enumerate(names):
+        text = str(name)
+        while text and draw.textlength(text, font=font) > cell_width:
+            text = text[:-1]
+        draw.text((padding + column * (cell_width + padding), 0), text, fill=ink, font=font)
+    header = torch.from_numpy(np.array(strip)).expand(channels, -1, -1)
+    return torch.cat([header, grid], dim=1)
 
 
 def to_pil(image: Tensor) -> Image.Image:

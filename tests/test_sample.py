@@ -16,7 +16,9 @@ import torch
 from PIL import Image
 from test_faults import write_fake_fashion_mnist
 
+from src.callbacks.sampling import column_names
 from src.errors import ConfigError, UserError
+from src.images import HEADER_HEIGHT, label_columns, make_grid
 from src.main import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,13 +41,13 @@ TINY = [arg for key, value in TINY_NET.items() for arg in (f"--model.net.init_ar
 CELL = 28 + 2  # make_grid: each image plus 2 pixels of padding, and 2 more at the right and bottom edges
 
 
-def _grid_size(rows: int, columns: int) -> tuple[int, int]:
-    """PIL's (width, height) of a grid of 28x28 images."""
-    return (columns * CELL + 2, rows * CELL + 2)
+def _grid_size(rows: int, columns: int, header: bool = False) -> tuple[int, int]:
+    """PIL's (width, height) of a grid of 28x28 images (with `header`: the strip naming a conditional grid's classes)."""
+    return (columns * CELL + 2, rows * CELL + 2 + (HEADER_HEIGHT if header else 0))
 
 
-def _cell(grid: Path, row: int, column: int) -> np.ndarray:
-    top, left = 2 + row * CELL, 2 + column * CELL
+def _cell(grid: Path, row: int, column: int, header: bool = False) -> np.ndarray:
+    top, left = 2 + row * CELL + (HEADER_HEIGHT if header else 0), 2 + column * CELL
     return np.asarray(Image.open(grid))[top : top + 28, left : left + 28]
 
 
@@ -76,7 +78,7 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
               "--data.val_size", "8", "--trainer.callbacks", json.dumps(callbacks)])  # fmt: skip
     # The fit-time grid of a class-conditional model: one column per class as well.
     (fit_grid,) = root.glob("fashion_mnist_cond/version_0/samples/step_*.png")
-    assert Image.open(fit_grid).size == _grid_size(2, 10)
+    assert Image.open(fit_grid).size == _grid_size(2, 10, header=True)
     other = _unconditional_checkpoint(root / "fashion_mnist" / "version_0" / "checkpoints" / "last.ckpt")
     later = other.stat().st_mtime + 60
     os.utime(other, (later, later))  # the newest last.ckpt under ROOT, of another run
@@ -94,9 +96,12 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
     # Labelled file names: the conditional run's checkpoint, not the newer unconditional one.
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{i % 10}_{i}.png" for i in range(12))
     grid = root / "samples" / "first.png"
-    assert Image.open(grid).size == _grid_size(2, 10)
-    # Sample 11 (label 1) is in row 1, column 1: each column holds one class.
-    assert np.array_equal(_cell(grid, 1, 1), np.asarray(Image.open(out / "1_11.png")))
+    assert Image.open(grid).size == _grid_size(2, 10, header=True)
+    # Sample 11 (label 1) is in row 1, column 1: each column holds one class, named in the header (dark text on white
+    # above each column; Fashion-MNIST's class 1 is "Trouser").
+    assert np.array_equal(_cell(grid, 1, 1, header=True), np.asarray(Image.open(out / "1_11.png")))
+    header = np.asarray(Image.open(grid))[:HEADER_HEIGHT]
+    assert all((header[:, 2 + c * CELL : 2 + c * CELL + 28] < 128).any() for c in range(10))
 
     # CKPT=path is passed as given.
     dry = subprocess.run(["make", "-n", "-o", "install", "sample", f"CKPT={other}"], cwd=REPO, capture_output=True,
@@ -154,3 +159,34 @@ def test_guidance_on_an_unconditional_net_is_an_error(subcommand: str, tmp_path:
     with pytest.raises(ConfigError, match=r"classifier-free guidance needs a class-conditional net.*num_classes"):
         cli_main([subcommand, "--config", UNCOND, *TINY, "--model.guidance_scale", "1.5",
                   "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])  # fmt: skip
+
+
+def test_column_names_name_each_column_by_its_class() -> None:
+    """A conditional grid's header: the data set's class name of each label the samples cycle through (sample_labels
+    picks and orders them), the label number where the data module has none; no header for an unconditional model."""
+    from types import SimpleNamespace
+
+    def names(choices, class_names):
+        model = SimpleNamespace(label_choices=lambda: choices)
+        return column_names(
+            SimpleNamespace(datamodule=SimpleNamespace(class_names=class_names)), SimpleNamespace(model=model)
+        )
+
+    fashion = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+    assert names(list(range(10)), fashion) == fashion
+    assert names([9, 1], fashion) == ["Ankle boot", "Trouser"]
+    assert names([0, 1, 2], []) == ["0", "1", "2"]
+    assert names(None, fashion) is None
+
+
+def test_label_columns_keeps_the_grid_and_writes_inside_each_column() -> None:
+    """The header is a strip on top: the grid below is unchanged, and each name is cut to its column's width, so no
+    text runs into the next column's space."""
+    images = torch.full((4, 1, 28, 28), 200, dtype=torch.uint8)
+    grid = make_grid(images, nrow=2)
+    labelled = label_columns(grid, ["a very long class name", "b"], cell_width=28)
+    assert labelled.shape == (1, grid.shape[1] + HEADER_HEIGHT, grid.shape[2])
+    assert torch.equal(labelled[:, HEADER_HEIGHT:], grid)
+    header = labelled[0, :HEADER_HEIGHT].numpy()
+    assert (header[:, 2:30] < 128).any() and (header[:, 32:60] < 128).any()  # ink above both columns
+    assert (header[:, 30:32] == 255).all()  # none in the gap between them

@@ -13,7 +13,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from src.diffusion.samplers import SAMPLER_ARGUMENTS
 from src.errors import ConfigError
-from src.images import make_grid, read_png, save_png, to_uint8
+from src.images import label_columns, make_grid, read_png, save_png, to_uint8
 
 
 def run_dir(trainer: L.Trainer) -> Path:
@@ -32,7 +32,7 @@ class SampleGrid(Callback):
 
     Args:
         every_n_steps: steps between grids (0: only at the end of training).
-        num_samples: images in the grid.
+        num_samples: images in the grid (a class-conditional grid rounds it up to fill its last row of classes).
         seed: seed of the fixed noise (the same x_T every time, so grids show progress, not luck).
         sampling_steps: sampling steps for the grid (None: the model's `sampling_steps`); refused at the start of fit
             when the model's sampler does not take steps (ddpm).
@@ -65,8 +65,11 @@ class SampleGrid(Callback):
         start = time.perf_counter()
         overrides = {"steps": self.sampling_steps} if self.sampling_steps else {}
         # Fixed noise (sample i's own seeded generator): the grid at step N depends only on the weights.
-        images = pl_module.model.sample_indices(torch.arange(self.num_samples), seed=self.seed, **overrides)
-        grid = make_grid(to_uint8(images), nrow=grid_columns(pl_module))
+        names = column_names(trainer, pl_module)
+        # A class-conditional grid fills its last row (64 samples, 10 classes: 70), so every column is one class.
+        num_samples = -(-self.num_samples // len(names)) * len(names) if names else self.num_samples
+        images = pl_module.model.sample_indices(torch.arange(num_samples), seed=self.seed, **overrides)
+        grid = labelled_grid(to_uint8(images), names)
         self.last_path = save_png(grid, folder / f"step_{step:07d}.png")
         rank_zero_info(f"Saved sample grid {self.last_path} ({time.perf_counter() - start:.1f}s)")
         for logger in trainer.loggers:
@@ -88,6 +91,27 @@ def grid_columns(pl_module: L.LightningModule) -> int | None:
     return len(choices) if choices else None
 
 
+def column_names(trainer: L.Trainer, pl_module: L.LightningModule) -> list[str] | None:
+    """The header of a class-conditional grid: for each column, the data set's name of the class it holds (the
+    label number where the data module has no names, e.g. a folder no longer on disk); None: unconditional."""
+    label_choices = getattr(getattr(pl_module, "model", None), "label_choices", None)
+    choices = label_choices() if callable(label_choices) else None
+    if not choices:
+        return None
+    try:
+        names = list(getattr(trainer.datamodule, "class_names", None) or [])
+    except FileNotFoundError:  # a folder's names come from the folder (or the checkpoint, once restored)
+        names = []
+    return [names[label] if label < len(names) else str(label) for label in choices]
+
+
+def labelled_grid(images: torch.Tensor, names: list[str] | None) -> torch.Tensor:
+    """uint8 images (B, C, H, W) -> one grid: with `names`, one column per name and a header naming them (a
+    class-conditional model's samples cycle through the classes, so each column is one class); else near-square."""
+    grid = make_grid(images, nrow=len(names) if names else None)
+    return label_columns(grid, names, cell_width=images.shape[-1]) if names else grid
+
+
 def _log_image(logger, key: str, grid: torch.Tensor, step: int) -> None:
     """Log a uint8 (C, H, W) grid to whichever logger it is (TensorBoard, wandb); others keep the PNG only."""
     experiment = getattr(logger, "experiment", None)
@@ -100,7 +124,8 @@ def _log_image(logger, key: str, grid: torch.Tensor, step: int) -> None:
 class PNGWriter(BasePredictionWriter):
     """Writes every predicted image as `<output_dir>/<index>.png` (`<label>_<index>.png` when the batch
     carries labels), one file per sample, each written atomically; with `grid_path`, also one PNG grid of all of
-    them in index order, `grid_columns` per row (None: near-square).
+    them in index order, `grid_columns` per row (None: near-square), with a header naming each column's class when
+    the samples are labelled (`column_names`).
 
     Refuses to write into a folder that already holds files, or over an existing grid file, unless `overwrite` is
     set, so earlier samples are never silently replaced.
@@ -175,6 +200,11 @@ class PNGWriter(BasePredictionWriter):
         if trainer.is_global_zero:
             images = [read_png(self.output_dir / self._name(i, label)) for i, label in enumerate(labels) if label > -2]
             if images:
-                save_png(make_grid(torch.stack(images), nrow=self.grid_columns), self.grid_path)
+                names = column_names(trainer, pl_module) if self.grid_columns else None
+                if names is not None and len(names) == self.grid_columns:
+                    grid = labelled_grid(torch.stack(images), names)
+                else:
+                    grid = make_grid(torch.stack(images), nrow=self.grid_columns)
+                save_png(grid, self.grid_path)
                 rank_zero_info(f"Wrote a grid of {len(images)} samples to {self.grid_path}")
         strategy.barrier("grid")  # the grid exists when predict returns, on every rank
