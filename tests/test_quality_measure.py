@@ -19,7 +19,7 @@ def train_tiny_feature_classifier(root: Path) -> Path:
     from src.classifier_module import ClassifierModule
 
     cli_main(["fit", "--config", str(REPO / "configs" / "fashion_mnist_fd_classifier.yaml"),
-              "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
+              "--model.net.init_args.widths", "[4, 8]",
               "--trainer.max_steps", "20", "--trainer.val_check_interval", "20", "--trainer.limit_val_batches", "1",
               "--data.batch_size", "32", "--data.val_size", "32", "--trainer.default_root_dir", str(root),
               "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
