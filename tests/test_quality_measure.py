@@ -303,3 +303,31 @@ def test_fid_callback_logs_label_agreement_of_conditional_samples(tmp_path: Path
     with torch.no_grad():
         predicted = ClassifierFeatures(path)(to_uint8(module.model.sample_indices(indices)))["class_logits"].argmax(1)
     assert logged["val/label_agreement"] == pytest.approx(float((predicted == indices % 4).double().mean()))
+
+
+@needs_fashion_mnist
+def test_fid_callback_logs_the_classifier_accuracy_with_a_data_set(tmp_path: Path, tiny_unet) -> None:
+    from types import SimpleNamespace
+
+    from src.callbacks.fid import FIDCallback
+    from src.data import load_dataset
+    from src.metrics.evaluation import save_statistics
+    from src.metrics.features import ClassifierFeatures
+    from src.module import DiffusionModule
+
+    torch.manual_seed(0)
+    path = tmp_path / "clf.pt"
+    FeatureClassifier(widths=(4,)).eval().save(str(path))
+    save_statistics(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
+    callback = FIDCallback(extractor=str(path), ref_stats=str(tmp_path / "ref.npz"), batch_size=500,
+                           cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    datamodule = SimpleNamespace(dataset="fashion_mnist", data_dir=None, is_folder=False)
+    trainer = SimpleNamespace(global_rank=0, world_size=1, datamodule=datamodule)
+    logged = callback.compute(DiffusionModule(tiny_unet(image_size=28), sampling_steps=2), trainer, num_samples=4)
+    images, labels = load_dataset("fashion_mnist", "test")
+    with torch.no_grad():
+        predicted = torch.cat(
+            [ClassifierFeatures(path)(chunk)["class_logits"].argmax(1) for chunk in images.split(1000)]
+        )
+    assert logged["val/classifier_accuracy"] == pytest.approx(float((predicted == labels).double().mean()))
+    assert list(tmp_path.glob("cache/fashion_mnist-test-classifier-*-n10000-accuracy.json"))
