@@ -16,6 +16,12 @@ Prints one JSON object: {"fid": ..., "kid_mean", "kid_std" (with --kid and a dat
 with a classifier file the distance is "fd_classifier" and the other keys carry "_classifier". With
 --reference_values, also the same distance for as many real held-out images (the test split: "<fd>_real_vs_real")
 and for them plus Gaussian noise of std 0.2 in the [-1, 1] range ("<fd>_noised_real"), the scale to read it on.
+With a classifier file, also what the classifier says the images are (`src/metrics/labels.py`): its accuracy on
+the --ref data set's real test split ("classifier_accuracy", computed once and cached beside the reference
+statistics, keyed by the file's hash), the samples' predicted class counts ("predicted_class_counts") and, when
+the sample file names carry labels (`predict`'s `<label>_<index>.png`, or a `labels` array in a .npz), the
+fraction of samples the classifier gives their label, overall and per class ("label_agreement",
+"label_agreement_per_class"); with --reference_values, the same for the real test images ("label_agreement_real").
 A data set's reference statistics are cached as in training (`--cache_dir`, default ~/.cache/ddim-lightning/fid_stats).
 The scores are the torchmetrics Metrics the FID callback uses (`src/metrics/fid.py`, `src/metrics/scores.py`).
 """
@@ -32,7 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from src.errors import UserError, names_a_given_path, one_line
+from src.errors import ConfigError, UserError, names_a_given_path, one_line
 from src.metrics import evaluation
 from src.metrics.features import (
     EXTRACTORS,
@@ -43,7 +49,22 @@ from src.metrics.features import (
     missing_weights_message,
 )
 from src.metrics.fid import FeatureStatistics, FrechetDistance
+from src.metrics.labels import class_counts, classifier_test_accuracy, label_agreement, labels_from_names
 from src.metrics.scores import InceptionScore, KernelInceptionDistance, PrecisionRecall
+
+
+def sample_labels(path: str | Path) -> torch.Tensor | None:
+    """The labels of `load_samples(path)`'s images, in its order, when the file names carry them
+    (`<label>_<index>.png`, as `predict` writes conditional samples) or a .npz holds a `labels` array (or
+    ADM's `arr_1` beside `arr_0`); else None."""
+    path = Path(path)
+    if path.is_dir():
+        from src.data.folder import scan_folder
+
+        return labels_from_names(scan_folder(path)[0])
+    with np.load(path) as data:
+        name = "labels" if "labels" in data.files else "arr_1" if data.files[:2] == ["arr_0", "arr_1"] else None
+        return None if name is None else torch.from_numpy(data[name].astype(np.int64)).flatten()
 
 
 def load_samples(path: str | Path) -> torch.Tensor:
@@ -98,16 +119,45 @@ def reference_values(extractor, args, num: int, distance: FrechetDistance) -> di
     what a perfect model and a visibly flawed one score at this sample size (`distance` holds the reference)."""
     from src.data import load_dataset
 
-    real = load_dataset(args.ref, "test", args.data_dir)[0][:num]
+    real, labels = (x[:num] for x in load_dataset(args.ref, "test", args.data_dir))
     if len(real) < num:
         print(f"note: the test split has {len(real)} images, fewer than the {num} samples", file=sys.stderr)
     values = {}
     for name, images in (("real_vs_real", real), ("noised_real", noised(real, args.noise_std))):
         distance.reset()  # the reference stays
-        distance.update(features_of(extractor, images, args.batch_size, args.device, name)["pool"])
+        feats = features_of(extractor, images, args.batch_size, args.device, name)
+        distance.update(feats["pool"])
         values[name] = float(distance.compute())
+        if name == "real_vs_real" and "class_logits" in feats:
+            # The classifier's agreement with real labels at this n: the ceiling for samples' label agreement.
+            values["label_agreement_real"] = label_agreement(feats["class_logits"].argmax(1), labels)["label_agreement"]
     values["reference_n"] = len(real)
     return values
+
+
+def classifier_results(extractor, args, samples: torch.Tensor, predicted: torch.Tensor) -> dict[str, object]:
+    """What the classifier says: its accuracy on the --ref data set's test split (cached; absent for a .npz or
+    folder --ref), the samples' predicted class counts and, when their names carry labels, the label agreement."""
+    results: dict[str, object] = {}
+    if not args.ref.endswith(".npz") and not Path(args.ref).is_dir():
+        from src.data import load_dataset
+
+        images, labels = load_dataset(args.ref, "test", args.data_dir)
+        results["classifier_accuracy"] = classifier_test_accuracy(
+            extractor, args.ref, images, labels, args.batch_size, args.device, args.cache_dir
+        )
+        results["classifier_accuracy_n"] = len(images)
+    num_classes = extractor.net.num_classes
+    results["predicted_class_counts"] = class_counts(predicted, num_classes)
+    labels = sample_labels(args.samples)
+    if labels is not None:
+        if len(labels) != len(samples):
+            raise ConfigError(f"--samples {args.samples}: {len(labels)} labels for {len(samples)} images")
+        if int(labels.max()) >= num_classes or int(labels.min()) < 0:
+            raise ConfigError(f"--samples {args.samples}: labels {int(labels.min())}..{int(labels.max())} in the file "
+                             f"names, but the classifier {extractor.path} knows classes 0..{num_classes - 1}")  # fmt: skip
+        results.update(label_agreement(predicted, labels))
+    return results
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -179,11 +229,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     distance = FrechetDistance(extractor.pool_dim, reference=(ref_mu, ref_sigma))
     distance.update(feats["pool"])
     results[fd_key] = float(distance.compute())
+    if extractor.name == "classifier":  # beside the distance: how far the classifier's features can be trusted
+        results.update(classifier_results(extractor, args, samples, feats["class_logits"].argmax(1)))
     if args.reference_values:
         if args.ref.endswith(".npz"):
             raise SystemExit("--reference_values needs a data set name as --ref (its test split is the real sample)")
         for name, value in reference_values(extractor, args, len(samples), distance).items():
-            results[f"{fd_key}_{name}"] = value
+            results[name if name.startswith("label_") else f"{fd_key}_{name}"] = value
     for flag, metric, keys in (("kid", KernelInceptionDistance(), ("kid_mean", "kid_std")),
                                ("prc", PrecisionRecall(k=3), ("precision", "recall"))):  # fmt: skip
         if getattr(args, flag):
@@ -201,7 +253,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         results["is_mean"], results["is_std"] = (float(v) for v in inception_score.compute())
     if extractor.name == "classifier":
         results["extractor_sha256"] = extractor.sha256
-        results["note"] = "classifier features: NOT FID; comparable only between numbers from the same classifier file"
+        results["note"] = (
+            "classifier features: NOT FID; comparable only between numbers from the same classifier file "
+            "(read them beside classifier_accuracy, its accuracy on real test images)"
+        )
     elif suffix:
         results["note"] = "stand-in features: these numbers are NOT FID/KID and not comparable to papers"
     json.dump(results, sys.stdout, indent=1)

@@ -29,6 +29,9 @@ class FIDCallback(Callback):
     and log the Fréchet distance of their features to the reference statistics: `val/fid` with the standard
     Inception network, `val/fid_standin` with the offline stand-in (NOT an FID), `val/fd_classifier` with a
     classifier file. The statistics are a torchmetrics `FrechetDistance`, summed across processes by its sync.
+    With a classifier file it also logs `val/classifier_accuracy` (the file's accuracy on the data set's real test
+    split, computed once and cached) and, for conditional samples, `val/label_agreement` (the fraction the
+    classifier gives the label they were drawn with; `src/metrics/labels.py`).
 
     In fit, monitor it with `ModelCheckpoint(monitor="val/fid", mode="min", every_n_train_steps=<every_n_steps>)`.
     Few samples (e.g. 5,000) bias FID upwards; compare such numbers only with each other.
@@ -89,6 +92,7 @@ class FIDCallback(Callback):
         # state_dict is empty, so neither the extractor nor the metric lands in checkpoints.
         self._extractor: nn.Module | None = None
         self.metric: FrechetDistance | None = None
+        self._accuracy: float | None = None  # a classifier extractor's test accuracy
 
     # ------------------------------------------------------------------ Lightning hooks
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -177,9 +181,19 @@ class FIDCallback(Callback):
         indices = evaluation.shard_indices(num_samples, rank, world_size)
         start = time.perf_counter()
         bar = tqdm(total=len(indices), desc="FID: sampling + features", unit="img", leave=False, disable=rank != 0)
+        is_classifier = extractor.name == "classifier"
+        labels_for = getattr(pl_module.model, "labels_for", None) if is_classifier else None
+        agreement = torch.zeros(2, dtype=torch.float64, device=device)  # (agreeing, labelled) samples
         for chunk in indices.split(self.batch_size):
             images: Tensor = to_uint8(pl_module.model.sample_indices(chunk))
-            metric.update(extractor(images.to(device))["pool"])
+            features = extractor(images.to(device))
+            metric.update(features["pool"])
+            labels = labels_for(chunk) if labels_for is not None else None
+            if labels is not None:  # conditional samples: does the classifier give them their label?
+                predicted = features["class_logits"].argmax(1)
+                agreement += torch.stack(
+                    [(predicted == labels.to(device)).sum(), torch.tensor(len(chunk), device=device)]
+                )
             bar.update(len(chunk))
         bar.close()
         value = float(metric.compute())  # over all processes (torchmetrics' sync)
@@ -187,11 +201,39 @@ class FIDCallback(Callback):
             raise RuntimeError(f"FID statistics hold {metric.computed_num_samples} samples, expected {num_samples}")
         seconds_per_1k = (time.perf_counter() - start) / max(num_samples, 1) * 1000.0
         name = evaluation.metric_name(extractor.name, "fid")
+        self.last = {name: value}
         label = {"inception": "", "classifier": f" (features of {getattr(extractor, 'path', '')}: NOT an FID)"}.get(
             extractor.name, " (stand-in features: NOT an FID, not comparable to papers)"
         )
+        if is_classifier:
+            if trainer is not None and trainer.world_size > 1:
+                agreement = trainer.strategy.reduce(agreement, reduce_op="sum")
+            extra = []
+            accuracy = self.classifier_accuracy(trainer, device)
+            if accuracy is not None:
+                self.last["val/classifier_accuracy"] = accuracy
+                extra.append(f"classifier test accuracy {accuracy:.2%}")
+            if agreement[1] > 0:
+                self.last["val/label_agreement"] = float(agreement[0] / agreement[1])
+                extra.append(f"label agreement {self.last['val/label_agreement']:.2%}")
+            label += "".join(f"; {text}" for text in extra)
         rank_zero_info(
             f"{name} = {value:.4f} from {num_samples} samples{label}; {seconds_per_1k:.1f} s per 1,000 samples"
         )
-        self.last = {name: value}
         return self.last
+
+    def classifier_accuracy(self, trainer: L.Trainer | None, device: torch.device | str) -> float | None:
+        """A classifier extractor's accuracy on the built-in data set's test split (cached on disk by the file's
+        hash, `src.metrics.labels`); None without a trainer's built-in data set (a folder, or `ref_stats` alone)."""
+        datamodule = getattr(trainer, "datamodule", None) if trainer is not None else None
+        if datamodule is None or getattr(datamodule, "is_folder", False) or not hasattr(datamodule, "dataset"):
+            return None
+        if self._accuracy is None:
+            from src.data import load_dataset
+            from src.metrics.labels import classifier_test_accuracy
+
+            images, labels = load_dataset(datamodule.dataset, "test", getattr(datamodule, "data_dir", None))
+            self._accuracy = classifier_test_accuracy(
+                self.extractor(device), datamodule.dataset, images, labels, self.batch_size, device, self.cache_dir
+            )
+        return self._accuracy

@@ -138,8 +138,9 @@ class StandInFeatures(nn.Module):
 
 
 class ClassifierFeatures(nn.Module):
-    """The pooled penultimate features of a classifier trained on the same data set (a `NoisyClassifier` file,
-    `NoisyClassifier.save`; configs/fashion_mnist_fd_classifier.yaml trains a clean-image one): the usual proxy for
+    """The pooled penultimate features of a classifier trained on the same data set (a `FeatureClassifier` file,
+    which configs/fashion_mnist_fd_classifier.yaml trains, or a clean-only `NoisyClassifier` one; both
+    `src.models.classifier.load_classifier`): the usual proxy for
     FID on MNIST-like data, which Inception's ImageNet features fit poorly. Evaluated at t = 0. Images are
     converted to the classifier's channels (RGB -> luma mean, gray -> repeated) and resized (bilinear) to its size.
 
@@ -152,7 +153,7 @@ class ClassifierFeatures(nn.Module):
 
     def __init__(self, path: str | os.PathLike) -> None:
         super().__init__()
-        from src.models.classifier import NoisyClassifier
+        from src.models.classifier import load_classifier
 
         path = Path(path)
         if not path.is_file():
@@ -161,7 +162,7 @@ class ClassifierFeatures(nn.Module):
         self.path = str(path)
         self.sha256 = hashlib.sha256(path.read_bytes()).hexdigest()
         self.cache_id = f"classifier-{self.sha256[:12]}"
-        self.net = NoisyClassifier.load(str(path)).requires_grad_(False).eval()
+        self.net = load_classifier(str(path)).requires_grad_(False).eval()
         self.pool_dim = self.net.head.in_features
 
     def forward(self, images: Tensor) -> dict[str, Tensor]:
