@@ -63,6 +63,10 @@ class DiffusionModule(L.LightningModule):
         sampler, sampling_steps, eta, skip, ddpm_variance, clip_denoised, sampler_options: the sampler settings of
             grids, FID and predict, as `src/diffusion/sampler_settings.py: SamplerSettings` (sampler, steps, eta,
             skip, variance, clip_x0, options) documents them; these are their command-line names.
+        dynamic_threshold_percentile: with clip_denoised, clip x_0 by Imagen's dynamic thresholding instead of to
+            [-1, 1] (Saharia et al. 2022, section 2.3): per sample, s = this quantile of |x_0| (a fraction, 0.995),
+            at least 1; x_0 is clipped to [-s, s] and divided by s. None: the static clip.
+        dynamic_threshold_max: the largest s of dynamic thresholding (diffusers' sample_max_value); None: no bound.
         sample_seed: seed of the predict noise; sample i of a run always starts from the same x_T.
         p_uncond: class-conditional nets (net.num_classes set): probability of training on the null label, which
             makes the net also unconditional, for classifier-free guidance (0.1; Ho & Salimans 2022).
@@ -114,6 +118,8 @@ class DiffusionModule(L.LightningModule):
         skip: str = "uniform",
         ddpm_variance: str = "fixed_small",
         clip_denoised: bool = False,
+        dynamic_threshold_percentile: float | None = None,
+        dynamic_threshold_max: float | None = None,
         sampler_options: dict[str, float] | None = None,
         sample_seed: int = 0,
         p_uncond: float = 0.1,
@@ -318,7 +324,7 @@ class DiffusionModule(L.LightningModule):
         elif hp.bpd_timesteps != 0:
             generator = torch.Generator().manual_seed(20_000 + batch_idx)
             terms = nll_bits_per_dim(eps_model, batch[0], self.schedule, hp.bpd_timesteps, hp.ddpm_variance,
-                                     hp.clip_denoised, generator)  # fmt: skip
+                                     self.model.settings.clip_x0, generator)  # fmt: skip
             self.log("test/bpd", terms["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
         if batch_idx < hp.get("ode_bpd_batches", 0):
             generator = torch.Generator().manual_seed(30_000 + batch_idx)

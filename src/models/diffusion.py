@@ -253,7 +253,8 @@ class DiffusionModel(nn.Module):
         **overrides: object,
     ) -> Tensor:
         """Images in [-1, 1] from noise x_T with the configured sampler; keyword `overrides` replace settings
-        (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0, options). Conditional nets: `labels`
+        (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0 (False, True or a
+        `parameterization.DynamicThreshold`), options). Conditional nets: `labels`
         (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w."""
         settings = self.settings.replace(**overrides) if overrides else self.settings
         keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
