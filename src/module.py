@@ -73,6 +73,9 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: classifier-free guidance scale s = 1 + w (diffusers' convention; Ho & Salimans' weight is
             w): eps~ = s eps(x, t, y) + (1 - s) eps(x, t, null). 1: the plain conditional model, 0: unconditional,
             > 1: stronger guidance. Conditional nets only.
+        guidance_interval: [sigma_lo, sigma_hi]: classifier-free guidance only at the steps whose noise level
+            sigma_t = sqrt((1 - a_t) / a_t) (EDM's sigma) is in (sigma_lo, sigma_hi], the conditional model alone,
+            one network evaluation, at the others (Kynkäänniemi et al. 2024). None: every step (twice the cost).
         sample_labels: conditional nets: the labels of predict / FID / grid samples, used in turn (sample i gets
             sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
         loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
@@ -124,6 +127,7 @@ class DiffusionModule(L.LightningModule):
         sample_seed: int = 0,
         p_uncond: float = 0.1,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         sample_labels: list[int] | None = None,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
@@ -161,6 +165,7 @@ class DiffusionModule(L.LightningModule):
             settings,
             recipe,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             sample_labels=sample_labels,
             classifier_path=classifier_path,
             classifier_scale=classifier_scale,
