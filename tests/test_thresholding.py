@@ -279,3 +279,31 @@ def test_predict_with_dynamic_thresholding_through_the_command_line(tmp_path: Pa
     with pytest.raises(ConfigError, match="--model.clip_denoised is false"):
         predict("bad", "--model.clip_denoised", "false", "--model.dynamic_threshold_percentile", "0.995")
     assert not (tmp_path / "bad").exists()
+
+
+def test_the_guidance_quality_benchmark_runs_valid_predict_options() -> None:
+    """benchmarks/guidance_quality.py's variants: every one is a valid command line (parsed and the model built),
+    an interval only where there is guidance."""
+    import runpy
+
+    from src.main import cli_main
+
+    bench = runpy.run_path(str(REPO / "benchmarks" / "guidance_quality.py"))
+    grid = bench["variants"]([1.0, 3.0], ["none", "static", "0.995:1.5", "0.99"], ["none", "0.3:5"])
+    assert len(grid) == 4 + 8 and all(interval == "none" for scale, _, interval in grid if scale == 1.0)
+    assert bench["predict_args"](3.0, "0.995:1.5", "0.3:5") == [
+        "--model.guidance_scale", "3.0", "--model.clip_denoised", "true", "--model.dynamic_threshold_percentile",
+        "0.995", "--model.dynamic_threshold_max", "1.5", "--model.guidance_interval", "[0.3, 5.0]",
+    ]  # fmt: skip
+    expected = {
+        "none": False,
+        "static": True,
+        "0.995:1.5": DynamicThreshold(0.995, 1.5),
+        "0.99": DynamicThreshold(0.99),
+    }
+    for scale, threshold, interval in grid:
+        cli = cli_main(["--config", COND, *bench["predict_args"](scale, threshold, interval), "--trainer.logger",
+                        "false"], run=False)  # fmt: skip
+        model = cli.model.model
+        assert model.settings.clip_x0 == expected[threshold] and model.guidance_scale == scale
+        assert model.guidance_interval == (None if interval == "none" else (0.3, 5.0))
