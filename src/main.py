@@ -338,10 +338,19 @@ class DiffusionCLI(LightningCLI):
 
     def _check_guidance(self) -> None:
         """Classifier-free guidance needs a class-conditional net; on an unconditional one the scale would be
-        ignored, so a guidance_scale other than 1 fails in one line instead."""
-        if not isinstance(self.model, DiffusionModule) or self.model.conditional:
+        ignored, so a guidance_scale other than 1 fails in one line instead. So does a guidance interval: with no
+        guidance to limit (an unconditional net, or a scale of 1) it would be ignored too."""
+        if not isinstance(self.model, DiffusionModule):
             return
         scale = self.model.hparams.get("guidance_scale", 1.0)
+        interval = self.model.hparams.get("guidance_interval")
+        if interval is not None and scale == 1.0:
+            raise ConfigError(
+                f"--model.guidance_interval {list(interval)} limits classifier-free guidance, which is off "
+                "(--model.guidance_scale 1): pass --model.guidance_scale s too (e.g. 3.0), or drop --model.guidance_interval"
+            )
+        if self.model.conditional:
+            return
         if scale != 1.0:
             ckpt_path = self._option("ckpt_path")
             source = f"the network of --ckpt_path {ckpt_path}" if ckpt_path else "the network"

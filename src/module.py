@@ -63,12 +63,19 @@ class DiffusionModule(L.LightningModule):
         sampler, sampling_steps, eta, skip, ddpm_variance, clip_denoised, sampler_options: the sampler settings of
             grids, FID and predict, as `src/diffusion/sampler_settings.py: SamplerSettings` (sampler, steps, eta,
             skip, variance, clip_x0, options) documents them; these are their command-line names.
+        dynamic_threshold_percentile: with clip_denoised, clip x_0 by Imagen's dynamic thresholding instead of to
+            [-1, 1] (Saharia et al. 2022, section 2.3): per sample, s = this quantile of |x_0| (a fraction, 0.995),
+            at least 1; x_0 is clipped to [-s, s] and divided by s. None: the static clip.
+        dynamic_threshold_max: the largest s of dynamic thresholding (diffusers' sample_max_value); None: no bound.
         sample_seed: seed of the predict noise; sample i of a run always starts from the same x_T.
         p_uncond: class-conditional nets (net.num_classes set): probability of training on the null label, which
             makes the net also unconditional, for classifier-free guidance (0.1; Ho & Salimans 2022).
         guidance_scale: classifier-free guidance scale s = 1 + w (diffusers' convention; Ho & Salimans' weight is
             w): eps~ = s eps(x, t, y) + (1 - s) eps(x, t, null). 1: the plain conditional model, 0: unconditional,
             > 1: stronger guidance. Conditional nets only.
+        guidance_interval: [sigma_lo, sigma_hi]: classifier-free guidance only at the steps whose noise level
+            sigma_t = sqrt((1 - a_t) / a_t) (EDM's sigma) is in (sigma_lo, sigma_hi], the conditional model alone,
+            one network evaluation, at the others (Kynkäänniemi et al. 2024). None: every step (twice the cost).
         sample_labels: conditional nets: the labels of predict / FID / grid samples, used in turn (sample i gets
             sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
         loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
@@ -114,10 +121,13 @@ class DiffusionModule(L.LightningModule):
         skip: str = "uniform",
         ddpm_variance: str = "fixed_small",
         clip_denoised: bool = False,
+        dynamic_threshold_percentile: float | None = None,
+        dynamic_threshold_max: float | None = None,
         sampler_options: dict[str, float] | None = None,
         sample_seed: int = 0,
         p_uncond: float = 0.1,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         sample_labels: list[int] | None = None,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
@@ -155,6 +165,7 @@ class DiffusionModule(L.LightningModule):
             settings,
             recipe,
             guidance_scale=guidance_scale,
+            guidance_interval=guidance_interval,
             sample_labels=sample_labels,
             classifier_path=classifier_path,
             classifier_scale=classifier_scale,
@@ -318,7 +329,7 @@ class DiffusionModule(L.LightningModule):
         elif hp.bpd_timesteps != 0:
             generator = torch.Generator().manual_seed(20_000 + batch_idx)
             terms = nll_bits_per_dim(eps_model, batch[0], self.schedule, hp.bpd_timesteps, hp.ddpm_variance,
-                                     hp.clip_denoised, generator)  # fmt: skip
+                                     self.model.settings.clip_x0, generator)  # fmt: skip
             self.log("test/bpd", terms["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
         if batch_idx < hp.get("ode_bpd_batches", 0):
             generator = torch.Generator().manual_seed(30_000 + batch_idx)

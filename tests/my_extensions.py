@@ -13,13 +13,14 @@ import math
 import torch
 from torch import Tensor, nn
 
+from src.diffusion.parameterization import X0Clip, threshold_x0
 from src.diffusion.samplers import predict_x0_from_eps
 from src.diffusion.schedule import NoiseSchedule
 
 
 @torch.no_grad()
 def ddim_eta0(
-    model, x_T: Tensor, schedule: NoiseSchedule, timesteps: list[int], clip_x0: bool = False, **options
+    model, x_T: Tensor, schedule: NoiseSchedule, timesteps: list[int], clip_x0: X0Clip = False, **options
 ) -> Tensor:
     """Deterministic DDIM (Song et al. 2021, eq. 12 with sigma = 0), written from the paper: from the last of
     `timesteps` to the first, x_prev = sqrt(a_prev) x0_hat + sqrt(1 - a_prev) eps_hat, with a_{-1} = 1."""
@@ -31,8 +32,8 @@ def ddim_eta0(
         a_prev = float(a[timesteps[i - 1]]) if i > 0 else 1.0
         eps = model(x, torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)).to(x.dtype)
         x0 = predict_x0_from_eps(x, eps, a_t)
-        if clip_x0:  # re-derive eps from the clamped x_0, as the built-in samplers do
-            x0 = x0.clamp(-1.0, 1.0)
+        if clip_x0:  # bound x_0 (clamp, or dynamic thresholding) and re-derive eps, as the built-in samplers do
+            x0 = threshold_x0(x0, clip_x0)
             eps = (x - math.sqrt(a_t) * x0) / math.sqrt(1.0 - a_t)
         x = math.sqrt(a_prev) * x0 + math.sqrt(1.0 - a_prev) * eps
     return x

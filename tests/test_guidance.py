@@ -3,6 +3,7 @@ class-conditional DiffusionModule trained with label dropout and sampled with gu
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import lightning as L
@@ -10,12 +11,16 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
+from src.diffusion.continuous import vp_sigmas
 from src.diffusion.guidance import (
     ClassifierGuidance,
+    check_interval,
     classifier_free_guidance,
     drop_labels,
     guidance_scale_from_w,
+    timestep_sigma,
 )
+from src.diffusion.samplers import sample
 from src.diffusion.schedule import NoiseSchedule
 from src.module import DiffusionModule
 
@@ -260,3 +265,142 @@ def test_guidance_takes_a_v_net_wrapped_as_an_eps_predictor(tiny_conditional) ->
         guided = classifier_free_guidance(eps_net, labels, w=2.0)(x_t, t)
     assert not torch.allclose(eps_cond, net(x_t, t, labels))  # converted: v is not eps
     torch.testing.assert_close(guided, 3.0 * eps_cond - 2.0 * eps_null, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- guidance interval
+SCHEDULE = NoiseSchedule.linear(1000)
+SIGMAS = vp_sigmas(SCHEDULE)
+
+
+def _run(sampler: str, guided, x_T: torch.Tensor) -> torch.Tensor:
+    extra = {"steps": 8, "quantize": False} if sampler == "heun" else {"steps": 12}  # heun: fractional t
+    return sample(guided, x_T, SCHEDULE, sampler=sampler, **extra)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_an_interval_covering_every_noise_level_is_plain_guidance_bit_for_bit(sampler: str) -> None:
+    x_T = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = Y[:3]
+    plain_net, interval_net = ToyConditional(), ToyConditional()
+    plain = _run(sampler, classifier_free_guidance(plain_net, labels, guidance_scale=3.0), x_T)
+    everywhere = classifier_free_guidance(interval_net, labels, guidance_scale=3.0, interval=(0.0, math.inf),
+                                          schedule=SCHEDULE)  # fmt: skip
+    assert torch.equal(_run(sampler, everywhere, x_T), plain)
+    assert interval_net.batch_sizes == plain_net.batch_sizes and set(plain_net.batch_sizes) == {6}
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_an_empty_interval_is_the_conditional_model_with_one_evaluation_per_step(sampler: str) -> None:
+    x_T = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels = Y[:3]
+    conditional_net, interval_net = ToyConditional(), ToyConditional()
+    conditional = _run(sampler, classifier_free_guidance(conditional_net, labels, guidance_scale=1.0), x_T)
+    nowhere = classifier_free_guidance(interval_net, labels, guidance_scale=3.0, interval=(1e6, 1e6), schedule=SCHEDULE)
+    assert torch.equal(_run(sampler, nowhere, x_T), conditional)
+    assert interval_net.batch_sizes == conditional_net.batch_sizes and set(interval_net.batch_sizes) == {3}
+
+
+class RecordingConditional(ToyConditional):
+    """Also records each call's timesteps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timesteps: list[torch.Tensor] = []
+
+    def __call__(self, x, t, y):
+        self.timesteps.append(t.clone())
+        return super().__call__(x, t, y)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m", "heun"])
+def test_guidance_runs_twice_the_batch_only_inside_the_interval(sampler: str) -> None:
+    x_T = torch.randn(3, 2, 3, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    labels, (lo, hi) = Y[:3], (0.2, 5.0)
+    net = RecordingConditional()
+    limited = _run(sampler, classifier_free_guidance(net, labels, guidance_scale=3.0, interval=(lo, hi),
+                                                     schedule=SCHEDULE), x_T)  # fmt: skip
+    inside = [bool(lo < timestep_sigma(SIGMAS, t[:1]) <= hi) for t in net.timesteps]
+    assert net.batch_sizes == [6 if i else 3 for i in inside]
+    assert 0 < sum(inside) < len(inside)  # both kinds of steps occur
+    plain = _run(sampler, classifier_free_guidance(ToyConditional(), labels, guidance_scale=3.0), x_T)
+    conditional = _run(sampler, classifier_free_guidance(ToyConditional(), labels, guidance_scale=1.0), x_T)
+    assert not torch.allclose(limited, plain) and not torch.allclose(limited, conditional)
+
+
+def test_a_batch_of_mixed_noise_levels_guides_only_the_images_inside() -> None:
+    net = ToyConditional()
+    guided = classifier_free_guidance(net, Y, guidance_scale=2.5, interval=(0.2, 5.0), schedule=SCHEDULE)
+    out = guided(X, T_)
+    inside = torch.tensor([bool(0.2 < SIGMAS[t] <= 5.0) for t in T_])
+    assert inside.tolist() == [False, False, True, True, False]  # t = 0, 10: sigma < 0.2; t = 999: sigma = 157
+    assert net.batch_sizes == [5 + 2]  # one forward: every image conditional, the two inside also unconditional
+    expected = 2.5 * net(X, T_, Y) - 1.5 * net(X, T_, torch.full_like(Y, NULL))
+    torch.testing.assert_close(out[inside], expected[inside], rtol=0, atol=1e-14)
+    torch.testing.assert_close(out[~inside], net(X, T_, Y)[~inside], rtol=0, atol=0)
+
+
+def test_timestep_sigma_is_the_schedule_at_integer_t_and_inverts_the_continuous_timestep() -> None:
+    from src.diffusion.continuous import DiscreteVPDenoiser
+
+    t = torch.tensor([0, 1, 10, 500, 999])
+    assert torch.equal(timestep_sigma(SIGMAS, t), SIGMAS[t])
+    assert torch.equal(timestep_sigma(SIGMAS, t.float()), SIGMAS[t])
+    denoiser = DiscreteVPDenoiser(lambda x, t: x, SCHEDULE)
+    sigma = torch.tensor([0.0101, 0.05, 0.3, 1.0, 7.0, 150.0], dtype=torch.float64)
+    torch.testing.assert_close(timestep_sigma(SIGMAS, denoiser.sigma_to_t(sigma)), sigma, rtol=1e-12, atol=0)
+    # sigma_t = sqrt((1 - a_t) / a_t)
+    a = SCHEDULE.alphas_cumprod[t]
+    torch.testing.assert_close(SIGMAS[t], ((1 - a) / a).sqrt(), rtol=1e-15, atol=0)
+
+
+def test_bad_intervals_raise() -> None:
+    with pytest.raises(ValueError, match="0 <= sigma_lo <= sigma_hi"):
+        check_interval((5.0, 0.5))
+    with pytest.raises(ValueError, match="0 <= sigma_lo <= sigma_hi"):
+        check_interval((-1.0, 0.5))
+    with pytest.raises(ValueError, match=r"\[sigma_lo, sigma_hi\]"):
+        check_interval((0.5,))
+    with pytest.raises(ValueError, match="pass the schedule"):
+        classifier_free_guidance(ToyConditional(), Y, guidance_scale=2.0, interval=(0.5, 5.0))
+
+
+def test_guidance_interval_through_the_command_line(tmp_path: Path) -> None:
+    """predict with --model.guidance_interval: covering all noise levels it writes the same images as guidance at
+    every step; a narrow one writes others; values or combinations that mean nothing are one-line errors."""
+    from test_sample import TINY, TINY_NET
+
+    from src.errors import ConfigError
+    from src.main import cli_main
+    from src.models.unet import UNet
+
+    # A tiny conditional net whose output depends on the label (an untrained one's zero output conv hides it).
+    torch.manual_seed(0)
+    module = DiffusionModule(UNet(in_channels=1, image_size=28, num_res_blocks=1, dropout=0.0, num_classes=10,
+                                  **TINY_NET), prediction="eps")  # fmt: skip
+    with torch.no_grad():
+        for p in module.model.net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ckpt = tmp_path / "conditional.ckpt"
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, ckpt)  # fmt: skip
+
+    def predict(out: str, *extra: str) -> list[bytes]:
+        cli_main(["predict", "--config", str(REPO / "configs" / "fashion_mnist_cond.yaml"), *TINY,
+                  "--ckpt_path", str(ckpt), "--data.num_samples", "3", "--output_dir", str(tmp_path / out),
+                  "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])  # fmt: skip
+        return [p.read_bytes() for p in sorted((tmp_path / out).iterdir())]
+
+    plain = predict("plain", "--model.guidance_scale", "3.0")
+    assert predict("everywhere", "--model.guidance_scale", "3.0", "--model.guidance_interval", "[0, 1000]") == plain
+    assert predict("limited", "--model.guidance_scale", "3.0", "--model.guidance_interval", "[0.3, 5.0]") != plain
+    bad = [
+        (["--model.guidance_scale", "3.0", "--model.guidance_interval", "[5.0, 0.3]"],
+         r"--model.guidance_interval \[5.0, 0.3\] must have 0 <= sigma_lo < sigma_hi"),
+        (["--model.guidance_interval", "[0.3, 5.0]"],
+         r"--model.guidance_interval \[0.3, 5.0\] limits classifier-free guidance, which is off"),
+    ]  # fmt: skip
+    for extra, message in bad:
+        with pytest.raises(ConfigError, match=message) as error:
+            predict("bad", *extra)
+        assert "\n" not in str(error.value)
+    assert not (tmp_path / "bad").exists()

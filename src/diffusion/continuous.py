@@ -27,7 +27,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from src.diffusion.parameterization import check_prediction, eps_from_output
+from src.diffusion.parameterization import X0Clip, check_prediction, eps_from_output, threshold_x0
 from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # D(x~, sigma) -> x_0-hat, sigma a (B,) tensor
@@ -78,8 +78,9 @@ class DiscreteSigmaDenoiser:
 
     `prediction` is what the network outputs ("eps", "x0" or "v"); "x0" and "v" are converted at the continuous
     noise level here, so fractional timesteps work for them too. `quantize` rounds the timestep to the nearest
-    discrete level in log sigma. `clip_x0` clamps D to [-1, 1] (the samplers' derivative (x~ - D) / sigma then is
-    the eps re-derived from the clamped x_0, as `samplers._denoise` does). Subclasses say how x~ maps to the
+    discrete level in log sigma. `clip_x0` bounds D (True: clamp to [-1, 1]; a `DynamicThreshold`: Imagen's dynamic
+    thresholding; `parameterization.threshold_x0`); the samplers' derivative (x~ - D) / sigma then is the eps
+    re-derived from the bounded x_0, as `samplers._denoise` does. Subclasses say how x~ maps to the
     network's input (`input_scale`).
     """
 
@@ -89,7 +90,7 @@ class DiscreteSigmaDenoiser:
         sigmas: Tensor,
         prediction: str = "eps",
         quantize: bool = False,
-        clip_x0: bool = False,
+        clip_x0: X0Clip = False,
     ) -> None:
         sigmas = torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu()
         if sigmas.ndim != 1 or sigmas.numel() < 2 or not bool((sigmas[1:] > sigmas[:-1]).all()):
@@ -158,7 +159,7 @@ class DiscreteSigmaDenoiser:
             sigma_vp = alpha * level.to(x.device, x.dtype).reshape(shape)
             out = eps_from_output(self.prediction, out, x * c_in_x, alpha, sigma_vp)
         denoised = x - s * out  # x~ = x_0 + sigma eps
-        return denoised.clamp(-1.0, 1.0) if self.clip_x0 else denoised
+        return threshold_x0(denoised, self.clip_x0)
 
 
 class DiscreteVPDenoiser(DiscreteSigmaDenoiser):
@@ -172,7 +173,7 @@ class DiscreteVPDenoiser(DiscreteSigmaDenoiser):
         schedule: NoiseSchedule,
         prediction: str = "eps",
         quantize: bool = False,
-        clip_x0: bool = False,
+        clip_x0: X0Clip = False,
     ) -> None:
         super().__init__(model, vp_sigmas(schedule), prediction, quantize, clip_x0)
 
@@ -195,7 +196,7 @@ class DiscreteVEDenoiser(DiscreteSigmaDenoiser):
         sigmas: Sequence[float] | Tensor,
         prediction: str = "eps",
         quantize: bool = False,
-        clip_x0: bool = False,
+        clip_x0: X0Clip = False,
     ) -> None:
         if prediction == "v":
             raise ValueError("v-prediction is defined for VP models only; use prediction='eps' or 'x0'")

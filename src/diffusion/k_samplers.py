@@ -31,6 +31,7 @@ from src.diffusion.continuous import (
     DiscreteVPDenoiser,
     karras_sigmas,
 )
+from src.diffusion.parameterization import X0Clip
 from src.diffusion.schedule import NoiseSchedule
 from src.seeding import randn_like
 
@@ -435,7 +436,7 @@ def continuous_sample(
     corrector_steps: int | None = None,
     solver_order: int | None = None,
     quantize: bool | None = None,
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
 ) -> Tensor:
     """Sample with `sampler` (one of CONTINUOUS_SAMPLERS) from x_T ~ N(0, I) of a DDPM network `model(x_t, t)`.
 
@@ -445,7 +446,7 @@ def continuous_sample(
     `churn` (heun, default 0), `snr` and `corrector_steps` (pc, defaults 0.16 and 1), `solver_order` (unipc: its order,
     default 2; ipndm: its maximum order, default 4). An option the sampler does not read (`SAMPLER_OPTIONS`) is a
     ValueError: DPM-Solver++(3M) has no order to choose (the published update, second order: `sample_dpmpp_3m`).
-    `clip_x0` clamps the denoised image to [-1, 1] at every evaluation."""
+    `clip_x0` bounds the denoised image at every evaluation (`parameterization.threshold_x0`)."""
     if sampler not in CONTINUOUS_SAMPLERS:
         raise ValueError(f"unknown continuous sampler {sampler!r}; choose one of {', '.join(CONTINUOUS_SAMPLERS)}")
     given = {"rho": rho, "churn": churn, "snr": snr, "corrector_steps": corrector_steps, "solver_order": solver_order}

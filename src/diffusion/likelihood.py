@@ -23,6 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from src.diffusion.parameterization import X0Clip, threshold_x0
 from src.diffusion.schedule import NoiseSchedule, extract
 from src.seeding import generator_device
 
@@ -100,7 +101,7 @@ def vb_terms(
     schedule: NoiseSchedule,
     noise: Tensor,
     variance: str = "fixed_small",
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
 ) -> Tensor:
     """One term of the bound per example (B,), in nats: the decoder NLL -log p(x_0 | x_1) where t = 0, else
     KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), with x_t = q_sample(x_0, t, noise).
@@ -111,8 +112,7 @@ def vb_terms(
     eps = model(x_t.float(), t).to(x0.dtype)
     a_t = extract(schedule.alphas_cumprod, t, x0)
     x0_hat = (x_t - (1.0 - a_t).sqrt() * eps) / a_t.sqrt()  # DDPM eq. 4 solved for x_0 (eq. 15)
-    if clip_x0:
-        x0_hat = x0_hat.clamp(-1.0, 1.0)
+    x0_hat = threshold_x0(x0_hat, clip_x0)  # as the samplers bound it (False: unchanged)
     coef_x0 = extract(schedule.posterior_mean_coef_x0, t, x0)
     coef_xt = extract(schedule.posterior_mean_coef_xt, t, x0)
     model_mean = coef_x0 * x0_hat + coef_xt * x_t  # mu-tilde(x_t, x0_hat), eq. 7
@@ -152,7 +152,7 @@ def nll_bits_per_dim(
     schedule: NoiseSchedule,
     num_timesteps: int | None = None,
     variance: str = "fixed_small",
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
     generator: torch.Generator | None = None,
 ) -> dict[str, Tensor]:
     """The variational bound L_vlb per example, in bits/dim: {"bpd", "prior_bpd", "decoder_bpd", "kl_bpd"}.

@@ -11,11 +11,15 @@ Training regresses the chosen target with the unweighted L_simple form ||target 
 (`src.diffusion.losses.l_simple`). Samplers only ever see an eps-predictor: `EpsPredictor` wraps a network of any
 parameterisation (the style of EDM's preconditioning wrappers: the architecture does not change). Extra output
 channels beyond the image's (the learned-variance v of improved DDPM) pass through untouched.
+
+`threshold_x0` bounds the x_0 these imply, the one place every sampler does: not at all, clamped to [-1, 1], or by
+Imagen's dynamic thresholding (`DynamicThreshold`).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -112,3 +116,48 @@ class EpsPredictor:
         work = schedule.betas.dtype
         eps = eps_from_prediction(self.prediction, out[:, :channels].to(work), x_t.to(work), schedule, t)
         return torch.cat([eps.to(out.dtype), out[:, channels:]], dim=1)
+
+
+# ---------------------------------------------------------------------------------------------- bounding x_0-hat
+@dataclass(frozen=True)
+class DynamicThreshold:
+    """Imagen's dynamic thresholding of x_0-hat (Saharia et al. 2022, "Photorealistic Text-to-Image Diffusion Models
+    with Deep Language Understanding", section 2.3 and appendix): per sample, s is the `percentile` quantile of
+    |x_0-hat| over all pixels, at least 1 and at most `max_value` (None: no upper bound, as in the paper);
+    x_0-hat is clipped to [-s, s] and divided by s. `percentile` is a fraction (0.995, not 99.5), as diffusers'
+    `dynamic_thresholding_ratio`; `max_value` is diffusers' `sample_max_value`, whose default 1 makes s = 1 always:
+    the static clip to [-1, 1]."""
+
+    percentile: float
+    max_value: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.percentile <= 1.0:
+            raise ValueError(f"the dynamic threshold percentile is a fraction in (0, 1] (0.995), got {self.percentile}")
+        if self.max_value is not None and not self.max_value >= 1.0:
+            raise ValueError(f"the dynamic threshold's max_value must be at least 1 (s >= 1), got {self.max_value}")
+
+
+# How x_0-hat is bounded at each step: False (not at all), True (clamped to [-1, 1]) or a DynamicThreshold. The
+# samplers' `clip_x0` argument; `threshold_x0` applies it.
+X0Clip = bool | DynamicThreshold
+
+
+def dynamic_threshold(x0: Tensor, percentile: float, max_value: float | None = None) -> Tensor:
+    """x_0-hat clipped to [-s, s] and divided by s, s = clamp(quantile(|x_0-hat|, percentile), 1, max_value) per
+    sample (Imagen, section 2.3: "we set s to a certain percentile absolute pixel value in x_0-hat, and if s > 1, we
+    threshold x_0-hat to the range [-s, s] and then divide by s"). Computed as diffusers'
+    `DDPMScheduler._threshold_sample` does (torch.quantile's linear interpolation; half precision in float32)."""
+    flat = x0.flatten(1)
+    work = flat if flat.dtype in (torch.float32, torch.float64) else flat.float()
+    s = torch.quantile(work.abs(), percentile, dim=1).clamp(min=1.0, max=max_value).unsqueeze(1)
+    return (torch.clamp(work, -s, s) / s).reshape(x0.shape).to(x0.dtype)
+
+
+def threshold_x0(x0: Tensor, clip: X0Clip) -> Tensor:
+    """x_0-hat bounded as `clip` says: unchanged (False), clamped to [-1, 1] (True: the dynamic threshold with s fixed
+    at 1, as the DDPM reference code's `clip_denoised`) or dynamically thresholded (a `DynamicThreshold`). The one
+    place every sampler, the continuous denoisers and the variational bound bound x_0-hat."""
+    if isinstance(clip, DynamicThreshold):
+        return dynamic_threshold(x0, clip.percentile, clip.max_value)
+    return x0.clamp(-1.0, 1.0) if clip else x0

@@ -2,7 +2,8 @@
 
 The names are those of `samplers.sample` (`steps`, `variance`, `clip_x0`, ...). The command line keeps its own
 documented flags (`--model.sampling_steps`, `--model.ddpm_variance`, `--model.clip_denoised`, ...); `FLAGS` below
-is the one table that maps them, used to name the flag in an error.
+is the one table that maps them, used to name the flag in an error. Dynamic thresholding is a way of clipping: its
+two flags (`THRESHOLD_FLAGS`) make `clip_x0` a `DynamicThreshold` instead of True.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import dataclasses
 from dataclasses import dataclass, field
 
 from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, SAMPLER_OPTIONS, readers
+from src.diffusion.parameterization import DynamicThreshold, X0Clip
 from src.diffusion.samplers import DDPM_VARIANCES, SAMPLER_ARGUMENTS, SAMPLERS, SKIP_TYPES, check_sampler
 from src.errors import ConfigError
 
@@ -24,6 +26,38 @@ FLAGS = {
     "clip_x0": "--model.clip_denoised",
     "options": "--model.sampler_options",
 }
+# DynamicThreshold field -> the DiffusionModule option that sets it; with either, `clip_x0` is a DynamicThreshold.
+THRESHOLD_FLAGS = {
+    "percentile": "--model.dynamic_threshold_percentile",
+    "max_value": "--model.dynamic_threshold_max",
+}
+
+
+def x0_clip(clip: bool, percentile: float | None = None, max_value: float | None = None) -> X0Clip:
+    """`clip_x0` of the command-line options `--model.clip_denoised` (`clip`) and the dynamic threshold's
+    `percentile` and `max_value`: False, True (clamp to [-1, 1]) or a DynamicThreshold. A combination that means
+    nothing (a maximum without a percentile, a percentile with clipping off) is a one-line ConfigError."""
+    p_flag, max_flag = THRESHOLD_FLAGS["percentile"], THRESHOLD_FLAGS["max_value"]
+    if percentile is None:
+        if max_value is not None:
+            raise ConfigError(
+                f"{max_flag} {max_value} bounds the dynamic threshold, which is off: pass {p_flag} too (e.g. 0.995), "
+                f"or drop {max_flag}"
+            )
+        return bool(clip)
+    if not clip:
+        raise ConfigError(
+            f"{p_flag} {percentile} chooses how {FLAGS['clip_x0']} clips x_0, and {FLAGS['clip_x0']} is false: pass "
+            f"{FLAGS['clip_x0']} true, or drop {p_flag}"
+        )
+    if not 0.0 < percentile <= 1.0:
+        raise ConfigError(f"{p_flag} must be in (0, 1] (a fraction: 0.995 is the 99.5th percentile), got {percentile}")
+    if max_value is not None and not max_value >= 1.0:
+        raise ConfigError(
+            f"{max_flag} must be at least 1 (s is never below 1; 1 makes it the static clip of {FLAGS['clip_x0']}), "
+            f"got {max_value}"
+        )
+    return DynamicThreshold(float(percentile), None if max_value is None else float(max_value))
 
 
 @dataclass(frozen=True)
@@ -37,7 +71,8 @@ class SamplerSettings:
         eta: DDIM eta in [0, 1]: 0 deterministic DDIM, 1 DDPM-like.
         skip: timestep spacing, one of `samplers.SKIP_TYPES`.
         variance: the DDPM variance, "fixed_small", "fixed_large" or "learned" (a net with 2 x channels outputs).
-        clip_x0: clamp the predicted x_0 to [-1, 1] at every step.
+        clip_x0: how the predicted x_0 is bounded at every step: False (not at all), True (clamped to [-1, 1]) or a
+            `DynamicThreshold` (Imagen's dynamic thresholding; a {"percentile", "max_value"} dict is read as one).
         options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize).
 
     Each built-in sampler reads only some of these (`samplers.SAMPLER_ARGUMENTS`, `k_samplers.SAMPLER_OPTIONS`):
@@ -52,11 +87,14 @@ class SamplerSettings:
     eta: float = 0.0
     skip: str = "uniform"
     variance: str = "fixed_small"
-    clip_x0: bool = False
+    clip_x0: X0Clip = False
     options: dict[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", dict(self.options or {}))
+        if isinstance(self.clip_x0, dict):  # an export's to_dict() entry
+            clip = self.clip_x0
+            object.__setattr__(self, "clip_x0", x0_clip(True, clip.get("percentile"), clip.get("max_value")))
         check_sampler(self.sampler)  # a built-in name, or an importable package.module.function
         if self.sampler in SAMPLERS:
             unknown = sorted(set(self.options) - set(CONTINUOUS_OPTIONS))
@@ -133,6 +171,9 @@ class SamplerSettings:
         options were recorded (a checkpoint, an export), see `stored`."""
         names = {flag.removeprefix("--model."): name for name, flag in FLAGS.items()}
         fields = {name: options[option] for option, name in names.items() if options.get(option) is not None}
+        threshold = {k: options.get(flag.removeprefix("--model.")) for k, flag in THRESHOLD_FLAGS.items()}
+        if any(value is not None for value in threshold.values()):
+            fields["clip_x0"] = x0_clip(fields.get("clip_x0", False), **threshold)
         return cls.stored(**fields) if stored else cls(**fields)
 
     @classmethod

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, continuous_sample
-from src.diffusion.parameterization import EpsPredictor
+from src.diffusion.parameterization import EpsPredictor, X0Clip, threshold_x0
 from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
 from src.seeding import randn_like
@@ -122,18 +122,21 @@ def _timestep_batch(t: int, x: Tensor) -> Tensor:
     return torch.full((x.shape[0],), t, dtype=torch.int64, device=x.device)
 
 
-def _denoise(model: Denoiser, x: Tensor, t: int, alpha_cumprod: float, clip_x0: bool = False) -> tuple[Tensor, Tensor]:
+def _denoise(
+    model: Denoiser, x: Tensor, t: int, alpha_cumprod: float, clip_x0: X0Clip = False
+) -> tuple[Tensor, Tensor]:
     """eps_theta(x, t) and the x_0 it implies for noise level `alpha_cumprod`.
 
-    With `clip_x0`, x_0 is clamped to [-1, 1] and eps re-derived from the clamped x_0, so the pair still
-    satisfies eq. 4 (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps), as improved DDPM / ADM's `ddim_sample` does
-    (diffusers: `use_clipped_model_output=True`). Keeping the raw eps next to a clamped x_0 makes DDIM's eq. 12
-    step off the trajectory a little at every step: harmless at 10-100 steps, broken images at 1,000.
+    With `clip_x0` (True: clamp to [-1, 1]; a `DynamicThreshold`: Imagen's dynamic thresholding; `threshold_x0`),
+    x_0 is bounded and eps re-derived from the bounded x_0, so the pair still satisfies eq. 4
+    (x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps), as improved DDPM / ADM's `ddim_sample` does (diffusers:
+    `use_clipped_model_output=True`). Keeping the raw eps next to a clamped x_0 makes DDIM's eq. 12 step off the
+    trajectory a little at every step: harmless at 10-100 steps, broken images at 1,000.
     """
     eps = model(x, _timestep_batch(t, x)).to(x.dtype)
     x0 = predict_x0_from_eps(x, eps, alpha_cumprod)
     if clip_x0:
-        x0 = x0.clamp(-1.0, 1.0)
+        x0 = threshold_x0(x0, clip_x0)
         eps = (x - math.sqrt(alpha_cumprod) * x0) / math.sqrt(1.0 - alpha_cumprod)
     return eps, x0
 
@@ -184,7 +187,7 @@ def ddim_sample(
     skip: str = "uniform",
     generator: Generator = None,
     timesteps: Sequence[int] | None = None,
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -192,8 +195,9 @@ def ddim_sample(
     or on an explicit ascending `timesteps` sequence.
 
     With eta = 0 it returns what the DDIM authors' `generalized_steps(x_T, seq, model, betas, eta=0)` returns as its
-    last `xs` element; eta = 1 is DDPM-like ancestral sampling on the sub-sequence. `clip_x0` clamps the
-    predicted x_0 to [-1, 1] (off in the DDIM reference code).
+    last `xs` element; eta = 1 is DDPM-like ancestral sampling on the sub-sequence. `clip_x0` bounds the
+    predicted x_0 at every step (True: clamp to [-1, 1], off in the DDIM reference code; a `DynamicThreshold`:
+    Imagen's dynamic thresholding; `parameterization.threshold_x0`).
     """
     if not 0.0 <= eta <= 1.0:
         raise ValueError(f"eta must be in [0, 1] (0 = DDIM, 1 = DDPM-like), got {eta}")
@@ -219,7 +223,7 @@ def ddpm_sample(
     schedule: NoiseSchedule,
     variance: str = "fixed_small",
     generator: Generator = None,
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
     progress: bool = False,
     callback: Callback | None = None,
     timesteps: Sequence[int] | None = None,
@@ -258,7 +262,7 @@ def ddpm_sample(
                 raise ValueError(f"variance='learned' needs a model with 2 x {x.shape[1]} outputs, got {out.shape[1]}")
             eps, v = out[:, : x.shape[1]], out[:, x.shape[1] :]
             x0 = predict_x0_from_eps(x, eps, a_t)
-            x0 = x0.clamp(-1.0, 1.0) if clip_x0 else x0
+            x0 = threshold_x0(x0, clip_x0)
         else:
             eps, x0 = _denoise(model, x, model_t[t], a_t, clip_x0)
         x = float(schedule.posterior_mean_coef_x0[t]) * x0 + float(schedule.posterior_mean_coef_xt[t]) * x
@@ -317,7 +321,7 @@ def dpm_solver_pp_2m_sample(
     steps: int = 20,
     skip: str = "uniform",
     timesteps: Sequence[int] | None = None,
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
     progress: bool = False,
     callback: Callback | None = None,
 ) -> Tensor:
@@ -388,7 +392,8 @@ SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {
 # - `schedule`: the `NoiseSchedule` (float64 `alphas_cumprod`, `betas`; cast at the point of use).
 # - `timesteps`: the ascending timesteps that `steps` and `skip` select (`timestep_sequence`, or `logsnr_timesteps`
 #   for skip "logsnr"), ready to visit from the last to the first; `eta`, `variance`, `clip_x0` as in `ddim_sample`
-#   and `ddpm_sample`, for a sampler that has such a knob.
+#   and `ddpm_sample`, for a sampler that has such a knob. `clip_x0` is False, True or a `DynamicThreshold`: bound
+#   x_0-hat with `parameterization.threshold_x0(x0, clip_x0)`, which does all three.
 # - `generator`: one torch.Generator or one per sample: draw noise with `randn_like(x, generator)`, so that sample i
 #   of `predict` depends on its seed alone, whatever the batch.
 # Take `**options` for the keywords the sampler does not use.
@@ -438,7 +443,7 @@ def sample(
     skip: str = "uniform",
     variance: str = "fixed_small",
     generator: Generator = None,
-    clip_x0: bool = False,
+    clip_x0: X0Clip = False,
     progress: bool = False,
     prediction: str = "eps",
     **sampler_options: float,
@@ -452,7 +457,8 @@ def sample(
     `sampler_options` are theirs (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`, `quantize`: see
     `k_samplers.continuous_sample`; one the sampler does not read, `k_samplers.SAMPLER_OPTIONS`, is a ValueError).
     `sampler` may also be a function of your own, or its dotted path "package.module.function", called with the
-    convention described above `SamplerFunction`."""
+    convention described above `SamplerFunction`. `clip_x0`: how every sampler bounds x_0-hat (False, True: clamp to
+    [-1, 1], or a `parameterization.DynamicThreshold`)."""
     if callable(sampler) or (sampler not in SAMPLERS and "." in sampler):  # your own: the convention above
         function = sampler if callable(sampler) else sampler_function(sampler)
         return _sample_with(function, model, x_T, schedule, prediction, steps, skip, eta=eta, variance=variance,

@@ -85,6 +85,9 @@ class DiffusionModel(nn.Module):
         settings: the sampler and its options (`SamplerSettings`).
         schedule_recipe: the `NoiseSchedule.from_name` arguments of `schedule`, written by `save` (None: the betas).
         guidance_scale: classifier-free guidance scale s = 1 + w of conditional nets (1: the conditional model).
+        guidance_interval: (sigma_lo, sigma_hi): classifier-free guidance only where the noise level
+            sigma_t = sqrt((1 - a_t) / a_t) is in (sigma_lo, sigma_hi], the conditional model alone (one network
+            evaluation) elsewhere (Kynkäänniemi et al. 2024); None: at every noise level.
         sample_labels: conditional nets: labels of the samples in turn (None: all classes in turn).
         classifier_path: a NoisyClassifier file for classifier guidance (Dhariwal & Nichol 2021).
         classifier_scale: its scale s (0: off).
@@ -99,6 +102,7 @@ class DiffusionModel(nn.Module):
         settings: SamplerSettings | None = None,
         schedule_recipe: dict | None = None,
         guidance_scale: float = 1.0,
+        guidance_interval: tuple[float, float] | None = None,
         sample_labels: list[int] | None = None,
         classifier_path: str | None = None,
         classifier_scale: float = 0.0,
@@ -124,6 +128,7 @@ class DiffusionModel(nn.Module):
         if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
             raise ConfigError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
         self.guidance_scale = guidance_scale
+        self.guidance_interval = None if guidance_interval is None else _check_guidance_interval(guidance_interval)
         self.sample_labels = sample_labels
         self.classifier_path = classifier_path
         self.classifier_scale = classifier_scale
@@ -202,7 +207,8 @@ class DiffusionModel(nn.Module):
     def eps_model(self, labels: Tensor | None = None, guidance_scale: float | None = None, keep_variance: bool = False):
         """The net as the plain eps-predictor `model(x_t, t)` that samplers take: its `prediction` converted to eps
         (parameterization.py), class-conditional nets guided towards `labels` (default: labels_for(0..B-1)) with
-        classifier-free guidance scale s = 1 + w (guidance.py), the learned-variance channels dropped unless
+        classifier-free guidance scale s = 1 + w (guidance.py; only in `guidance_interval` where one is set), the
+        learned-variance channels dropped unless
         `keep_variance` (the "learned" DDPM variance reads them), and with `classifier_scale` != 0 classifier
         guidance on top (guidance.py's ClassifierGuidance)."""
         model = self.net if self.prediction == "eps" else EpsPredictor(self.net, self.schedule, self.prediction)
@@ -214,7 +220,10 @@ class DiffusionModel(nn.Module):
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
             y = labels if labels is not None else self.labels_for(torch.arange(x_t.shape[0]))
-            guided = classifier_free_guidance(model, y, scale, self.net.num_classes) if self.conditional else model
+            guided = model
+            if self.conditional:
+                guided = classifier_free_guidance(model, y, scale, self.net.num_classes,
+                                                  interval=self.guidance_interval, schedule=self.schedule)  # fmt: skip
             if use_classifier:
                 guided = ClassifierGuidance(guided, self.guidance_classifier(), y, self.classifier_scale, self.schedule)
             out = guided(x_t, t)
@@ -253,7 +262,8 @@ class DiffusionModel(nn.Module):
         **overrides: object,
     ) -> Tensor:
         """Images in [-1, 1] from noise x_T with the configured sampler; keyword `overrides` replace settings
-        (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0, options). Conditional nets: `labels`
+        (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0 (False, True or a
+        `parameterization.DynamicThreshold`), options). Conditional nets: `labels`
         (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w."""
         settings = self.settings.replace(**overrides) if overrides else self.settings
         keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
@@ -318,6 +328,23 @@ class DiffusionModel(nn.Module):
         return model.to(device).eval()
 
 
+def _check_guidance_interval(interval: object) -> tuple[float, float]:
+    """(sigma_lo, sigma_hi) of `--model.guidance_interval`; a one-line ConfigError unless 0 <= sigma_lo < sigma_hi."""
+    flag = "--model.guidance_interval"
+    try:
+        lo, hi = (float(v) for v in interval)  # type: ignore[union-attr]
+    except (TypeError, ValueError):
+        raise ConfigError(
+            f"{flag} is [sigma_lo, sigma_hi] (two noise levels, e.g. [0.3, 5.0]), got {interval!r}"
+        ) from None
+    if not 0.0 <= lo < hi:
+        raise ConfigError(
+            f"{flag} [{lo}, {hi}] must have 0 <= sigma_lo < sigma_hi (guidance where sigma_lo < sigma_t <= sigma_hi; "
+            "null: everywhere)"
+        )
+    return lo, hi
+
+
 def _from_export(folder: Path) -> DiffusionModel:
     from safetensors.torch import load_file
 
@@ -363,6 +390,7 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
         SamplerSettings.from_options(hparams, stored=True),
         recipe,
         guidance_scale=hparams.get("guidance_scale", 1.0),
+        guidance_interval=hparams.get("guidance_interval"),
         sample_labels=hparams.get("sample_labels"),
         sample_seed=hparams.get("sample_seed", 0),
     )

@@ -1,0 +1,132 @@
+"""Sample quality against guidance strength, for the ways of bounding x_0-hat (none, the static clip to [-1, 1],
+Imagen's dynamic thresholding) and for guidance limited to an interval of noise levels, on a trained class-conditional
+model: each variant writes `--num-samples` PNG files through `python -m src.main predict` (what `make sample` runs),
+then `python -m src.evaluate` scores them. With a classifier file as `--extractor` (configs/fashion_mnist_fd_classifier.yaml
+trains one) the scores are `fd_classifier` (docs/quality.md; NOT an FID) with precision and recall in the same
+features, and the same classifier's accuracy on the samples' labels (the `<label>_<index>.png` file names).
+
+    python benchmarks/guidance_quality.py --ckpt runs/fashion_mnist_cond/version_0/checkpoints/last.ckpt \
+        --extractor runs/fashion_mnist_fd_classifier/version_0/classifier.pt --scales 1 2 3 5 \
+        --thresholds static 0.995:1.5 0.995:2 0.995:3 --num-samples 1000
+
+Variants are every (scale, threshold, interval) of the lists: a threshold is `none` (clip_denoised false), `static`
+(clip_denoised true) or `P:MAX` / `P` (dynamic thresholding at percentile P, s capped at MAX / uncapped); an interval
+is `none` (guidance at every step) or `LO:HI` in noise levels sigma (--model.guidance_interval [LO, HI]); at scale 1
+there is no guidance to limit, so only `none` runs there. docs/samplers.md describes the options.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shlex
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def threshold_args(threshold: str) -> list[str]:
+    """The predict options of a threshold name: none, static, P or P:MAX."""
+    if threshold == "none":
+        return ["--model.clip_denoised", "false"]
+    if threshold == "static":
+        return ["--model.clip_denoised", "true"]
+    percentile, _, max_value = threshold.partition(":")
+    args = ["--model.clip_denoised", "true", "--model.dynamic_threshold_percentile", str(float(percentile))]
+    return args + (["--model.dynamic_threshold_max", str(float(max_value))] if max_value else [])
+
+
+def interval_args(interval: str) -> list[str]:
+    """The predict options of an interval name: none or LO:HI."""
+    if interval == "none":
+        return []
+    lo, hi = (float(v) for v in interval.split(":"))
+    return ["--model.guidance_interval", f"[{lo}, {hi}]"]
+
+
+def variants(scales: list[float], thresholds: list[str], intervals: list[str]) -> list[tuple[float, str, str]]:
+    """(scale, threshold, interval) of every combination; an interval only where there is guidance (scale != 1)."""
+    return [(s, th, iv) for s in scales for th in thresholds for iv in intervals if iv == "none" or s != 1.0]
+
+
+def predict_args(scale: float, threshold: str, interval: str) -> list[str]:
+    return ["--model.guidance_scale", str(float(scale)), *threshold_args(threshold), *interval_args(interval)]
+
+
+def label_accuracy(classifier_file: str, folder: Path) -> float | None:
+    """Accuracy of the classifier file (a NoisyClassifier, at t = 0) on the samples against the labels in their
+    names; None when the file is no NoisyClassifier or the names hold no labels."""
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from src.models.classifier import NoisyClassifier
+
+    files = sorted(p for p in folder.iterdir() if re.fullmatch(r"\d+_\d+\.png", p.name))
+    if not files:
+        return None
+    try:
+        classifier = NoisyClassifier.load(classifier_file)
+    except Exception:  # another extractor's file: no labels to compare with
+        return None
+    images = torch.from_numpy(np.stack([np.asarray(Image.open(p)) for p in files])).float() / 127.5 - 1.0
+    images = images[:, None] if images.ndim == 3 else images.permute(0, 3, 1, 2)
+    labels = torch.tensor([int(p.name.split("_")[0]) for p in files])
+    with torch.no_grad():
+        logits = torch.cat([classifier(x, torch.zeros(len(x), dtype=torch.int64)) for x in images.split(500)])
+    return float((logits.argmax(-1) == labels).float().mean())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--ckpt", required=True, help="a class-conditional DiffusionModule checkpoint")
+    parser.add_argument("--config", default="configs/fashion_mnist_cond.yaml")
+    parser.add_argument("--extractor", required=True, help="classifier file, standin or inception")
+    parser.add_argument("--ref", default="fashion_mnist")
+    parser.add_argument("--scales", type=float, nargs="+", default=[1.0, 2.0, 3.0, 5.0],
+                        help="guidance scales s = 1 + w")  # fmt: skip
+    parser.add_argument("--thresholds", nargs="+", default=["static", "0.995:1.5", "0.995:2", "0.995:3"],
+                        help="none, static, or P[:MAX] (dynamic thresholding)")  # fmt: skip
+    parser.add_argument("--intervals", nargs="+", default=["none"], help="none or LO:HI (guidance interval, sigma)")
+    parser.add_argument("--num-samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("--predict-args", default="", help="more predict options, e.g. '--model.sampling_steps 10'")
+    args = parser.parse_args()
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for scale, threshold, interval in variants(args.scales, args.thresholds, args.intervals):
+            out = Path(tmp) / f"s{scale}_{threshold}_{interval}".replace(":", "-")
+            start = time.perf_counter()
+            subprocess.run([sys.executable, "-m", "src.main", "predict", "--config", args.config, "--ckpt_path",
+                            args.ckpt, *predict_args(scale, threshold, interval), *shlex.split(args.predict_args),
+                            "--data.num_samples", str(args.num_samples), "--data.predict_batch_size",
+                            str(args.batch_size), "--output_dir", str(out), "--trainer.default_root_dir",
+                            str(Path(tmp) / "runs"), "--trainer.enable_progress_bar", "false"],
+                           cwd=REPO, check=True, capture_output=True)  # fmt: skip
+            seconds = time.perf_counter() - start
+            result = subprocess.run([sys.executable, "-m", "src.evaluate", "--samples", str(out), "--ref", args.ref,
+                                     "--extractor", args.extractor, "--prc"],
+                                    cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
+            scores = json.loads(result.stdout[result.stdout.index("{") :])
+            fd = next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores)
+            suffix = fd.removeprefix("fd").removeprefix("fid")
+            accuracy = label_accuracy(args.extractor, out)
+            rows.append((scale, threshold, interval, scores[fd], scores.get(f"precision{suffix}"),
+                         scores.get(f"recall{suffix}"), accuracy, seconds))  # fmt: skip
+            print(rows[-1], flush=True)
+    print(f"\n| guidance s | x_0 bound | guidance interval | {fd} | precision | recall | accuracy | predict seconds |")
+    print("|---:|---|---|---:|---:|---:|---:|---:|")
+    for scale, threshold, interval, value, precision, recall, accuracy, seconds in rows:
+        cells = [f"{v:.3f}" if v is not None else "-" for v in (value, precision, recall, accuracy)]
+        print(f"| {scale:g} | {threshold} | {interval} | {' | '.join(cells)} | {seconds:.0f} |")
+
+
+if __name__ == "__main__":
+    main()
