@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import inspect
+import json
 import platform
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -116,3 +118,27 @@ def peak_tflops(device: torch.device, dtype: torch.dtype, override: float | None
         if key in name and key_dtype == dtype:
             return value
     return None
+
+
+def predict_samples(
+    config: str, ckpt: str | Path, out: Path, num_samples: int, batch_size: int, options: list[str]
+) -> float:
+    """Write `num_samples` PNG files of `ckpt` to `out` through `python -m src.main predict` (what `make sample`
+    runs), with `options` added; return the seconds it took (process start included, as a user waits for it)."""
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "src.main", "predict", "--config", config, "--ckpt_path", str(ckpt),
+                    *options, "--data.num_samples", str(num_samples), "--data.predict_batch_size", str(batch_size),
+                    "--output_dir", str(out), "--trainer.default_root_dir", str(out.parent / "runs"),
+                    "--trainer.enable_progress_bar", "false"],
+                   cwd=REPO, check=True, capture_output=True)  # fmt: skip
+    return time.perf_counter() - start
+
+
+def evaluate_samples(folder: Path, ref: str, extractor: str, flags: list[str]) -> tuple[str, dict]:
+    """`python -m src.evaluate` of a folder of samples: (the distance's key, all scores). The key is `fd_classifier`
+    with a classifier file as `extractor` (docs/quality.md; NOT an FID), `fid`, or `fid_standin`."""
+    result = subprocess.run([sys.executable, "-m", "src.evaluate", "--samples", str(folder), "--ref", ref,
+                             "--extractor", extractor, *flags],
+                            cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
+    scores = json.loads(result.stdout[result.stdout.index("{") :])
+    return next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores), scores

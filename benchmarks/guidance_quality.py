@@ -19,16 +19,11 @@ there is no guidance to limit, so only `none` runs there. docs/samplers.md descr
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from common import evaluate_samples, predict_samples
 
 
 def threshold_args(threshold: str) -> list[str]:
@@ -79,19 +74,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for scale, threshold, interval in variants(args.scales, args.thresholds, args.intervals):
             out = Path(tmp) / f"s{scale}_{threshold}_{interval}".replace(":", "-")
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "src.main", "predict", "--config", args.config, "--ckpt_path",
-                            args.ckpt, *predict_args(scale, threshold, interval), *shlex.split(args.predict_args),
-                            "--data.num_samples", str(args.num_samples), "--data.predict_batch_size",
-                            str(args.batch_size), "--output_dir", str(out), "--trainer.default_root_dir",
-                            str(Path(tmp) / "runs"), "--trainer.enable_progress_bar", "false"],
-                           cwd=REPO, check=True, capture_output=True)  # fmt: skip
-            seconds = time.perf_counter() - start
-            result = subprocess.run([sys.executable, "-m", "src.evaluate", "--samples", str(out), "--ref", args.ref,
-                                     "--extractor", args.extractor, "--prc"],
-                                    cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
-            scores = json.loads(result.stdout[result.stdout.index("{") :])
-            fd = next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores)
+            options = [*predict_args(scale, threshold, interval), *shlex.split(args.predict_args)]
+            seconds = predict_samples(args.config, args.ckpt, out, args.num_samples, args.batch_size, options)
+            fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--prc"])
             suffix = fd.removeprefix("fd").removeprefix("fid")
             # The classifier's agreement with the labels in the file names (None for other extractors).
             accuracy = scores.get("label_agreement")

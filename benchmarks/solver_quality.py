@@ -13,14 +13,10 @@ UniPC and iPNDM; 2N - 1 for EDM's Heun and 2N for predictor-corrector, which the
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
-import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from common import evaluate_samples, predict_samples
 
 # sampler -> (extra predict options, evaluations per step). The SDE / ODE samplers run on Karras noise levels and
 # do not read --model.skip, so they reset the config's (logsnr in fashion_mnist.yaml) to the default.
@@ -55,19 +51,9 @@ def main() -> None:
             extra, per_step = SAMPLERS[name]
             steps = args.nfe if per_step == 1 else (args.nfe + 1) // 2
             out = Path(tmp) / name
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "src.main", "predict", "--config", args.config, "--ckpt_path",
-                            args.ckpt, "--model.sampler", name, "--model.sampling_steps", str(steps), *extra,
-                            "--data.num_samples", str(args.num_samples), "--data.predict_batch_size",
-                            str(args.batch_size), "--output_dir", str(out), "--trainer.default_root_dir",
-                            str(Path(tmp) / "runs"), "--trainer.enable_progress_bar", "false"],
-                           cwd=REPO, check=True, capture_output=True)  # fmt: skip
-            seconds = time.perf_counter() - start
-            result = subprocess.run([sys.executable, "-m", "src.evaluate", "--samples", str(out), "--ref", args.ref,
-                                     "--extractor", args.extractor, "--reference_values"],
-                                    cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
-            scores = json.loads(result.stdout[result.stdout.index("{") :])
-            fd = next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores)
+            options = ["--model.sampler", name, "--model.sampling_steps", str(steps), *extra]
+            seconds = predict_samples(args.config, args.ckpt, out, args.num_samples, args.batch_size, options)
+            fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--reference_values"])
             rows.append((name, steps, steps * per_step - (1 if name == "heun" else 0), scores[fd],
                          scores.get(f"{fd}_real_vs_real"), scores.get(f"{fd}_noised_real"), seconds))  # fmt: skip
             print(rows[-1], flush=True)

@@ -281,13 +281,14 @@ def test_predict_with_dynamic_thresholding_through_the_command_line(tmp_path: Pa
     assert not (tmp_path / "bad").exists()
 
 
-def test_the_guidance_quality_benchmark_runs_valid_predict_options() -> None:
+def test_the_guidance_quality_benchmark_runs_valid_predict_options(monkeypatch: pytest.MonkeyPatch) -> None:
     """benchmarks/guidance_quality.py's variants: every one is a valid command line (parsed and the model built),
     an interval only where there is guidance."""
     import runpy
 
     from src.main import cli_main
 
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as python does for a script: it imports common.py
     bench = runpy.run_path(str(REPO / "benchmarks" / "guidance_quality.py"))
     grid = bench["variants"]([1.0, 3.0], ["none", "static", "0.995:1.5", "0.99"], ["none", "0.3:5"])
     assert len(grid) == 4 + 8 and all(interval == "none" for scale, _, interval in grid if scale == 1.0)
