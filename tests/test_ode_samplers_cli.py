@@ -63,3 +63,28 @@ def test_sampler_options_reach_the_solver_and_bad_ones_are_refused(tmp_path: Pat
                  "--model.sampler_options", "{solver_order: 2}")  # fmt: skip
     with pytest.raises(ConfigError, match="--model.sampler heun does not read --model.skip logsnr"):
         _predict(ckpt, tmp_path / "runs", tmp_path / "bad4", "--model.sampler", "heun")
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_continuous_samplers_call_a_guided_v_model_at_fractional_timesteps(tmp_path: Path, monkeypatch) -> None:
+    """The quickstart's kind of model (class-conditional, v-prediction, guided): the SDE / ODE samplers evaluate it at
+    the fractional timesteps of their Karras levels and convert v at each exact level; `quantize` rounds them."""
+    from src.models.unet import UNet
+
+    conditional = ["--model.net.init_args.num_classes", "10"]
+    ckpt = _fit(tmp_path / "runs", 2, *conditional)
+    seen: list[float] = []
+    forward = UNet.forward
+
+    def recording(self, x, t, *args, **kwargs):
+        seen.extend(t.flatten().tolist())
+        return forward(self, x, t, *args, **kwargs)
+
+    monkeypatch.setattr(UNet, "forward", recording)
+    guided = [*conditional, "--model.guidance_scale", "2.0", "--model.sampler", "heun", *KARRAS]
+    _predict(ckpt, tmp_path / "runs", tmp_path / "heun", *guided)
+    assert seen and any(t != round(t) for t in seen), "heun called the network at integer timesteps only"
+    seen.clear()
+    _predict(ckpt, tmp_path / "runs", tmp_path / "quantized", *guided, "--model.sampler_options", "{quantize: 1}")
+    assert seen and all(t == round(t) for t in seen)

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance
+from src.diffusion.k_samplers import CONTINUOUS_SAMPLERS
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.samplers import sample
@@ -208,12 +209,21 @@ class DiffusionModel(nn.Module):
         """The net as the plain eps-predictor `model(x_t, t)` that samplers take: its `prediction` converted to eps
         (parameterization.py), class-conditional nets guided towards `labels` (default: labels_for(0..B-1)) with
         classifier-free guidance scale s = 1 + w (guidance.py; only in `guidance_interval` where one is set), the
-        learned-variance channels dropped unless
-        `keep_variance` (the "learned" DDPM variance reads them), and with `classifier_scale` != 0 classifier
-        guidance on top (guidance.py's ClassifierGuidance)."""
+        learned-variance channels dropped unless `keep_variance` (the "learned" DDPM variance reads them), and with
+        `classifier_scale` != 0 classifier guidance on top (guidance.py's ClassifierGuidance)."""
         model = self.net if self.prediction == "eps" else EpsPredictor(self.net, self.schedule, self.prediction)
+        return self._guided(model, labels, guidance_scale, keep_variance, self.classifier_scale != 0.0)
+
+    def output_model(self, labels: Tensor | None = None, guidance_scale: float | None = None):
+        """Like `eps_model` but the net's own output (eps, x0 or v: `prediction`), guided, without classifier guidance.
+        For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
+        `continuous.DiscreteVPDenoiser`): EpsPredictor's conversion reads the schedule's tables at integer t. The
+        guided combination u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
+        return self._guided(self.net, labels, guidance_scale, False, False)
+
+    def _guided(self, model, labels: Tensor | None, guidance_scale: float | None, keep_variance: bool,
+                use_classifier: bool):  # fmt: skip
         channels = self.net.in_channels if self.learned_variance and not keep_variance else None
-        use_classifier = self.classifier_scale != 0.0
         if not self.conditional and channels is None and not use_classifier:
             return model
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
@@ -266,10 +276,18 @@ class DiffusionModel(nn.Module):
         `parameterization.DynamicThreshold`), options). Conditional nets: `labels`
         (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w."""
         settings = self.settings.replace(**overrides) if overrides else self.settings
-        keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
-        model = self.eps_model(labels, guidance_scale, keep_variance)
-        return sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress,
-                      **settings.kwargs())  # fmt: skip
+        kwargs = settings.kwargs()
+        if settings.sampler in CONTINUOUS_SAMPLERS and self.classifier_scale == 0.0:
+            # The SDE / ODE samplers step through continuous noise levels: they get the net's own output and convert
+            # it at each exact level, and the net (an nn.Module: the UNet's sinusoidal embedding takes fractional t)
+            # is called at fractional timesteps unless `quantize` is set. Classifier guidance reads the schedule at
+            # integer t, so with it the eps-model below runs at rounded timesteps (k-diffusion's `quantize`).
+            model = self.output_model(labels, guidance_scale)
+            kwargs = {"quantize": False, **kwargs, "prediction": self.prediction}
+        else:
+            keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
+            model = self.eps_model(labels, guidance_scale, keep_variance)
+        return sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress, **kwargs)
 
     # ------------------------------------------------------------------ files
     def save(self, folder: str | os.PathLike, overwrite: bool = False, source: dict | None = None) -> Path:
