@@ -35,7 +35,7 @@ warnings.filterwarnings("ignore", message="IProgress not found")
 # Where a notebook trains its own model when it finds none (gitignored, like every run folder).
 FALLBACK_ROOT = REPO_ROOT / "runs" / "notebooks"
 # Training steps of that fallback model: the `make train` network learns blurry but recognisable shapes in a few
-# hundred steps (600 took about 6 minutes on a busy 2-core CPU); `make train` trains for 15 minutes (about 3,000 steps
+# hundred steps (600 took about 6 minutes on a busy 2-core CPU); `make train` trains for 15 minutes (3,000 to 4,900 steps
 # of batch 64 on a 2-core CPU, docs/quality.md).
 FALLBACK_STEPS = 600
 FALLBACK_STEPS_QUICK = 100

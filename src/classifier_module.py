@@ -27,7 +27,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
 from src.diffusion.losses import sample_timesteps
-from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.schedule import NoiseSchedule, schedule_recipe
 from src.errors import ConfigError
 from src.models.classifier import FeatureClassifier
 from src.module import linear_warmup
@@ -118,7 +118,7 @@ class ClassifierModule(L.LightningModule):
             raise ConfigError(f"--model.lr_decay must be one of {', '.join(LR_DECAYS)}, got {lr_decay!r}")
         self.save_hyperparameters(ignore=["net"])
         self.net = net
-        self.schedule = NoiseSchedule.from_options(schedule, timesteps, beta_start, beta_end)
+        self.schedule = NoiseSchedule.from_name(**schedule_recipe(schedule, timesteps, beta_start, beta_end))
         self.saved_path: Path | None = None
 
     def on_fit_start(self) -> None:

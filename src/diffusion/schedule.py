@@ -128,14 +128,6 @@ class NoiseSchedule:
             raise ValueError(f"{name} config has no NoiseSchedule equivalent: " + "; ".join(problems))
         return cls(betas)
 
-    @classmethod
-    def from_options(
-        cls, name: str, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02
-    ) -> NoiseSchedule:
-        """The schedule of the modules' options: `beta_start`/`beta_end` apply to "linear" only."""
-        kwargs = {"beta_start": beta_start, "beta_end": beta_end} if name == "linear" else {}
-        return cls.from_name(name, timesteps, **kwargs)
-
     # ------------------------------------------------------------------ properties
     @property
     def num_timesteps(self) -> int:
@@ -170,3 +162,11 @@ class NoiseSchedule:
         return (
             extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
         )
+
+
+def schedule_recipe(name: str, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
+    """The `NoiseSchedule.from_name` arguments of the modules' schedule options (`beta_start` / `beta_end` apply to
+    "linear" only), as an export records them: `NoiseSchedule.from_name(**schedule_recipe(...))`."""
+    return {"name": name, "timesteps": int(timesteps)} | (
+        {"beta_start": float(beta_start), "beta_end": float(beta_end)} if name == "linear" else {}
+    )

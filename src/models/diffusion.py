@@ -24,7 +24,7 @@ from src.diffusion.k_samplers import CONTINUOUS_SAMPLERS
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.samplers import sample
-from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.schedule import NoiseSchedule, schedule_recipe  # noqa: F401  (schedule_recipe: re-exported)
 from src.errors import ConfigError
 from src.seeding import sample_generators
 
@@ -57,14 +57,6 @@ def build_net(spec: dict) -> nn.Module:
     model samples with torch alone), so it has this three-line equivalent."""
     module_name, _, class_name = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module_name), class_name)(**(spec.get("init_args") or {}))
-
-
-def schedule_recipe(name: str, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:
-    """The `NoiseSchedule.from_name` arguments of the modules' schedule options (`beta_start` / `beta_end` apply to
-    "linear" only), as an export records them."""
-    return {"name": name, "timesteps": int(timesteps)} | (
-        {"beta_start": float(beta_start), "beta_end": float(beta_end)} if name == "linear" else {}
-    )
 
 
 def net_spec(net: nn.Module) -> dict | None:
