@@ -347,7 +347,8 @@ class DiffusionCLI(LightningCLI):
         if interval is not None and scale == 1.0:
             raise ConfigError(
                 f"--model.guidance_interval {list(interval)} limits classifier-free guidance, which is off "
-                "(--model.guidance_scale 1): pass --model.guidance_scale s too (e.g. 3.0), or drop --model.guidance_interval"
+                "(--model.guidance_scale 1): for no guidance add --model.guidance_interval null (the config may set one), "
+                "else pass a --model.guidance_scale s above 1 (e.g. 3.0)"
             )
         if self.model.conditional:
             return

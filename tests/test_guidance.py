@@ -390,14 +390,16 @@ def test_guidance_interval_through_the_command_line(tmp_path: Path) -> None:
                   "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])  # fmt: skip
         return [p.read_bytes() for p in sorted((tmp_path / out).iterdir())]
 
-    plain = predict("plain", "--model.guidance_scale", "3.0")
+    plain = predict("plain", "--model.guidance_scale", "3.0", "--model.guidance_interval", "null")
     assert predict("everywhere", "--model.guidance_scale", "3.0", "--model.guidance_interval", "[0, 1000]") == plain
     assert predict("limited", "--model.guidance_scale", "3.0", "--model.guidance_interval", "[0.3, 5.0]") != plain
     bad = [
         (["--model.guidance_scale", "3.0", "--model.guidance_interval", "[5.0, 0.3]"],
          r"--model.guidance_interval \[5.0, 0.3\] must have 0 <= sigma_lo < sigma_hi"),
-        (["--model.guidance_interval", "[0.3, 5.0]"],
+        (["--model.guidance_scale", "1", "--model.guidance_interval", "[0.3, 5.0]"],
          r"--model.guidance_interval \[0.3, 5.0\] limits classifier-free guidance, which is off"),
+        (["--model.guidance_scale", "1"],  # the quickstart config's own interval: the message says how to drop it
+         r"off \(--model.guidance_scale 1\): for no guidance add --model.guidance_interval null"),
     ]  # fmt: skip
     for extra, message in bad:
         with pytest.raises(ConfigError, match=message) as error:
