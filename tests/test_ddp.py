@@ -44,6 +44,7 @@ EVERY_CALLBACK = [
         "init_args": {"save_last": True, "save_top_k": -1, "every_n_train_steps": 2},
     },
     {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 2, "num_samples": 4}},
+    {"class_path": "src.callbacks.posthoc_ema.PostHocEMA", "init_args": {"every_n_steps": 3, "dtype": "float16"}},
 ]
 FID_OPTIONS = ["--fid.extractor", "standin", "--fid.ref_split", "test", "--fid.batch_size", "4"]
 PERIODIC_FID = ["--fid.every_n_steps", "2", "--fid.num_samples", "6"]
@@ -107,6 +108,10 @@ def test_two_process_fit_with_every_callback_ends_and_checkpoints_once(ddp_fit: 
     assert names == ["epoch=0-step=2.ckpt", "epoch=0-step=4.ckpt", "last.ckpt"], names
     assert torch.load(run_dir / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     assert sorted(p.name for p in (run_dir / "samples").iterdir()) == ["step_0000002.png", "step_0000004.png"]
+    # Post-hoc EMA snapshots: rank 0 writes each once (step 3, and the last step), in the one run folder.
+    snapshots = sorted(p.name for p in (run_dir / "posthoc_ema").iterdir())
+    assert snapshots == ["step_00000003.pt", "step_00000004.pt"], snapshots
+    assert torch.load(run_dir / "posthoc_ema" / snapshots[-1], weights_only=True)["step"] == 4
     metrics = (run_dir / "metrics.csv").read_text()
     assert "val/fid_standin" in metrics and "val/loss" in metrics
 
