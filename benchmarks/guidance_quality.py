@@ -12,8 +12,9 @@ features, and the label agreement: how often the same classifier gives a sample 
 
 Variants are every (scale, threshold, interval) of the lists: a threshold is `none` (clip_denoised false), `static`
 (clip_denoised true) or `P:MAX` / `P` (dynamic thresholding at percentile P, s capped at MAX / uncapped); an interval
-is `none` (guidance at every step) or `LO:HI` in noise levels sigma (--model.guidance_interval [LO, HI]); at scale 1
-there is no guidance to limit, so only `none` runs there. docs/samplers.md describes the options.
+is `none` (guidance at every step, overriding the config's interval) or `LO:HI` in noise levels sigma
+(--model.guidance_interval [LO, HI]); at scale 1 there is no guidance to limit, so only `none` runs there.
+docs/samplers.md describes the options.
 """
 
 from __future__ import annotations
@@ -38,9 +39,9 @@ def threshold_args(threshold: str) -> list[str]:
 
 
 def interval_args(interval: str) -> list[str]:
-    """The predict options of an interval name: none or LO:HI."""
+    """The predict options of an interval name: none (guidance at every step, whatever the config sets) or LO:HI."""
     if interval == "none":
-        return []
+        return ["--model.guidance_interval", "null"]
     lo, hi = (float(v) for v in interval.split(":"))
     return ["--model.guidance_interval", f"[{lo}, {hi}]"]
 
