@@ -142,3 +142,11 @@ def evaluate_samples(folder: Path, ref: str, extractor: str, flags: list[str]) -
                             cwd=REPO, check=True, capture_output=True, text=True)  # fmt: skip
     scores = json.loads(result.stdout[result.stdout.index("{") :])
     return next(k for k in ("fd_classifier", "fid", "fid_standin") if k in scores), scores
+
+
+def quality_cells(fd: str, scores: dict) -> tuple[float, float | None, float | None, float | None]:
+    """(distance, precision, recall, label agreement) of `evaluate_samples(..., ["--prc"])`'s scores: precision and
+    recall in the same features (their keys carry the distance's suffix), the label agreement None unless the
+    extractor is a classifier and the file names carry labels."""
+    suffix = fd.removeprefix("fd").removeprefix("fid")
+    return scores[fd], scores.get(f"precision{suffix}"), scores.get(f"recall{suffix}"), scores.get("label_agreement")

@@ -24,7 +24,7 @@ import shlex
 import tempfile
 from pathlib import Path
 
-from common import evaluate_samples, predict_samples
+from common import evaluate_samples, predict_samples, quality_cells
 
 
 def threshold_args(threshold: str) -> list[str]:
@@ -78,11 +78,7 @@ def main() -> None:
             options = [*predict_args(scale, threshold, interval), *shlex.split(args.predict_args)]
             seconds = predict_samples(args.config, args.ckpt, out, args.num_samples, args.batch_size, options)
             fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--prc"])
-            suffix = fd.removeprefix("fd").removeprefix("fid")
-            # The classifier's agreement with the labels in the file names (None for other extractors).
-            accuracy = scores.get("label_agreement")
-            rows.append((scale, threshold, interval, scores[fd], scores.get(f"precision{suffix}"),
-                         scores.get(f"recall{suffix}"), accuracy, seconds))  # fmt: skip
+            rows.append((scale, threshold, interval, *quality_cells(fd, scores), seconds))
             print(rows[-1], flush=True)
     print(
         f"\n| guidance s | x_0 bound | guidance interval | {fd} | precision | recall | label agreement | predict seconds |"

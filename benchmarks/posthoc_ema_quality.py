@@ -22,7 +22,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-from common import REPO, evaluate_samples, predict_samples
+from common import REPO, evaluate_samples, predict_samples, quality_cells
 
 
 def reconstruct(run: str, sigma_rel: float, out_dir: Path) -> tuple[Path, float]:
@@ -58,9 +58,7 @@ def main() -> None:
             out = Path(tmp) / f"samples_{sigma_rel or 'run'}"
             seconds = predict_samples(args.config, ckpt, out, args.num_samples, args.batch_size, options)
             fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--prc"])
-            suffix = fd.removeprefix("fd").removeprefix("fid")
-            rows.append((name, error, scores[fd], scores.get(f"precision{suffix}"), scores.get(f"recall{suffix}"),
-                         scores.get("label_agreement"), seconds))  # fmt: skip
+            rows.append((name, error, *quality_cells(fd, scores), seconds))
             print(rows[-1], flush=True)
     print(f"\n| sigma_rel | profile error | {fd} | precision | recall | label agreement | predict seconds |")
     print("|---|---:|---:|---:|---:|---:|---:|")

@@ -26,7 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from src.callbacks.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT, save_atomically
+from src.callbacks.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT
+from src.checkpoint_io import save_atomically
 from src.errors import ConfigError
 from src.models.diffusion import CHECKPOINT_EMA_PREFIX, DiffusionModel
 from src.models.posthoc_ema import (
@@ -131,6 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         if not ckpt.is_file():
             raise ConfigError(f"{ckpt}: no checkpoint; pass the run's checkpoint with --ckpt")
         out_dir = Path(args.out_dir)
+        model = DiffusionModel.load(ckpt) if args.format == "export" else None  # network, schedule, sampler
         for sigma_rel in args.sigma_rel:
             name = f"sigma_rel_{sigma_rel:.3f}"
             out = out_dir / (name + ".ckpt" if args.format == "ckpt" else name)
@@ -140,7 +142,6 @@ def main(argv: list[str] | None = None) -> None:
             if args.format == "ckpt":
                 write_checkpoint(ckpt, state, summary, out)
             else:
-                model = DiffusionModel.load(ckpt)
                 model.net.load_state_dict(state)
                 model.save(out, overwrite=True, source={"checkpoint": str(ckpt), "weights": "posthoc_ema"} | summary)
             x = np.asarray(summary["coefficients"])

@@ -17,8 +17,6 @@ what sampling uses) is unchanged.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,25 +27,13 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
 from src.callbacks.sampling import run_dir
+from src.checkpoint_io import save_atomically
 from src.errors import ConfigError
 from src.models.posthoc_ema import sigma_rel_to_gamma, update_power_ema
 
 SNAPSHOT_FORMAT = "ddim-lightning-posthoc-ema"
 SNAPSHOT_DIR = "posthoc_ema"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-
-
-def save_atomically(obj: Any, path: Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: a reader never sees a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class PostHocEMA(Callback):
@@ -81,6 +67,8 @@ class PostHocEMA(Callback):
         self._restored: dict[str, Any] | None = None
         self._dir: Path | None = None
         self._last_snapshot = -1
+        self._float_keys: list[str] = []
+        self._other_keys: list[str] = []
 
     # ------------------------------------------------------------------ state
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -111,10 +99,13 @@ class PostHocEMA(Callback):
             self.step = int(restored["step"])
             self.averages = [{k: v.to(net_state[k].device) for k, v in avg.items()} for avg in restored["averages"]]
             self._last_snapshot = self.step
-            return
-        self.averages = [{k: v.detach().clone() for k, v in net_state.items()} for _ in self.sigma_rels]
-        self.step = trainer.global_step
-        if self.step > 0:
+        else:
+            self.averages = [{k: v.detach().clone() for k, v in net_state.items()} for _ in self.sigma_rels]
+            self.step = trainer.global_step
+        # Averaged (floating point) and copied (counters) entries, sorted once rather than at every step.
+        self._float_keys = [k for k, v in net_state.items() if v.is_floating_point()]
+        self._other_keys = [k for k, v in net_state.items() if not v.is_floating_point()]
+        if self.step > 0 and not restored:
             rank_zero_warn(
                 f"PostHocEMA starts at step {self.step} without earlier averages (the checkpoint has none): its "
                 "averages count every earlier step as the current weights"
@@ -128,11 +119,10 @@ class PostHocEMA(Callback):
         self.step = trainer.global_step
         net_state = pl_module.net.state_dict()
         for average, gamma in zip(self.averages, self.gammas, strict=True):
-            floats = [k for k, v in average.items() if v.is_floating_point()]
-            update_power_ema([average[k] for k in floats], [net_state[k] for k in floats], self.step, gamma)
-            for key, value in average.items():
-                if not value.is_floating_point():
-                    value.copy_(net_state[key])
+            keys = self._float_keys
+            update_power_ema([average[k] for k in keys], [net_state[k] for k in keys], self.step, gamma)
+            for key in self._other_keys:
+                average[key].copy_(net_state[key])
         if self.step % self.every_n_steps == 0:
             self.snapshot()
 

@@ -25,8 +25,8 @@ until it reaches its cap d: unrolled, the weight of the step-n weights in the av
 quickstart's decay cap 0.999 is reached only after step 8,991, so its EMA is the gamma = 8 average throughout a
 15-minute CPU run.
 
-Torch only, in float64 (the model layer's rule): the Lightning callback that tracks and snapshots is src/callbacks/posthoc_ema.py, the command
-that reconstructs is src/posthoc_ema.py.
+Torch only, in float64 (the model layer's rule): the Lightning callback that tracks and snapshots is
+src/callbacks/posthoc_ema.py, the command that reconstructs is src/posthoc_ema.py.
 """
 
 from __future__ import annotations
@@ -108,12 +108,18 @@ def profile_inner_product(
     return (g_a + 1.0) * (g_b + 1.0) * (t_short / t_long) ** g_long / ((g_a + g_b + 1.0) * t_long)
 
 
-def _profiles(steps: Iterable[float], gammas: Iterable[float]) -> tuple[Tensor, Tensor]:
+def _normal_equations(
+    steps: Iterable[float], gammas: Iterable[float], target_step: float, target_gamma: float
+) -> tuple[Tensor, Tensor]:
+    """A_ij = <p_i, p_j> of the snapshots' profiles and b_i = <p_i, q> with the target's (module docstring)."""
     t = torch.as_tensor(list(steps), dtype=Float64)
     g = torch.as_tensor(list(gammas), dtype=Float64)
     if t.shape != g.shape or t.numel() == 0:
         raise ValueError(f"need as many snapshot steps as exponents, at least one; got {t.numel()} and {g.numel()}")
-    return t, g
+    if bool((t < 1).any()) or target_step < 1:
+        raise ValueError("snapshot and target steps count from 1")
+    gram = profile_inner_product(t[:, None], g[:, None], t[None, :], g[None, :])
+    return gram, profile_inner_product(t, g, float(target_step), float(target_gamma))
 
 
 def posthoc_coefficients(
@@ -123,11 +129,7 @@ def posthoc_coefficients(
     snapshots' profiles p_i (steps[i], gammas[i]): the solution of A x = b (module docstring). A is symmetric
     positive semi-definite; an SVD-based lstsq so that repeated snapshots (a singular A) still give the minimum-norm
     x. float64."""
-    t, g = _profiles(steps, gammas)
-    if bool((t < 1).any()) or target_step < 1:
-        raise ValueError("snapshot and target steps count from 1")
-    gram = profile_inner_product(t[:, None], g[:, None], t[None, :], g[None, :])
-    target = profile_inner_product(t, g, float(target_step), float(target_gamma))
+    gram, target = _normal_equations(steps, gammas, target_step, target_gamma)
     return torch.linalg.lstsq(gram, target[:, None], driver="gelsd").solution[:, 0]
 
 
@@ -135,10 +137,8 @@ def profile_error(steps: Iterable[float], gammas: Iterable[float], coefficients:
                   target_gamma: float) -> float:  # fmt: skip
     """Relative L2 error of the fitted profile, ||sum_i x_i p_i - q|| / ||q||: how well the snapshots can express
     the target (0 for a target that is one of them)."""
-    t, g = _profiles(steps, gammas)
+    gram, cross = _normal_equations(steps, gammas, target_step, target_gamma)
     x = torch.as_tensor(coefficients, dtype=Float64)
-    gram = profile_inner_product(t[:, None], g[:, None], t[None, :], g[None, :])
-    cross = profile_inner_product(t, g, float(target_step), float(target_gamma))
     qq = float(profile_inner_product(target_step, target_gamma, target_step, target_gamma))
     squared = float(x @ gram @ x - 2.0 * x @ cross + qq)
     return math.sqrt(max(squared, 0.0) / qq)
