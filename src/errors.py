@@ -137,12 +137,22 @@ def names_a_given_path(error: FileNotFoundError, args: list[str]) -> bool:
     return any(value in text for value in given_paths(args))
 
 
-def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str) -> None:
-    """ShapeMismatchError (one line, naming both shapes and the options) unless the net takes the data's images."""
+def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str, first_stage: object = None) -> None:
+    """ShapeMismatchError (one line, naming both shapes and the options) unless the net takes the data's images
+    (their encoding, with a first stage)."""
     in_channels, image_size = getattr(net, "in_channels", None), getattr(net, "image_size", None)
     if in_channels is None or image_size is None:
         return  # a network that does not declare its input shape: nothing to compare
     net_shape = (in_channels, image_size, image_size)
+    if first_stage is not None:
+        latent = tuple(first_stage.latent_shape(tuple(data_shape)))
+        if latent != net_shape:
+            raise ShapeMismatchError(
+                f"--data.dataset {dataset} gives images of shape {tuple(data_shape)} (C, H, W), which "
+                f"{type(first_stage).__name__} encodes to {latent}, but the network takes {net_shape}: set "
+                f"--model.net.init_args.in_channels {latent[0]} and --image_size {latent[-1]}"
+            )
+        return
     if tuple(data_shape) != net_shape:
         raise ShapeMismatchError(
             f"--data.dataset {dataset} gives images of shape {tuple(data_shape)} (C, H, W) but the network takes "

@@ -53,6 +53,7 @@ from src.errors import (
 )
 from src.lightning_compat import quiet_lightning_banner
 from src.loggers import Backend, DiscardUnusedLogFolder, auto_logger
+from src.models.diffusion import build_net
 from src.models.unet import feature_resolutions
 from src.module import DiffusionModule
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
@@ -71,7 +72,9 @@ CPU_PARAMETER_LIMIT = 10_000_000
 
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
 # Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
-CHECKPOINT_MODEL_KEYS = ("net", "schedule", "timesteps", "beta_start", "beta_end", "prediction")
+CHECKPOINT_MODEL_KEYS = (
+    "net", "schedule", "timesteps", "beta_start", "beta_end", "prediction", "process", "first_stage"
+)  # fmt: skip
 
 
 class SuggestingArgumentParser(LightningArgumentParser):
@@ -168,6 +171,22 @@ def apply_image_size(config: Namespace) -> None:
     net.image_size = size
     if config.get("data") is not None and "image_size" in config.data:
         config.data.image_size = size  # the link from the net's image_size was applied when the options were parsed
+
+
+def apply_first_stage_shape(config: Namespace) -> None:
+    """With `--model.first_stage`, the data's images take the shape the first stage decodes the net's input to
+    (the links set them to the net's own, which is the latent's); nothing without one."""
+    spec, net = config.get("model.first_stage"), config.get("model.net.init_args")
+    if spec is None or net is None or net.get("in_channels") is None or net.get("image_size") is None:
+        return
+    spec = spec.as_dict() if hasattr(spec, "as_dict") else dict(spec)
+    channels, height, width = build_net(spec).image_shape((net.in_channels, net.image_size, net.image_size))
+    if height != width:
+        raise ConfigError(f"--model.first_stage decodes to {height} x {width} images; the data sets are square")
+    if config.get("data") is not None:
+        for key, value in (("image_size", height), ("num_channels", channels)):
+            if key in config.data:
+                config.data[key] = value
 
 
 def check_attention_resolutions(config: Namespace) -> None:
@@ -321,13 +340,15 @@ class DiffusionCLI(LightningCLI):
         self._check_untrained_predict()
         config = self.config[self.subcommand] if self.subcommand else self.config
         apply_image_size(config)
+        apply_first_stage_shape(config)
         if self.subcommand == "fit" and not config.get("ckpt_path"):  # a checkpoint's net is what it was trained as
             check_attention_resolutions(config)
 
     def _check_shapes(self) -> None:
         data = self.datamodule
         if data is not None and hasattr(data, "image_shape"):
-            check_image_shape(data.image_shape, self.model.net, getattr(data, "dataset", "?"))
+            first_stage = getattr(getattr(self.model, "model", None), "first_stage", None)  # none in the classifier CLI
+            check_image_shape(data.image_shape, self.model.net, getattr(data, "dataset", "?"), first_stage)
 
     def _check_checkpoint(self) -> None:
         """A --ckpt_path that is corrupt or does not fit the model fails here, in one line, before anything runs."""

@@ -21,11 +21,13 @@ from src.diffusion.likelihood import nll_bits_per_dim
 from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
 from src.diffusion.losses import loss_weighting as resolve_loss_weighting
 from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
+from src.diffusion.process import DiffusionProcess, DiscreteProcess
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe, upgrade_state_dict
 from src.models.ema import ema_decay, update_ema
+from src.models.first_stage import FirstStage
 
 # True while `DiffusionModule.load_from_checkpoint` builds a module from a checkpoint's recorded options.
 _FROM_CHECKPOINT = contextvars.ContextVar("from_checkpoint", default=False)
@@ -48,6 +50,13 @@ class DiffusionModule(L.LightningModule):
 
     Args:
         net: the noise-prediction network, `net(x_t, t) -> eps` (e.g. `src.models.unet.UNet`).
+        process: a diffusion process of its own (`src.diffusion.process.DiffusionProcess`, e.g. a learned schedule,
+            as class_path / init_args); its parameters train with the net and are averaged into the sampling copy.
+            None: the fixed schedule of the next four options. Fixed by a checkpoint.
+        first_stage: an encoder/decoder the diffusion runs inside (`src.models.first_stage.FirstStage`, as
+            class_path / init_args): training diffuses its encoding of the images, sampling decodes; frozen, out of
+            the optimizer. The net then takes the latent's shape, and the data keeps the images' shape. None:
+            pixel space. Fixed by a checkpoint.
         schedule: noise schedule name, "linear" (DDPM) or "cosine" (improved DDPM).
         timesteps: number of diffusion steps T.
         beta_start: first beta of the linear schedule.
@@ -139,20 +148,25 @@ class DiffusionModule(L.LightningModule):
         fused_optimizer: bool | None = None,
         bpd_timesteps: int | None = 0,
         ode_bpd_batches: int = 0,
+        process: DiffusionProcess | None = None,
+        first_stage: FirstStage | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net"])
+        self.save_hyperparameters(ignore=["net", "process", "first_stage"])
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
-        if isinstance(net, dict):  # load_from_checkpoint passes the recorded {"class_path", "init_args"}
-            net = build_net(net)
-        if net_spec(net) is not None:
-            # Record the network's class and constructor arguments, so that a checkpoint alone rebuilds the model
-            # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the module itself is no hparam.
-            self.hparams["net"] = net_spec(net)
+        # load_from_checkpoint passes the recorded {"class_path", "init_args"} of each part.
+        net, process, first_stage = (build_net(p) if isinstance(p, dict) else p for p in (net, process, first_stage))
+        for name, part in (("net", net), ("process", process), ("first_stage", first_stage)):
+            if part is not None and net_spec(part) is not None:
+                # Record each part's class and constructor arguments, so that a checkpoint alone rebuilds the model
+                # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the modules are no hparams.
+                self.hparams[name] = net_spec(part)
         self.net = net
         self.loss_weight = resolve_loss_weighting(loss_weighting, min_snr_gamma)
         recipe = schedule_recipe(schedule, timesteps, beta_start, beta_end)
+        # The process training reads (its parameters, if any, are optimized); the sampling model holds its average.
+        self.process = process if process is not None else DiscreteProcess.from_name(**recipe)
         # A checkpoint's recorded sampler options may hold some its sampler never read (accepted before they were
         # refused): those are reset to their defaults, which changes nothing; options given now must fit the sampler.
         from_checkpoint = _FROM_CHECKPOINT.get()
@@ -160,7 +174,7 @@ class DiffusionModule(L.LightningModule):
         # The sampling model holds the EMA copy of `net`: its weights are averaged, never optimized.
         self.model = DiffusionModel(
             copy.deepcopy(net).eval().requires_grad_(False),
-            NoiseSchedule.from_name(**recipe),
+            copy.deepcopy(self.process).requires_grad_(False),
             prediction,
             settings,
             recipe,
@@ -170,7 +184,13 @@ class DiffusionModule(L.LightningModule):
             classifier_path=classifier_path,
             classifier_scale=classifier_scale,
             sample_seed=sample_seed,
+            first_stage=first_stage,
         )
+        if self.model.learned_variance and self.process.has_parameters():
+            raise ConfigError(
+                "a learned variance (L_hybrid) reads the fixed schedule's posterior tables: use it with "
+                "--model.process null, or a net with in_channels outputs"
+            )
         if not from_checkpoint:  # after DiffusionModel's own checks (a learned variance needs the net's channels)
             settings.check_variance(bound=bpd_timesteps != 0)
 
@@ -220,23 +240,24 @@ class DiffusionModule(L.LightningModule):
 
     # ------------------------------------------------------------------ training (Algorithm 1)
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images = batch[0]
+        with torch.no_grad():  # the first stage is frozen: x_0 is the encoding of the images (the images without one)
+            images = self.model.encode(batch[0])
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # t is drawn here (as l_simple would, same RNG order) and kept so that a non-finite loss can be reported
         # with the t values that produced it (src/callbacks/faults.py).
-        self.last_t = sample_timesteps(images.shape[0], self.schedule.num_timesteps, images.device)
+        self.last_t = sample_timesteps(images.shape[0], self.process.num_timesteps, images.device)
         kwargs = {}
         if self.conditional:
             # Classifier-free guidance training: the null label with probability p_uncond (Ho & Salimans, Alg. 1).
             kwargs["y"] = drop_labels(batch[1], self.hparams.p_uncond, self.net.num_classes)
         if self.model.learned_variance:
-            terms = l_hybrid(self.train_net, images, self.schedule, t=self.last_t, prediction=self.model.prediction,
+            terms = l_hybrid(self.train_net, images, self.process.schedule, t=self.last_t, prediction=self.model.prediction,
                              vlb_weight=self.hparams.vlb_weight, **kwargs)  # fmt: skip
             self.log_dict({"train/mse": terms["mse"].mean(), "train/vb": terms["vb"].mean()})
             loss = terms["loss"].mean()
         else:
-            loss = l_simple(self.train_net, images, self.schedule, t=self.last_t, prediction=self.model.prediction,
+            loss = l_simple(self.train_net, images, self.process, t=self.last_t, prediction=self.model.prediction,
                             weighting=self.loss_weight, **kwargs).mean()  # fmt: skip
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
@@ -257,7 +278,7 @@ class DiffusionModule(L.LightningModule):
         # Not Lightning's `grad_norm`: it builds the total with torch.tensor(list of per-parameter norms), which copies
         # every norm to the host (one sync per parameter per step on a GPU), and it took 2.7-2.9x as long as this on
         # the quickstart net (166 tensors; 5.0 vs 1.8 ms per step, 2-core AMD EPYC), where the norms stay on the device.
-        grads = [p.grad for p in self.net.parameters() if p.grad is not None]
+        grads = [p.grad for p in self.trained_parameters() if p.grad is not None]
         if grads:
             norms = torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])
             self.log("train/grad_norm", torch.linalg.vector_norm(norms))
@@ -266,7 +287,15 @@ class DiffusionModule(L.LightningModule):
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # One EMA update per optimizer step (not per micro-batch under gradient accumulation).
         hp = self.hparams
-        update_ema(self.model.net, self.net, ema_decay(self.trainer.global_step, hp.ema_decay, hp.ema_warmup))
+        decay = ema_decay(self.trainer.global_step, hp.ema_decay, hp.ema_warmup)
+        update_ema(self.model.net, self.net, decay)
+        if self.process.has_parameters():  # a learned schedule samples with its average too
+            update_ema(self.model.process, self.process, decay)
+
+    def trained_parameters(self) -> list[nn.Parameter]:
+        """What the optimizer trains: the net's parameters and a learned process's (never the EMA copy's or the
+        frozen first stage's)."""
+        return [*self.net.parameters(), *self.process.parameters()]
 
     def _use_fused_optimizer(self) -> bool:
         fused = self.hparams.get("fused_optimizer")
@@ -291,9 +320,9 @@ class DiffusionModule(L.LightningModule):
 
     def configure_optimizers(self):
         hp = self.hparams
-        # Only the trained network's parameters: the EMA copy is updated by averaging, never by the optimizer.
+        # Only the trained parameters: the EMA copy is updated by averaging, never by the optimizer.
         optimizer = torch.optim.AdamW(
-            self.net.parameters(),
+            self.trained_parameters(),
             lr=hp.lr,
             betas=tuple(hp.adam_betas),
             weight_decay=hp.weight_decay,
@@ -304,12 +333,13 @@ class DiffusionModule(L.LightningModule):
     # ------------------------------------------------------------------ evaluation: EMA loss on fixed noise
     def _fixed_noise_loss(self, images: Tensor, batch_idx: int, labels: Tensor | None = None) -> Tensor:
         # The same t and noise for the same batch at every evaluation, so successive values are comparable.
+        images = self.model.encode(images)
         generator = torch.Generator().manual_seed(10_000 + batch_idx)
         t = torch.randint(0, self.schedule.num_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
         # Conditional nets are evaluated with the true labels (the conditional model's loss).
         kwargs = {"y": labels} if self.conditional and labels is not None else {}
-        return l_simple(self.model.net, images, self.schedule, t.to(self.device), noise.to(self.device),
+        return l_simple(self.model.net, images, self.model.process, t.to(self.device), noise.to(self.device),
                         prediction=self.model.prediction, **kwargs).mean()  # fmt: skip
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
@@ -323,6 +353,11 @@ class DiffusionModule(L.LightningModule):
         eps_model = (
             self.model.eps_model(labels=labels, guidance_scale=1.0) if labels is not None else self.model.eps_model()
         )
+        if self.model.first_stage is not None and (hp.bpd_timesteps != 0 or hp.get("ode_bpd_batches", 0)):
+            # The bound of the latents is no likelihood of the images unless the first stage were a volume-preserving
+            # bijection; rather than trust that of any first stage, neither bound is reported.
+            rank_zero_info("test/bpd and test/ode_bpd skipped: with a first stage they would bound the latents")
+            return
         if hp.bpd_timesteps != 0 and self.model.settings.variance == "learned":
             # likelihood.py evaluates fixed variances only; a learned one's bound is not implemented there yet.
             rank_zero_info("test/bpd skipped: the bound with --model.ddpm_variance learned is not implemented")

@@ -4,6 +4,8 @@
     --model.sampler my_extensions.ddim_eta0
     --model.loss_weighting my_extensions.double_weight
     --model.net.class_path my_extensions.TinyConvNet
+    --model.process my_extensions.LearnedLinearLogSNR          (a learned schedule; tests/test_core_parts.py)
+    --model.first_stage my_extensions.PixelUnshuffleStage      (a fixed invertible first stage; ibid.)
 """
 
 from __future__ import annotations
@@ -11,11 +13,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from src.diffusion.parameterization import X0Clip, threshold_x0
+from src.diffusion.process import DiffusionProcess
 from src.diffusion.samplers import predict_x0_from_eps
 from src.diffusion.schedule import NoiseSchedule
+from src.models.first_stage import FirstStage
 
 
 @torch.no_grad()
@@ -74,3 +79,42 @@ class TinyConvNet(nn.Module):
     def forward(self, x: Tensor, t: Tensor) -> Tensor:
         level = (t.to(x.dtype) / self.timesteps).view(-1, 1, 1, 1).expand(-1, 1, *x.shape[2:])
         return self.body(torch.cat([x, level], dim=1))
+
+
+class LearnedLinearLogSNR(DiffusionProcess):
+    """A learned schedule: log SNR linear in t from `log_snr_start` (t = 0) to `log_snr_end` (t = T - 1), both
+    endpoints trained (VDM's linear gamma(t) = -log SNR(t) with learned gamma_min, gamma_max; Kingma et al. 2021,
+    section 5). The defaults are close to DDPM's linear schedule's endpoints (log SNR 9.2 and -10.1)."""
+
+    def __init__(self, timesteps: int = 1000, log_snr_start: float = 9.0, log_snr_end: float = -10.0) -> None:
+        super().__init__(timesteps)
+        self.config = dict(timesteps=timesteps, log_snr_start=log_snr_start, log_snr_end=log_snr_end)
+        self.endpoints = nn.Parameter(torch.tensor([log_snr_start, log_snr_end]))
+
+    def log_snr(self, t: Tensor) -> Tensor:
+        fraction = t.to(self.endpoints.dtype) / (self.num_timesteps - 1)
+        return self.endpoints[0] + (self.endpoints[1] - self.endpoints[0]) * fraction
+
+
+class PixelUnshuffleStage(FirstStage):
+    """A fixed invertible first stage: each `factor` x `factor` block of pixels becomes `factor`^2 channels
+    (C x H x W -> C f^2 x H/f x W/f; torch's pixel_unshuffle), decoded exactly by pixel_shuffle."""
+
+    def __init__(self, factor: int = 2) -> None:
+        super().__init__()
+        self.factor = factor
+        self.config = dict(factor=factor)
+
+    def encode(self, images: Tensor) -> Tensor:
+        return F.pixel_unshuffle(images, self.factor)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        return F.pixel_shuffle(latents, self.factor)
+
+    def latent_shape(self, image_shape) -> tuple[int, int, int]:
+        c, h, w = image_shape
+        return (c * self.factor**2, h // self.factor, w // self.factor)
+
+    def image_shape(self, latent_shape) -> tuple[int, int, int]:
+        c, h, w = latent_shape
+        return (c // self.factor**2, h * self.factor, w * self.factor)

@@ -106,8 +106,8 @@ def l_simple(
     loss = (pred.to(dtype) - target.to(dtype)).pow(2).flatten(1).mean(dim=1)
     if weighting is None:
         return loss
-    snr = schedule.snr  # float64 (T,); SNR(t) indexed on the schedule's device, the weights cast to the loss's
-    return loss * weighting(snr[t.to(snr.device)], prediction).to(device=loss.device, dtype=loss.dtype)
+    snr = schedule.snr_at(t)  # float64 (B,), on the schedule's device; the weights are cast to the loss's
+    return loss * weighting(snr, prediction).to(device=loss.device, dtype=loss.dtype)
 
 
 def learned_variance_vb(

@@ -24,14 +24,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from src.diffusion.schedule import NoiseSchedule, extract
+from src.diffusion.schedule import NoiseSchedule
 
 PREDICTIONS = ("eps", "x0", "v")
-
-
-def _alpha_sigma(schedule: NoiseSchedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-    """alpha_t = sqrt(a_t), sigma_t = sqrt(1 - a_t), broadcast against x in its dtype."""
-    return extract(schedule.sqrt_alphas_cumprod, t, x), extract(schedule.sqrt_one_minus_alphas_cumprod, t, x)
 
 
 def check_prediction(prediction: str) -> str:
@@ -47,7 +42,7 @@ def training_target(prediction: str, x0: Tensor, noise: Tensor, schedule: NoiseS
         return noise
     if prediction == "x0":
         return x0
-    alpha, sigma = _alpha_sigma(schedule, t, x0)
+    alpha, sigma = schedule.alpha_sigma(t, x0)
     return alpha * noise - sigma * x0
 
 
@@ -56,7 +51,7 @@ def eps_from_prediction(prediction: str, output: Tensor, x_t: Tensor, schedule: 
     check_prediction(prediction)
     if prediction == "eps":
         return output
-    return eps_from_output(prediction, output, x_t, *_alpha_sigma(schedule, t, x_t))
+    return eps_from_output(prediction, output, x_t, *schedule.alpha_sigma(t, x_t))
 
 
 def eps_from_output(prediction: str, output: Tensor, x_t: Tensor, alpha: Tensor, sigma: Tensor) -> Tensor:
@@ -74,7 +69,7 @@ def x0_from_prediction(prediction: str, output: Tensor, x_t: Tensor, schedule: N
     check_prediction(prediction)
     if prediction == "x0":
         return output
-    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    alpha, sigma = schedule.alpha_sigma(t, x_t)
     if prediction == "eps":
         return (x_t - sigma * output) / alpha
     return alpha * x_t - sigma * output
@@ -85,7 +80,7 @@ def prediction_from_eps(prediction: str, eps: Tensor, x_t: Tensor, schedule: Noi
     check_prediction(prediction)
     if prediction == "eps":
         return eps
-    alpha, sigma = _alpha_sigma(schedule, t, x_t)
+    alpha, sigma = schedule.alpha_sigma(t, x_t)
     x0 = (x_t - sigma * eps) / alpha
     return x0 if prediction == "x0" else alpha * eps - sigma * x0
 

@@ -155,13 +155,23 @@ class NoiseSchedule:
         )
 
     # ------------------------------------------------------------------ forward process
+    # num_timesteps, alpha_sigma and snr_at are what the losses and parameterization.py ask of a schedule; a
+    # `process.DiffusionProcess` answers the same three at continuous t.
+    def alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha_t = sqrt(alpha-bar_t) and sigma_t = sqrt(1 - alpha-bar_t) of integer timesteps t (B,), broadcast
+        against x (B, ...) in its dtype."""
+        return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+
+    def snr_at(self, t: Tensor) -> Tensor:
+        """SNR(t) of integer timesteps t, float64 on the schedule's device."""
+        return self.snr[t.to(self.betas.device)]
+
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I)  (DDPM eq. 4)."""
         if noise is None:
             noise = torch.randn_like(x0)
-        return (
-            extract(self.sqrt_alphas_cumprod, t, x0) * x0 + extract(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
-        )
+        alpha, sigma = self.alpha_sigma(t, x0)
+        return alpha * x0 + sigma * noise
 
 
 def schedule_recipe(name: str, timesteps: int = 1000, beta_start: float = 1e-4, beta_end: float = 0.02) -> dict:

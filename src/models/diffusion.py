@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance
 from src.diffusion.k_samplers import CONTINUOUS_SAMPLERS
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
+from src.diffusion.process import DiffusionProcess, as_process
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.samplers import sample
 from src.diffusion.schedule import NoiseSchedule, schedule_recipe  # noqa: F401  (schedule_recipe: re-exported)
@@ -29,11 +30,18 @@ from src.errors import ConfigError
 from src.seeding import sample_generators
 
 EXPORT_FORMAT = "ddim-lightning-export"
-EXPORT_VERSION = 2  # 2: "net" holds {"class_path", "init_args"}; version 1 wrote "unet" (UNet arguments) instead
+# 3: "process" and "first_stage" specs (and their weights files) where a model has a learned process or a first
+# stage; 2: "net" holds {"class_path", "init_args"}; version 1 wrote "unet" (UNet arguments) instead.
+EXPORT_VERSION = 3
+PROCESS_WEIGHTS_NAME = "process.safetensors"
+FIRST_STAGE_WEIGHTS_NAME = "first_stage.safetensors"
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.json"
-# The sampling (EMA) weights in a DiffusionModule checkpoint's state dict.
+# The sampling (EMA) weights in a DiffusionModule checkpoint's state dict, and those of a learned process (EMA) and
+# of a first stage (frozen).
 CHECKPOINT_EMA_PREFIX = "model.net."
+CHECKPOINT_PROCESS_PREFIX = "model.process."
+CHECKPOINT_FIRST_STAGE_PREFIX = "model.first_stage."
 # State-dict keys renamed since a checkpoint format: old prefix -> new prefix (checkpoints written before
 # DiffusionModel held the EMA weights as "ema.model.*").
 RENAMED_STATE_KEYS = {"ema.model.": "model.net."}
@@ -68,12 +76,13 @@ def net_spec(net: nn.Module) -> dict | None:
 
 
 class DiffusionModel(nn.Module):
-    """A denoiser `net` with its `schedule`, prediction target and sampler settings; samples with `sample` or
-    `sample_indices`.
+    """A denoiser `net` with its diffusion process, prediction target and sampler settings (and optionally a first
+    stage); samples with `sample` or `sample_indices`.
 
     Args:
         net: the network, `net(x_t, t) -> output` or `net(x_t, t, y)` for a class-conditional one (`num_classes`).
-        schedule: the noise schedule it was trained with.
+        schedule: the noise schedule it was trained with, or its process (`src.diffusion.process`: a learned
+            schedule); a `NoiseSchedule` is held as its `DiscreteProcess`.
         prediction: what `net` outputs: "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); sampling converts to eps.
         settings: the sampler and its options (`SamplerSettings`).
         schedule_recipe: the `NoiseSchedule.from_name` arguments of `schedule`, written by `save` (None: the betas).
@@ -85,12 +94,15 @@ class DiffusionModel(nn.Module):
         classifier_path: a NoisyClassifier file for classifier guidance (Dhariwal & Nichol 2021).
         classifier_scale: its scale s (0: off).
         sample_seed: the default seed of `sample_indices`.
+        first_stage: an encoder/decoder around the diffusion (`src.models.first_stage.FirstStage`: `encode`,
+            `decode`); the net then works on its latents, and `sample` decodes them. None: pixel space. It is
+            frozen and kept in eval mode.
     """
 
     def __init__(
         self,
         net: nn.Module,
-        schedule: NoiseSchedule,
+        schedule: NoiseSchedule | DiffusionProcess,
         prediction: str = "eps",
         settings: SamplerSettings | None = None,
         schedule_recipe: dict | None = None,
@@ -100,6 +112,7 @@ class DiffusionModel(nn.Module):
         classifier_path: str | None = None,
         classifier_scale: float = 0.0,
         sample_seed: int = 0,
+        first_stage: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -107,8 +120,8 @@ class DiffusionModel(nn.Module):
         if classifier_scale != 0.0 and not classifier_path:
             raise ConfigError("--model.classifier_scale needs --model.classifier_path (a NoisyClassifier file)")
         self.net = net
-        self.schedule = schedule
-        self.schedule_recipe = schedule_recipe
+        self.process = as_process(schedule, schedule_recipe)
+        self.first_stage = None if first_stage is None else first_stage.eval().requires_grad_(False)
         self.prediction = prediction
         self.settings = settings or SamplerSettings()
         self.settings.check_steps(schedule.num_timesteps)
@@ -116,6 +129,11 @@ class DiffusionModel(nn.Module):
             raise ConfigError(
                 "--model.ddpm_variance learned needs a net with 2 x in_channels outputs "
                 "(--model.net.init_args.out_channels)"
+            )
+        if self.settings.clip_x0 and first_stage is not None and first_stage.latent_range != (-1.0, 1.0):
+            raise ConfigError(
+                f"--model.clip_denoised bounds x_0 to [-1, 1], but {type(first_stage).__name__}'s latents lie in "
+                f"{first_stage.latent_range} (None: unbounded); set --model.clip_denoised false"
             )
         num_classes = getattr(net, "num_classes", None)
         if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
@@ -130,18 +148,36 @@ class DiffusionModel(nn.Module):
         # model's weights, and a checkpoint must load without its file): a plain dict is not registered.
         self._classifier: dict[str, nn.Module] = {}
 
-    def _apply(self, fn, recurse: bool = True):
-        # `.to(device)` moves the schedule (plain tensors, not buffers: it stays float64 and out of the state dict).
-        super()._apply(fn, recurse)
-        param = next(self.net.parameters(), None)
-        if param is not None and self.schedule.betas.device != param.device:
-            self.schedule = self.schedule.to(param.device)
-        return self
-
     # ------------------------------------------------------------------ what the net is
     @property
-    def image_shape(self) -> tuple[int, int, int]:
+    def schedule(self) -> NoiseSchedule:
+        """The discrete schedule the samplers index (the process's own tables, or a learned process at t = 0..T-1)."""
+        return self.process.schedule
+
+    @property
+    def schedule_recipe(self) -> dict | None:
+        """The `NoiseSchedule.from_name` arguments of a fixed named schedule (None: given betas or a learned one)."""
+        return getattr(self.process, "recipe", None)
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """The shape the net diffuses (the images' own without a first stage): (in_channels, size, size)."""
         return (self.net.in_channels, self.net.image_size, self.net.image_size)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """The shape of the images `sample` returns (the first stage's decoding of `latent_shape`)."""
+        if self.first_stage is None:
+            return self.latent_shape
+        return tuple(self.first_stage.image_shape(self.latent_shape))
+
+    def encode(self, images: Tensor) -> Tensor:
+        """What the net diffuses: the first stage's encoding of images in [-1, 1] (the images without one)."""
+        return images if self.first_stage is None else self.first_stage.encode(images)
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Images from what the net diffuses (the first stage's decoding; the latents themselves without one)."""
+        return latents if self.first_stage is None else self.first_stage.decode(latents)
 
     @property
     def conditional(self) -> bool:
@@ -240,7 +276,7 @@ class DiffusionModel(nn.Module):
         return self._noise_from(sample_generators(self.sample_seed if seed is None else seed, indices))
 
     def _noise_from(self, generators: list[torch.Generator]) -> Tensor:
-        return torch.stack([torch.randn(self.image_shape, generator=g) for g in generators]).to(self.device)
+        return torch.stack([torch.randn(self.latent_shape, generator=g) for g in generators]).to(self.device)
 
     @torch.no_grad()
     def sample_indices(self, indices: Tensor, seed: int | None = None, progress: bool = False, **overrides) -> Tensor:
@@ -263,7 +299,8 @@ class DiffusionModel(nn.Module):
         guidance_scale: float | None = None,
         **overrides: object,
     ) -> Tensor:
-        """Images in [-1, 1] from noise x_T with the configured sampler; keyword `overrides` replace settings
+        """Images in [-1, 1] from noise x_T (of `latent_shape`; decoded by the first stage where there is one) with
+        the configured sampler; keyword `overrides` replace settings
         (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0 (False, True or a
         `parameterization.DynamicThreshold`), options). Conditional nets: `labels`
         (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w."""
@@ -279,12 +316,21 @@ class DiffusionModel(nn.Module):
         else:
             keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
             model = self.eps_model(labels, guidance_scale, keep_variance)
-        return sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress, **kwargs)
+        latents = sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress, **kwargs)
+        return self.decode(latents)
+
+    def train(self, mode: bool = True) -> DiffusionModel:
+        super().train(mode)
+        if self.first_stage is not None:  # frozen: never dropout or batch statistics of its own
+            self.first_stage.eval()
+        return self
 
     # ------------------------------------------------------------------ files
     def save(self, folder: str | os.PathLike, overwrite: bool = False, source: dict | None = None) -> Path:
         """Write `folder/model.safetensors` (the net's weights, float32) and `folder/config.json` (network spec,
-        schedule, prediction, sampler settings), which `DiffusionModel.load` reads with torch alone."""
+        schedule, prediction, sampler settings), which `DiffusionModel.load` reads with torch alone. A learned
+        process and a first stage add their spec to config.json and their weights as `process.safetensors` and
+        `first_stage.safetensors`."""
         from safetensors.torch import save_file
 
         out = Path(folder)
@@ -303,9 +349,19 @@ class DiffusionModel(nn.Module):
             "sampler": self.settings.to_dict(),
             "source": source or {},
         }
+        # Parts beyond net and schedule: their spec here, their weights (in their own dtypes) in a file each.
+        parts = {"process": self.process} if self.schedule_recipe is None and self.process.has_parameters() else {}
+        parts |= {"first_stage": self.first_stage} if self.first_stage is not None else {}
+        for name, part in parts.items():
+            meta[name] = net_spec(part)
+            if meta[name] is None:
+                raise ValueError(f"{type(part).__name__} records no constructor arguments (`config`); cannot export it")
         out.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().float().contiguous() for k, v in self.net.state_dict().items()}
         save_file(state, out / WEIGHTS_NAME)
+        for name, part in parts.items():
+            part_state = {k: v.detach().contiguous() for k, v in part.state_dict().items()}
+            save_file(part_state, out / PART_WEIGHTS[name])
         (out / CONFIG_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         return out
 
@@ -366,11 +422,32 @@ def _from_export(folder: Path) -> DiffusionModel:
     net.load_state_dict(load_file(folder / WEIGHTS_NAME))
     recipe = dict(meta["schedule"])
     schedule = NoiseSchedule(recipe["betas"]) if "betas" in recipe else NoiseSchedule.from_name(**recipe)
+    parts = {
+        name: _load_part(meta[name], load_file(folder / PART_WEIGHTS[name])) for name in PART_WEIGHTS if name in meta
+    }
     sampler = dict(meta.get("sampler", {}))
     prediction = meta.get("prediction") or sampler.pop("prediction", "eps")  # version 1 kept it with the sampler
     sampler.pop("prediction", None)
     settings = SamplerSettings.stored(**sampler)  # what its sampler does not read: the defaults (changes nothing)
-    return DiffusionModel(net, schedule, prediction, settings, None if "betas" in recipe else recipe)
+    return DiffusionModel(
+        net,
+        parts.get("process", schedule),
+        prediction,
+        settings,
+        None if "betas" in recipe else recipe,
+        first_stage=parts.get("first_stage"),
+    )
+
+
+# The weights file of each optional part of an export.
+PART_WEIGHTS = {"process": PROCESS_WEIGHTS_NAME, "first_stage": FIRST_STAGE_WEIGHTS_NAME}
+
+
+def _load_part(spec: dict, state: dict[str, Tensor]) -> nn.Module:
+    """A learned process or a first stage from its {"class_path", "init_args"} spec and its state dict (strict)."""
+    part = build_net(spec)
+    part.load_state_dict(state)
+    return part
 
 
 def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> DiffusionModel:
@@ -393,9 +470,15 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
     options = {"name": hparams.get("schedule", "linear")}
     options |= {k: hparams[k] for k in ("timesteps", "beta_start", "beta_end") if hparams.get(k) is not None}
     recipe = schedule_recipe(**options)
+    parts = {}
+    for name, prefix in (("process", CHECKPOINT_PROCESS_PREFIX), ("first_stage", CHECKPOINT_FIRST_STAGE_PREFIX)):
+        if hparams.get(name):
+            parts[name] = _load_part(
+                hparams[name], {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+            )
     return DiffusionModel(
         net,
-        NoiseSchedule.from_name(**recipe),
+        parts.get("process", NoiseSchedule.from_name(**recipe)),
         hparams.get("prediction", "eps"),
         SamplerSettings.from_options(hparams, stored=True),
         recipe,
@@ -403,6 +486,7 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
         guidance_interval=hparams.get("guidance_interval"),
         sample_labels=hparams.get("sample_labels"),
         sample_seed=hparams.get("sample_seed", 0),
+        first_stage=parts.get("first_stage"),
     )
 
 

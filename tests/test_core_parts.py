@@ -1,0 +1,232 @@
+"""The core's seams: the diffusion process (src/diffusion/process.py) and the first stage (src/models/first_stage.py).
+
+A fixed schedule seen as a process is the schedule itself (its float64 tables, bit for bit); a learned schedule
+defined outside src/ (tests/my_extensions.py) trains through the command line and resumes exactly; an identity first
+stage changes nothing, and a fixed invertible one (pixel-unshuffle, also outside src/) trains and predicts
+image-sized PNGs through the command line, from checkpoints and exports alike.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from my_extensions import LearnedLinearLogSNR, PixelUnshuffleStage
+from PIL import Image
+from test_cli import TINY, _fake_data, _fit, _predict, needs_fashion_mnist
+
+from src.diffusion.continuous import DiscreteVPDenoiser
+from src.diffusion.losses import l_simple
+from src.diffusion.parameterization import training_target, x0_from_prediction
+from src.diffusion.process import DiffusionProcess, DiscreteProcess
+from src.diffusion.schedule import NoiseSchedule
+from src.errors import ConfigError
+from src.main import cli_main
+from src.models.diffusion import DiffusionModel
+from src.models.first_stage import FirstStage
+
+SCHEDULES = {
+    "linear": lambda: NoiseSchedule.linear(1000),
+    "cosine": lambda: NoiseSchedule.cosine(1000),
+    "scaled_linear": lambda: NoiseSchedule.from_diffusers(
+        {"beta_schedule": "scaled_linear", "beta_start": 0.00085, "beta_end": 0.012, "num_train_timesteps": 1000}
+    ),
+    "given_betas": lambda: NoiseSchedule(torch.linspace(1e-3, 0.05, 50, dtype=torch.float64)),
+}
+
+
+class TableLogSNR(DiffusionProcess):
+    """A generic process (no table access of its own) whose log SNR interpolates a schedule's: its discretization
+    must give back that schedule."""
+
+    def __init__(self, schedule: NoiseSchedule) -> None:
+        super().__init__(schedule.num_timesteps)
+        a = schedule.alphas_cumprod
+        self.register_buffer("table", (a / (1 - a)).log())
+
+    def log_snr(self, t: torch.Tensor) -> torch.Tensor:
+        return self.table[t.long()]
+
+
+@pytest.mark.parametrize("name", SCHEDULES)
+def test_a_fixed_schedule_as_a_process_is_the_schedule(name: str) -> None:
+    schedule = SCHEDULES[name]()
+    process = DiscreteProcess(schedule)
+    t = torch.arange(schedule.num_timesteps)
+    x = torch.zeros(t.numel(), 1, dtype=torch.float64)
+    # Integer t: the schedule's own float64 tables, bit for bit.
+    alpha, sigma = process.alpha_sigma(t, x)
+    assert torch.equal(alpha.flatten(), schedule.sqrt_alphas_cumprod)
+    assert torch.equal(sigma.flatten(), schedule.sqrt_one_minus_alphas_cumprod)
+    a = schedule.alphas_cumprod
+    torch.testing.assert_close(process.log_snr(t), (a / (1 - a)).log(), rtol=0, atol=1e-12)
+    torch.testing.assert_close(process.snr_at(t), schedule.snr, rtol=1e-12, atol=0)
+    # Fractional t: the continuous samplers' interpolation (linear in log sigma = -log SNR / 2).
+    fractional = torch.tensor([0.25, 3.5, schedule.num_timesteps - 1.75], dtype=torch.float64)
+    sigmas = DiscreteVPDenoiser(lambda x, t: x, schedule).t_to_sigma(fractional)
+    torch.testing.assert_close((-process.log_snr(fractional) / 2).exp(), sigmas, rtol=1e-12, atol=0)
+    alpha, sigma = process.alpha_sigma(fractional, torch.zeros(3, 1, dtype=torch.float64))
+    torch.testing.assert_close(alpha**2 + sigma**2, torch.ones(3, 1, dtype=torch.float64), rtol=0, atol=1e-15)
+    torch.testing.assert_close(sigma.flatten() / alpha.flatten(), sigmas, rtol=1e-12, atol=0)
+    # A generic process discretizes back to the same tables (alpha-bar_t = sigmoid(log SNR(t))).
+    rebuilt = TableLogSNR(schedule).schedule
+    torch.testing.assert_close(rebuilt.alphas_cumprod, a, rtol=1e-12, atol=0)
+    torch.testing.assert_close(rebuilt.betas, schedule.betas, rtol=1e-9, atol=0)
+
+
+def test_losses_and_conversions_read_a_process_as_the_schedule() -> None:
+    schedule = NoiseSchedule.cosine(100)
+    process = DiscreteProcess(schedule)
+    gen = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 8, 8, generator=gen), torch.randn(4, 1, 8, 8, generator=gen)
+    t = torch.tensor([0, 5, 50, 99])
+    net = torch.nn.Conv2d(1, 1, 3, padding=1)
+    model = lambda x, t: net(x)  # noqa: E731
+    for prediction in ("eps", "x0", "v"):
+        assert torch.equal(l_simple(model, x0, process, t, noise, prediction),
+                           l_simple(model, x0, schedule, t, noise, prediction))  # fmt: skip
+        assert torch.equal(training_target(prediction, x0, noise, process, t),
+                           training_target(prediction, x0, noise, schedule, t))  # fmt: skip
+        assert torch.equal(x0_from_prediction(prediction, noise, x0, process, t),
+                           x0_from_prediction(prediction, noise, x0, schedule, t))  # fmt: skip
+
+
+def test_a_learned_process_is_differentiable_and_its_schedule_follows_its_parameters() -> None:
+    process = LearnedLinearLogSNR(timesteps=100)
+    x0 = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    t = torch.randint(0, 100, (8,), generator=torch.Generator().manual_seed(1))
+    loss = l_simple(lambda x, t: x, x0, process, t, prediction="eps").mean()
+    loss.backward()
+    assert process.endpoints.grad is not None and bool((process.endpoints.grad != 0).all())
+    before = process.schedule
+    assert process.schedule is before  # cached while the parameters do not change
+    torch.testing.assert_close((before.snr).log()[[0, -1]], process.endpoints.detach().double(), rtol=1e-6, atol=1e-6)
+    with torch.no_grad():
+        process.endpoints.add_(torch.tensor([0.5, -0.5]))
+    after = process.schedule
+    assert after is not before and after.alphas_cumprod[0] > before.alphas_cumprod[0]
+
+
+def _state(ckpt: Path) -> dict[str, torch.Tensor]:
+    return torch.load(ckpt, weights_only=False)["state_dict"]
+
+
+def _pngs(folder: Path) -> dict[str, np.ndarray]:
+    return {p.name: np.asarray(Image.open(p)) for p in sorted(folder.iterdir())}
+
+
+LEARNED = ["--model.process", "my_extensions.LearnedLinearLogSNR"]
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_a_learned_schedule_trains_through_the_cli_and_resumes_exactly(tmp_path: Path) -> None:
+    """As tests/test_cli.py's uninterrupted-run test, with a learned schedule: 6 steps, continued to 10, equal bit
+    for bit to the 10-step run (net, schedule parameters, their averages, optimizer state)."""
+    data = ["--data.data_dir", str(_fake_data(tmp_path)), "--trainer.val_check_interval", "4",
+            "--trainer.limit_val_batches", "1", "--data.batch_size", "4", "--data.val_size", "8",
+            "--trainer.callbacks", json.dumps([{"class_path": "src.callbacks.checkpoint.ModelCheckpoint",
+                                                 "init_args": {"save_last": True, "save_top_k": 0,
+                                                               "every_n_train_steps": 4}}])]  # fmt: skip
+
+    def fit(root: Path, steps: int, *extra: str) -> Path:
+        cli_main(["fit", *TINY, *LEARNED, *data, "--trainer.default_root_dir", str(root),
+                  "--trainer.max_steps", str(steps), *extra])  # fmt: skip
+        (ckpt,) = root.glob("*/version_0/checkpoints/last.ckpt")
+        return ckpt
+
+    straight = fit(tmp_path / "straight", 10)
+    state = _state(straight)
+    start = torch.tensor([9.0, -10.0])
+    # Trained (the optimizer holds it), averaged into the sampling copy, both in the checkpoint.
+    assert not torch.equal(state["process.endpoints"], start)
+    assert not torch.equal(state["model.process.endpoints"], start)
+    assert not torch.equal(state["model.process.endpoints"], state["process.endpoints"])
+    fit(tmp_path / "continued", 6)
+    a = torch.load(straight, weights_only=False)
+    b = torch.load(fit(tmp_path / "continued", 10, "--ckpt_path", "last"), weights_only=False)
+    assert a["global_step"] == b["global_step"] == 10
+    assert a["state_dict"].keys() == b["state_dict"].keys()
+    for key, value in a["state_dict"].items():
+        assert torch.equal(value, b["state_dict"][key]), key
+    for (i, x), (_, y) in zip(a["optimizer_states"][0]["state"].items(), b["optimizer_states"][0]["state"].items()):
+        for name in x:
+            assert torch.equal(torch.as_tensor(x[name]), torch.as_tensor(y[name])), (i, name)
+    # The checkpoint alone rebuilds the learned process (DiffusionModel.load, predict), and an export keeps it.
+    model = DiffusionModel.load(straight)
+    assert isinstance(model.process, LearnedLinearLogSNR)
+    assert torch.equal(model.process.endpoints, state["model.process.endpoints"])
+    _predict(straight, tmp_path / "r", tmp_path / "ckpt_pngs")
+    export = model.save(tmp_path / "export")
+    assert (export / "process.safetensors").is_file()
+    again = DiffusionModel.load(export)
+    assert torch.equal(again.process.endpoints, model.process.endpoints)
+    torch.testing.assert_close(again.schedule.alphas_cumprod, model.schedule.alphas_cumprod, rtol=0, atol=0)
+    indices = torch.arange(3)
+    assert torch.equal(again.sample_indices(indices, steps=3), model.sample_indices(indices, steps=3))
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_an_identity_first_stage_trains_and_samples_bit_identically(tmp_path: Path) -> None:
+    plain = _fit(tmp_path / "plain", 4)
+    identity = _fit(tmp_path / "identity", 4, "--model.first_stage", "src.models.first_stage.FirstStage")
+    a, b = _state(plain), _state(identity)
+    assert a.keys() == b.keys()
+    for key, value in a.items():
+        assert torch.equal(value, b[key]), key
+    _predict(plain, tmp_path / "r", tmp_path / "plain_pngs")
+    _predict(identity, tmp_path / "r", tmp_path / "identity_pngs")
+    plain_pngs, identity_pngs = _pngs(tmp_path / "plain_pngs"), _pngs(tmp_path / "identity_pngs")
+    assert plain_pngs.keys() == identity_pngs.keys() and len(plain_pngs) == 5
+    for name, image in plain_pngs.items():
+        assert np.array_equal(image, identity_pngs[name]), name
+
+
+UNSHUFFLE = [
+    "--model.first_stage", "my_extensions.PixelUnshuffleStage",
+    "--model.net.init_args.in_channels", "4",
+    "--model.net.init_args.image_size", "14",
+    "--model.net.init_args.channel_mult", "[1, 2]",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_an_invertible_first_stage_trains_and_predicts_image_sized_pngs(tmp_path: Path) -> None:
+    ckpt = _fit(tmp_path / "runs", 4, *UNSHUFFLE)
+    grids = sorted((tmp_path / "runs").glob("*/version_*/samples/step_*.png"))
+    assert grids, "fit wrote no sample grid"
+    _predict(ckpt, tmp_path / "runs", tmp_path / "pngs", *UNSHUFFLE)
+    pngs = _pngs(tmp_path / "pngs")
+    assert len(pngs) == 5 and all(image.shape == (28, 28) for image in pngs.values())
+    model = DiffusionModel.load(ckpt)
+    assert isinstance(model.first_stage, PixelUnshuffleStage)
+    assert model.latent_shape == (4, 14, 14) and model.image_shape == (1, 28, 28)
+    # The PNGs are the decoded samples: sample i from the checkpoint, in Python, equals predict's file.
+    images = model.sample_indices(torch.arange(5))
+    expected = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)[:, 0].numpy()
+    by_index = {int(name.split(".")[0]): image for name, image in pngs.items()}
+    assert max(int(np.abs(expected[i].astype(int) - by_index[i].astype(int)).max()) for i in range(5)) <= 1
+    export = model.save(tmp_path / "export")
+    assert (export / "first_stage.safetensors").is_file()
+    again = DiffusionModel.load(export)
+    assert isinstance(again.first_stage, PixelUnshuffleStage)
+    assert torch.equal(again.sample_indices(torch.arange(2)), model.sample_indices(torch.arange(2)))
+
+
+def test_a_first_stage_with_unbounded_latents_refuses_static_clipping(tiny_unet) -> None:
+    class Unbounded(FirstStage):
+        latent_range = None
+
+    from src.diffusion.sampler_settings import SamplerSettings
+
+    with pytest.raises(ConfigError, match="clip_denoised false"):
+        DiffusionModel(tiny_unet(), NoiseSchedule.linear(10), settings=SamplerSettings(steps=5, clip_x0=True),
+                       first_stage=Unbounded())  # fmt: skip
+    model = DiffusionModel(tiny_unet(), NoiseSchedule.linear(10), settings=SamplerSettings(steps=5),
+                           first_stage=Unbounded())  # fmt: skip
+    assert model.first_stage is not None and not model.first_stage.training
