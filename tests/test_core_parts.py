@@ -22,6 +22,7 @@ from src.diffusion.continuous import DiscreteVPDenoiser
 from src.diffusion.losses import l_simple
 from src.diffusion.parameterization import training_target, x0_from_prediction
 from src.diffusion.process import DiffusionProcess, DiscreteProcess
+from src.diffusion.samplers import SAMPLER_ARGUMENTS, SAMPLERS, is_continuous
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.main import cli_main
@@ -230,3 +231,19 @@ def test_a_first_stage_with_unbounded_latents_refuses_static_clipping(tiny_unet)
     model = DiffusionModel(tiny_unet(), NoiseSchedule.linear(10), settings=SamplerSettings(steps=5),
                            first_stage=Unbounded())  # fmt: skip
     assert model.first_stage is not None and not model.first_stage.training
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_step_callback_reaches_every_sampler_through_the_model(sampler: str, tiny_unet) -> None:
+    from src.diffusion.sampler_settings import SamplerSettings
+
+    steps = {"steps": 3} if "steps" in SAMPLER_ARGUMENTS[sampler] else {}
+    model = DiffusionModel(tiny_unet(), NoiseSchedule.linear(20), "v", SamplerSettings(sampler=sampler, **steps))
+    x_T = torch.randn(2, *model.latent_shape, generator=torch.Generator().manual_seed(0))
+    seen: list[dict] = []
+    out = model.sample(x_T, generator=torch.Generator().manual_seed(1), callback=seen.append)
+    assert seen, sampler
+    assert [step["i"] for step in seen] == list(range(len(seen)))
+    keys = {"x0", "t"} if not is_continuous(sampler) else {"denoised", "sigma"}
+    assert all({"x", *keys} <= set(step) for step in seen), sampler
+    assert torch.equal(out, model.sample(x_T, generator=torch.Generator().manual_seed(1)))  # watching changes nothing

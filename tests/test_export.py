@@ -86,6 +86,24 @@ def test_version_1_exports_still_load(checkpoint, tmp_path):
         assert torch.equal(model.net(x, t), module.model.net.eval()(x, t))
 
 
+def test_version_2_exports_load_and_sample_the_same_pngs(checkpoint, tmp_path):
+    """What the code before the diffusion process and first stage wrote (version 2: no "process" or
+    "first_stage"; a fixed schedule's model is otherwise written as it is now) samples the very same PNG bytes."""
+    from src.images import save_grid
+
+    ckpt, module = checkpoint
+    out = export_checkpoint(ckpt, tmp_path / "export")
+    meta = json.loads((out / "config.json").read_text())
+    assert "process" not in meta and "first_stage" not in meta
+    (out / "config.json").write_text(json.dumps({**meta, "version": 2}, indent=2) + "\n")
+    pngs = []
+    for source in (out, ckpt):
+        images = DiffusionModel.load(source).sample_indices(torch.arange(4))
+        save_grid(images, tmp_path / f"{len(pngs)}.png", nrow=2)
+        pngs.append((tmp_path / f"{len(pngs)}.png").read_bytes())
+    assert pngs[0] == pngs[1]
+
+
 @pytest.mark.parametrize("prediction", ["v", "x0"])
 def test_exported_x0_and_v_models_sample_as_the_module_does(tmp_path, prediction):
     # The export records what the net predicts, and the loaded model's sampling converts it to eps.

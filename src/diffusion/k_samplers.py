@@ -395,19 +395,53 @@ def sample_pc(
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
+# Each built-in SDE / ODE sampler: how `continuous_sample` runs it on the denoiser and the Karras grid, with the
+# options it reads (`--model.sampler_options`) and their defaults. One entry here is all a new sampler needs:
+# `samplers.BUILTIN_SAMPLERS`, the option checks and `SamplerSettings` read this table.
+def _run_euler_maruyama(denoiser, x, sigmas, generator, progress, callback, **options):
+    return sample_euler_maruyama(denoiser, x, sigmas, generator=generator, progress=progress, callback=callback)
 
 
-CONTINUOUS_SAMPLERS = ("euler_maruyama", "pc", "heun", "dpmpp_3m", "unipc", "ipndm")
+def _run_pc(denoiser, x, sigmas, generator, progress, callback, snr=None, corrector_steps=None):
+    return sample_pc(denoiser, x, sigmas, snr=0.16 if snr is None else snr,
+                     corrector_steps=1 if corrector_steps is None else int(corrector_steps), generator=generator,
+                     progress=progress, callback=callback)  # fmt: skip
+
+
+def _run_heun(denoiser, x, sigmas, generator, progress, callback, churn=None):
+    return sample_heun(denoiser, x, sigmas, churn=churn or 0.0, generator=generator, progress=progress,
+                       callback=callback)  # fmt: skip
+
+
+def _run_dpmpp_3m(denoiser, x, sigmas, generator, progress, callback):
+    return sample_dpmpp_3m(denoiser, x, sigmas, progress=progress, callback=callback)
+
+
+def _run_unipc(denoiser, x, sigmas, generator, progress, callback, solver_order=None):
+    order = (None if solver_order is None else int(solver_order)) or 2
+    return sample_unipc(denoiser, x, sigmas, order=order, progress=progress, callback=callback)
+
+
+def _run_ipndm(denoiser, x, sigmas, generator, progress, callback, solver_order=None):
+    max_order = (None if solver_order is None else int(solver_order)) or 4
+    return sample_ipndm(denoiser, x, sigmas, max_order=max_order, progress=progress, callback=callback)
+
+
+# name -> (runner, the options it reads besides `rho` and `quantize`, which every one of them reads)
+K_SAMPLERS: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
+    "euler_maruyama": (_run_euler_maruyama, ()),
+    "pc": (_run_pc, ("snr", "corrector_steps")),
+    "heun": (_run_heun, ("churn",)),
+    "dpmpp_3m": (_run_dpmpp_3m, ()),
+    "unipc": (_run_unipc, ("solver_order",)),
+    "ipndm": (_run_ipndm, ("solver_order",)),
+}
+CONTINUOUS_SAMPLERS = tuple(K_SAMPLERS)
 # The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line), and
 # which sampler reads which: an option given to a sampler that does not read it is refused, never ignored.
 CONTINUOUS_OPTIONS = ("rho", "churn", "snr", "corrector_steps", "solver_order", "quantize")
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {
-    "euler_maruyama": ("rho", "quantize"),
-    "pc": ("rho", "snr", "corrector_steps", "quantize"),
-    "heun": ("rho", "churn", "quantize"),
-    "dpmpp_3m": ("rho", "quantize"),
-    "unipc": ("rho", "solver_order", "quantize"),
-    "ipndm": ("rho", "solver_order", "quantize"),
+    name: ("rho", *options, "quantize") for name, (_, options) in K_SAMPLERS.items()
 }
 
 
@@ -437,6 +471,7 @@ def continuous_sample(
     solver_order: int | None = None,
     quantize: bool | None = None,
     clip_x0: X0Clip = False,
+    callback: Callback | None = None,
 ) -> Tensor:
     """Sample with `sampler` (one of CONTINUOUS_SAMPLERS) from x_T ~ N(0, I) of a DDPM network `model(x_t, t)`.
 
@@ -446,8 +481,9 @@ def continuous_sample(
     `churn` (heun, default 0), `snr` and `corrector_steps` (pc, defaults 0.16 and 1), `solver_order` (unipc: its order,
     default 2; ipndm: its maximum order, default 4). An option the sampler does not read (`SAMPLER_OPTIONS`) is a
     ValueError: DPM-Solver++(3M) has no order to choose (the published update, second order: `sample_dpmpp_3m`).
-    `clip_x0` bounds the denoised image at every evaluation (`parameterization.threshold_x0`)."""
-    if sampler not in CONTINUOUS_SAMPLERS:
+    `clip_x0` bounds the denoised image at every evaluation (`parameterization.threshold_x0`); `callback` sees every
+    step ({"x", "i", "sigma", "denoised"}, x in the x~ variable)."""
+    if sampler not in K_SAMPLERS:
         raise ValueError(f"unknown continuous sampler {sampler!r}; choose one of {', '.join(CONTINUOUS_SAMPLERS)}")
     given = {"rho": rho, "churn": churn, "snr": snr, "corrector_steps": corrector_steps, "solver_order": solver_order}
     unread = unread_options(sampler, [name for name, value in given.items() if value is not None])
@@ -455,24 +491,11 @@ def continuous_sample(
         read_by = "; ".join(f"{name} is read by {', '.join(readers(name))}" for name in unread)
         raise ValueError(f"sampler {sampler!r} does not read {', '.join(unread)} ({read_by}); it takes "
                          f"{', '.join(SAMPLER_OPTIONS[sampler])}")  # fmt: skip
-    # Counts may arrive as floats from a config's {name: number} mapping.
-    corrector_steps = 1 if corrector_steps is None else int(corrector_steps)
-    solver_order = None if solver_order is None else int(solver_order)
     if quantize is None:
         quantize = not isinstance(model, torch.nn.Module)
     denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize, clip_x0)
     sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, 7.0 if rho is None else rho)
     x = x_T * math.sqrt(1.0 + denoiser.sigma_max**2)  # x~ = x_T / sqrt(a_T)
-    common = {"progress": progress}
-    if sampler == "euler_maruyama":
-        return sample_euler_maruyama(denoiser, x, sigmas, generator=generator, **common)
-    if sampler == "pc":
-        snr = 0.16 if snr is None else snr
-        return sample_pc(denoiser, x, sigmas, snr=snr, corrector_steps=corrector_steps, generator=generator, **common)
-    if sampler == "heun":
-        return sample_heun(denoiser, x, sigmas, churn=churn or 0.0, generator=generator, **common)
-    if sampler == "dpmpp_3m":
-        return sample_dpmpp_3m(denoiser, x, sigmas, **common)
-    if sampler == "unipc":
-        return sample_unipc(denoiser, x, sigmas, order=solver_order or 2, **common)
-    return sample_ipndm(denoiser, x, sigmas, max_order=solver_order or 4, **common)
+    run, reads = K_SAMPLERS[sampler]
+    options = {name: given[name] for name in reads if given[name] is not None}
+    return run(denoiser, x, sigmas, generator, progress, callback, **options)

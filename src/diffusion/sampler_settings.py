@@ -191,7 +191,9 @@ class SamplerSettings:
         return cls(**fields)
 
     def check_steps(self, num_timesteps: int) -> None:
-        """`steps` must fit the schedule's T."""
+        """`steps` must fit the schedule's T (for a sampler that reads it: "ddpm" runs all T steps whatever T is)."""
+        if self.sampler in SAMPLERS and "steps" not in SAMPLER_ARGUMENTS[self.sampler]:
+            return
         if not 1 <= self.steps <= num_timesteps:
             raise ConfigError(f"{FLAGS['steps']} must be in [1, {num_timesteps}] (--model.timesteps), got {self.steps}")
 

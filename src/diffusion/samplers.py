@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
-from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, continuous_sample
+from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, SAMPLER_OPTIONS, continuous_sample
 from src.diffusion.parameterization import EpsPredictor, X0Clip, threshold_x0
 from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
@@ -366,24 +367,86 @@ def dpm_solver_pp_2m_sample(
     return x
 
 
-SAMPLERS = ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m") + CONTINUOUS_SAMPLERS
-# The arguments of `sample` that each built-in sampler reads, besides `clip_x0` (all of them) and the
-# `sampler_options` of the SDE / ODE samplers (`k_samplers.SAMPLER_OPTIONS`). `SamplerSettings` refuses a value
-# other than the default for an argument the chosen sampler does not read, so no setting is silently ignored.
-SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {
-    "ddim": ("steps", "eta", "skip"),
-    "ddpm": ("variance",),  # all T steps
-    "ddpm_respaced": ("steps", "skip", "variance"),
-    "dpmpp_2m": ("steps", "skip"),
-    **{name: ("steps",) for name in CONTINUOUS_SAMPLERS},  # on `steps` Karras noise levels
+# ---------------------------------------------------------------------------------------------- the registry
+@dataclass(frozen=True)
+class SamplerEntry:
+    """A built-in sampler as `sample` runs it: `run(model, x_T, schedule, *, steps, eta, skip, variance, generator,
+    clip_x0, progress, callback, prediction, **options) -> x_0`, the `arguments` of those four (steps, eta, skip,
+    variance) it reads, the `sampler_options` it reads, and whether it evaluates the model at continuous noise levels
+    (`continuous`: it gets the net's own output and `prediction`, and converts it at each exact level; the discrete
+    ones get an eps-predictor at integer timesteps). `SamplerSettings` refuses what a sampler does not read."""
+
+    run: Callable[..., Tensor]
+    arguments: tuple[str, ...]
+    options: tuple[str, ...] = ()
+    continuous: bool = False
+
+
+def _grid(schedule: NoiseSchedule, steps: int, skip: str) -> list[int] | None:
+    # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.
+    return logsnr_timesteps(schedule, steps) if skip == "logsnr" else None
+
+
+def _run_ddim(model, x_T, schedule, *, steps, eta, skip, generator, clip_x0, progress, callback, **_) -> Tensor:
+    return ddim_sample(model, x_T, schedule, steps=steps, eta=eta, skip=skip, generator=generator,
+                       timesteps=_grid(schedule, steps, skip), clip_x0=clip_x0, progress=progress, callback=callback)  # fmt: skip
+
+
+def _run_ddpm(model, x_T, schedule, *, variance, generator, clip_x0, progress, callback, **_) -> Tensor:
+    return ddpm_sample(model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0,
+                       progress=progress, callback=callback)  # fmt: skip
+
+
+def _run_ddpm_respaced(model, x_T, schedule, *, steps, skip, variance, generator, clip_x0, progress, callback, **_):
+    seq = _grid(schedule, steps, skip) or sorted(set(timestep_sequence(schedule.num_timesteps, steps, skip)))
+    return ddpm_sample(model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0,
+                       progress=progress, callback=callback, timesteps=seq)  # fmt: skip
+
+
+def _run_dpmpp_2m(model, x_T, schedule, *, steps, skip, clip_x0, progress, callback, **_) -> Tensor:
+    return dpm_solver_pp_2m_sample(model, x_T, schedule, steps=steps, skip=skip, timesteps=_grid(schedule, steps, skip),
+                                   clip_x0=clip_x0, progress=progress, callback=callback)  # fmt: skip
+
+
+def _continuous(name: str) -> Callable[..., Tensor]:
+    def run(model, x_T, schedule, *, steps, generator, clip_x0, progress, callback, prediction, **options) -> Tensor:
+        for unused in ("eta", "skip", "variance"):
+            options.pop(unused, None)
+        return continuous_sample(model, x_T, schedule, name, steps, generator, prediction, progress, clip_x0=clip_x0,
+                                 callback=callback, **options)  # fmt: skip
+
+    return run
+
+
+# Every built-in sampler, by its `--model.sampler` name: the one place a new one is registered (an SDE / ODE sampler
+# registers in `k_samplers.K_SAMPLERS` instead, and appears here with its options).
+BUILTIN_SAMPLERS: dict[str, SamplerEntry] = {
+    "ddim": SamplerEntry(_run_ddim, ("steps", "eta", "skip")),
+    "ddpm": SamplerEntry(_run_ddpm, ("variance",)),  # all T steps
+    "ddpm_respaced": SamplerEntry(_run_ddpm_respaced, ("steps", "skip", "variance")),
+    "dpmpp_2m": SamplerEntry(_run_dpmpp_2m, ("steps", "skip")),
+    # on `steps` Karras noise levels, at continuous noise levels
+    **{name: SamplerEntry(_continuous(name), ("steps",), SAMPLER_OPTIONS[name], True) for name in CONTINUOUS_SAMPLERS},
 }
+SAMPLERS = tuple(BUILTIN_SAMPLERS)
+# The arguments of `sample` that each built-in sampler reads, besides `clip_x0` (all of them) and its
+# `sampler_options`. `SamplerSettings` refuses a value other than the default for an argument the chosen sampler
+# does not read, so no setting is silently ignored.
+SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {name: entry.arguments for name, entry in BUILTIN_SAMPLERS.items()}
+
+
+def is_continuous(sampler: object) -> bool:
+    """Whether `sampler` is a built-in that evaluates the model at continuous noise levels (`SamplerEntry`)."""
+    entry = BUILTIN_SAMPLERS.get(sampler) if isinstance(sampler, str) else None
+    return bool(entry and entry.continuous)
+
 
 # ---------------------------------------------------------------------------------------------- your own sampler
 # A sampler of one's own is a function, in any importable file, selected by its dotted path
 # (`--model.sampler my_project.samplers.euler`) or passed to `sample` as the function itself. `sample` calls it as
 #
 #     x_0 = function(model, x_T, schedule, steps=..., eta=..., skip=..., variance=..., generator=...,
-#                    timesteps=..., clip_x0=..., progress=..., **sampler_options)
+#                    timesteps=..., clip_x0=..., progress=..., callback=..., **sampler_options)
 #
 # under torch.no_grad(), with the same meanings as for the built-ins:
 # - `model(x_t, t) -> eps`: an eps-predictor whatever the net predicts (x0 / v nets are wrapped by `EpsPredictor`;
@@ -396,6 +459,7 @@ SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {
 #   x_0-hat with `parameterization.threshold_x0(x0, clip_x0)`, which does all three.
 # - `generator`: one torch.Generator or one per sample: draw noise with `randn_like(x, generator)`, so that sample i
 #   of `predict` depends on its seed alone, whatever the batch.
+# - `callback`: None, or a function to call with a dict of each step's state ({"x", "i", "x0", "t"} as the built-ins).
 # Take `**options` for the keywords the sampler does not use.
 SamplerFunction = Callable[..., Tensor]
 
@@ -446,63 +510,41 @@ def sample(
     clip_x0: X0Clip = False,
     progress: bool = False,
     prediction: str = "eps",
+    callback: Callback | None = None,
     **sampler_options: float,
 ) -> Tensor:
-    """Dispatch to the sampler named `sampler`: "ddim" (`steps`, `eta`, `skip`), "ddpm" (all T steps,
+    """Run the sampler named `sampler` (`BUILTIN_SAMPLERS`): "ddim" (`steps`, `eta`, `skip`), "ddpm" (all T steps,
     `variance`), "ddpm_respaced" (ancestral sampling on the respaced schedule of `timestep_sequence(T, steps,
-    skip)`, `variance`; Improved DDPM section 4) or "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`).
+    skip)`, `variance`; Improved DDPM section 4), "dpmpp_2m" (DPM-Solver++(2M), `steps`, `skip`), or one of the SDE /
+    probability-flow ODE samplers of k_samplers.py (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) on `steps`
+    Karras noise levels, whose `sampler_options` (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`,
+    `quantize`: see `k_samplers.continuous_sample`) are checked per sampler: one it does not read is a ValueError.
 
-    `prediction` is what `model` outputs ("eps", "x0" or "v"); the samplers see it as an eps-predictor.
-    The SDE / probability-flow ODE samplers (euler_maruyama, pc, heun, dpmpp_3m, unipc, ipndm) are in k_samplers.py;
-    `sampler_options` are theirs (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`, `quantize`: see
-    `k_samplers.continuous_sample`; one the sampler does not read, `k_samplers.SAMPLER_OPTIONS`, is a ValueError).
-    `sampler` may also be a function of your own, or its dotted path "package.module.function", called with the
-    convention described above `SamplerFunction`. `clip_x0`: how every sampler bounds x_0-hat (False, True: clamp to
-    [-1, 1], or a `parameterization.DynamicThreshold`)."""
-    if callable(sampler) or (sampler not in SAMPLERS and "." in sampler):  # your own: the convention above
+    `prediction` is what `model` outputs ("eps", "x0" or "v"): the discrete samplers see it as an eps-predictor, the
+    continuous ones convert it at each exact noise level. `sampler` may also be a function of your own, or its dotted
+    path "package.module.function", called with the convention described above `SamplerFunction`. `clip_x0`: how
+    every sampler bounds x_0-hat (False, True: clamp to [-1, 1], or a `parameterization.DynamicThreshold`).
+    `callback(dict)` sees every step of every sampler: "x" and "i" always, with "x0" and "t" (discrete) or
+    "denoised" and "sigma" (continuous, x in the x~ = x / alpha variable)."""
+    if callable(sampler) or (sampler not in BUILTIN_SAMPLERS and "." in sampler):  # your own: the convention above
         function = sampler if callable(sampler) else sampler_function(sampler)
         return _sample_with(function, model, x_T, schedule, prediction, steps, skip, eta=eta, variance=variance,
-                            generator=generator, clip_x0=clip_x0, progress=progress, **sampler_options)  # fmt: skip
-    if sampler in CONTINUOUS_SAMPLERS:  # `steps` Karras noise levels (k_samplers.continuous_sample)
+                            generator=generator, clip_x0=clip_x0, progress=progress, callback=callback,
+                            **sampler_options)  # fmt: skip
+    entry = BUILTIN_SAMPLERS.get(sampler)
+    if entry is None:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if entry.continuous:
         unknown = sorted(set(sampler_options) - set(CONTINUOUS_OPTIONS))
         if unknown:
             raise ValueError(
                 f"unknown sampler option(s) {', '.join(unknown)}; choose from {', '.join(CONTINUOUS_OPTIONS)}"
             )
-        return continuous_sample(model, x_T, schedule, sampler, steps, generator, prediction, progress, clip_x0=clip_x0,
-                                 **sampler_options)  # fmt: skip
-    if sampler_options:
+    elif sampler_options:
         raise ValueError(f"sampler options {', '.join(sorted(sampler_options))} apply to {', '.join(CONTINUOUS_SAMPLERS)} "
                          f"only, not to {sampler!r}")  # fmt: skip
-    if prediction != "eps":
+    elif prediction != "eps":
         model = EpsPredictor(model, schedule, prediction)
-    # skip="logsnr" (DPM-Solver's spacing) needs the schedule, so it is resolved here into explicit timesteps.
-    timesteps = logsnr_timesteps(schedule, steps) if skip == "logsnr" and sampler != "ddpm" else None
-    if sampler == "dpmpp_2m":
-        return dpm_solver_pp_2m_sample(
-            model, x_T, schedule, steps=steps, skip=skip, timesteps=timesteps, clip_x0=clip_x0, progress=progress
-        )
-    if sampler == "ddpm_respaced":
-        seq = timesteps or sorted(set(timestep_sequence(schedule.num_timesteps, steps, skip)))
-        return ddpm_sample(
-            model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0, progress=progress,
-            timesteps=seq,
-        )  # fmt: skip
-    if sampler == "ddim":
-        return ddim_sample(
-            model,
-            x_T,
-            schedule,
-            steps=steps,
-            eta=eta,
-            skip=skip,
-            generator=generator,
-            timesteps=timesteps,
-            clip_x0=clip_x0,
-            progress=progress,
-        )
-    if sampler == "ddpm":
-        return ddpm_sample(
-            model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0, progress=progress
-        )
-    raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    return entry.run(model, x_T, schedule, steps=steps, eta=eta, skip=skip, variance=variance, generator=generator,
+                     clip_x0=clip_x0, progress=progress, callback=callback, prediction=prediction,
+                     **sampler_options)  # fmt: skip

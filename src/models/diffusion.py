@@ -14,17 +14,17 @@ from __future__ import annotations
 import importlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from torch import Tensor, nn
 
 from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance
-from src.diffusion.k_samplers import CONTINUOUS_SAMPLERS
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.process import DiffusionProcess, as_process
 from src.diffusion.sampler_settings import SamplerSettings
-from src.diffusion.samplers import sample
+from src.diffusion.samplers import is_continuous, sample
 from src.diffusion.schedule import NoiseSchedule, schedule_recipe  # noqa: F401  (schedule_recipe: re-exported)
 from src.errors import ConfigError
 from src.seeding import sample_generators
@@ -297,16 +297,18 @@ class DiffusionModel(nn.Module):
         generator: torch.Generator | list[torch.Generator] | None = None,
         labels: Tensor | None = None,
         guidance_scale: float | None = None,
+        callback: Callable[[dict], None] | None = None,
         **overrides: object,
     ) -> Tensor:
         """Images in [-1, 1] from noise x_T (of `latent_shape`; decoded by the first stage where there is one) with
         the configured sampler; keyword `overrides` replace settings
         (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0 (False, True or a
         `parameterization.DynamicThreshold`), options). Conditional nets: `labels`
-        (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w."""
+        (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w. `callback(dict)`
+        sees every step of the sampler (`samplers.sample`), in the space the net diffuses."""
         settings = self.settings.replace(**overrides) if overrides else self.settings
         kwargs = settings.kwargs()
-        if settings.sampler in CONTINUOUS_SAMPLERS and self.classifier_scale == 0.0:
+        if is_continuous(settings.sampler) and self.classifier_scale == 0.0:
             # The SDE / ODE samplers step through continuous noise levels: they get the net's own output and convert
             # it at each exact level, and the net (an nn.Module: the UNet's sinusoidal embedding takes fractional t)
             # is called at fractional timesteps unless `quantize` is set. Classifier guidance reads the schedule at
@@ -316,7 +318,8 @@ class DiffusionModel(nn.Module):
         else:
             keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
             model = self.eps_model(labels, guidance_scale, keep_variance)
-        latents = sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress, **kwargs)
+        latents = sample(model, x_T.to(self.device), self.schedule, generator=generator, progress=progress,
+                         callback=callback, **kwargs)  # fmt: skip
         return self.decode(latents)
 
     def train(self, mode: bool = True) -> DiffusionModel:
