@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from src.diffusion.guidance import drop_labels
 from src.diffusion.likelihood import nll_bits_per_dim
-from src.diffusion.losses import l_hybrid, l_simple, sample_timesteps
+from src.diffusion.losses import l_hybrid, l_simple, l_vlb, objective_function, sample_timesteps
 from src.diffusion.losses import loss_weighting as resolve_loss_weighting
 from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.process import DiffusionProcess, DiscreteProcess
@@ -87,12 +87,16 @@ class DiffusionModule(L.LightningModule):
             one network evaluation, at the others (Kynkäänniemi et al. 2024). None: every step (twice the cost).
         sample_labels: conditional nets: the labels of predict / FID / grid samples, used in turn (sample i gets
             sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
+        objective: what training minimises: "simple" (DDPM's L_simple, eq. 14, weighted by `loss_weighting`),
+            "hybrid" (Improved DDPM's L_hybrid = L_simple + `vlb_weight` L_vlb, for a net with 2 x in_channels outputs,
+            a learned variance), "vlb" (the variational bound itself: with the fixed `ddpm_variance`, DDPM's "true
+            bound" of Table 2, or a learned variance's L_vlb alone), or the dotted path of a function of one's own
+            (src/diffusion/losses.py, `Objective`; docs/extending.md).
         loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
             min(SNR, gamma) in the prediction target's terms) or the dotted path of a function weight(snr, prediction)
             (docs/extending.md). L_hybrid (learned variance) and val/loss stay unweighted.
         min_snr_gamma: gamma of "min_snr" (5 in the paper).
-        vlb_weight: lambda of improved DDPM's L_hybrid = L_simple + lambda L_vlb (0.001), used when the net has
-            2 x in_channels outputs (a learned variance).
+        vlb_weight: lambda of improved DDPM's L_hybrid = L_simple + lambda L_vlb (0.001), with objective "hybrid".
         classifier_path: a `src.models.classifier.NoisyClassifier` file (`NoisyClassifier.save`) for classifier
             guidance (Dhariwal & Nichol 2021); sample labels then come from its classes for unconditional nets.
         classifier_scale: classifier guidance scale s: eps^ = eps - sqrt(1 - a_t) s grad log p(y | x_t) (0: off).
@@ -138,6 +142,7 @@ class DiffusionModule(L.LightningModule):
         guidance_scale: float = 1.0,
         guidance_interval: tuple[float, float] | None = None,
         sample_labels: list[int] | None = None,
+        objective: str = "simple",
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
         vlb_weight: float = 0.001,
@@ -186,13 +191,37 @@ class DiffusionModule(L.LightningModule):
             sample_seed=sample_seed,
             first_stage=first_stage,
         )
-        if self.model.learned_variance and self.process.has_parameters():
-            raise ConfigError(
-                "a learned variance (L_hybrid) reads the fixed schedule's posterior tables: use it with "
-                "--model.process null, or a net with in_channels outputs"
-            )
+        self.objective = self._check_objective(objective, loss_weighting, from_checkpoint)
+        self.objective_fn = objective_function(self.objective)
         if not from_checkpoint:  # after DiffusionModel's own checks (a learned variance needs the net's channels)
-            settings.check_variance(bound=bpd_timesteps != 0)
+            settings.check_variance(bound=bpd_timesteps != 0 or self.objective == "vlb")
+
+    def _check_objective(self, objective: str, loss_weighting: str, from_checkpoint: bool) -> str:
+        """The objective, checked against the net and the process: one line naming the fix where they do not fit."""
+        learned = self.model.learned_variance
+        if objective == "simple" and learned:
+            if from_checkpoint:  # recorded before the objective was an option, when a learned variance meant L_hybrid
+                return "hybrid"
+            raise ConfigError(
+                "--model.objective simple does not train the learned variance of a net with 2 x in_channels outputs: "
+                "set --model.objective hybrid (Improved DDPM) or vlb, or --model.net.init_args.out_channels null"
+            )
+        if objective == "hybrid" and not learned:
+            raise ConfigError(
+                "--model.objective hybrid trains a learned variance, and the net has in_channels outputs: set "
+                "--model.net.init_args.out_channels to 2 x in_channels, or --model.objective simple"
+            )
+        if objective in ("hybrid", "vlb") and self.process.has_parameters():
+            raise ConfigError(
+                f"--model.objective {objective} reads a fixed schedule's posterior tables, not a learned process: "
+                "use --model.objective simple (or one of your own) with --model.process"
+            )
+        if objective != "simple" and loss_weighting != "none" and not from_checkpoint:
+            raise ConfigError(
+                f"--model.loss_weighting {loss_weighting} weights L_simple, and --model.objective is {objective}: "
+                "pass --model.loss_weighting none, or --model.objective simple"
+            )
+        return objective
 
     upgrade_state_dict = staticmethod(upgrade_state_dict)
 
@@ -251,14 +280,22 @@ class DiffusionModule(L.LightningModule):
         if self.conditional:
             # Classifier-free guidance training: the null label with probability p_uncond (Ho & Salimans, Alg. 1).
             kwargs["y"] = drop_labels(batch[1], self.hparams.p_uncond, self.net.num_classes)
-        if self.model.learned_variance:
-            terms = l_hybrid(self.train_net, images, self.process.schedule, t=self.last_t, prediction=self.model.prediction,
-                             vlb_weight=self.hparams.vlb_weight, **kwargs)  # fmt: skip
-            self.log_dict({"train/mse": terms["mse"].mean(), "train/vb": terms["vb"].mean()})
-            loss = terms["loss"].mean()
-        else:
-            loss = l_simple(self.train_net, images, self.process, t=self.last_t, prediction=self.model.prediction,
+        prediction = self.model.prediction
+        if self.objective == "simple":
+            loss = l_simple(self.train_net, images, self.process, t=self.last_t, prediction=prediction,
                             weighting=self.loss_weight, **kwargs).mean()  # fmt: skip
+        else:
+            if self.objective == "hybrid":
+                terms = l_hybrid(self.train_net, images, self.process.schedule, t=self.last_t, prediction=prediction,
+                                 vlb_weight=self.hparams.vlb_weight, **kwargs)  # fmt: skip
+            elif self.objective == "vlb":
+                variance = "learned" if self.model.learned_variance else self.model.settings.variance
+                terms = l_vlb(self.train_net, images, self.process.schedule, t=self.last_t, prediction=prediction,
+                              variance=variance, **kwargs)  # fmt: skip
+            else:  # one's own (losses.Objective)
+                terms = self.objective_fn(self.train_net, images, self.process, self.last_t, None, prediction, **kwargs)
+            self.log_dict({f"train/{name}": value.mean() for name, value in terms.items() if name != "loss"})
+            loss = terms["loss"].mean()
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -350,21 +387,21 @@ class DiffusionModule(L.LightningModule):
         labels = batch[1] if len(batch) > 1 else None
         self.log("test/loss", self._fixed_noise_loss(batch[0], batch_idx, labels), sync_dist=True)
         hp = self.hparams
-        eps_model = (
-            self.model.eps_model(labels=labels, guidance_scale=1.0) if labels is not None else self.model.eps_model()
-        )
         if self.model.first_stage is not None and (hp.bpd_timesteps != 0 or hp.get("ode_bpd_batches", 0)):
             # The bound of the latents is no likelihood of the images unless the first stage were a volume-preserving
             # bijection; rather than trust that of any first stage, neither bound is reported.
             rank_zero_info("test/bpd and test/ode_bpd skipped: with a first stage they would bound the latents")
             return
-        if hp.bpd_timesteps != 0 and self.model.settings.variance == "learned":
-            # likelihood.py evaluates fixed variances only; a learned one's bound is not implemented there yet.
-            rank_zero_info("test/bpd skipped: the bound with --model.ddpm_variance learned is not implemented")
-        elif hp.bpd_timesteps != 0:
+        # Conditional nets: the likelihood of the conditional model given the true labels (no guidance).
+        guide = {"labels": labels, "guidance_scale": 1.0} if labels is not None else {}
+        eps_model = self.model.eps_model(**guide)
+        if hp.bpd_timesteps != 0:
+            # A learned variance's bound reads the net's variance channels too (likelihood.vb_terms).
+            learned = self.model.settings.variance == "learned"
+            bound_model = self.model.eps_model(**guide, keep_variance=True) if learned else eps_model
             generator = torch.Generator().manual_seed(20_000 + batch_idx)
-            terms = nll_bits_per_dim(eps_model, batch[0], self.schedule, hp.bpd_timesteps, hp.ddpm_variance,
-                                     self.model.settings.clip_x0, generator)  # fmt: skip
+            terms = nll_bits_per_dim(bound_model, batch[0], self.schedule, hp.bpd_timesteps,
+                                     self.model.settings.variance, self.model.settings.clip_x0, generator)  # fmt: skip
             self.log("test/bpd", terms["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
         if batch_idx < hp.get("ode_bpd_batches", 0):
             generator = torch.Generator().manual_seed(30_000 + batch_idx)

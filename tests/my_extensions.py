@@ -118,3 +118,14 @@ class PixelUnshuffleStage(FirstStage):
     def image_shape(self, latent_shape) -> tuple[int, int, int]:
         c, h, w = latent_shape
         return (c // self.factor**2, h * self.factor, w * self.factor)
+
+
+def l_simple_again(model, x0: Tensor, schedule, t: Tensor, noise: Tensor | None, prediction: str, **model_kwargs):
+    """An objective of one's own (`--model.objective my_extensions.l_simple_again`): L_simple written out from the
+    process's alpha(t), sigma(t) (DDPM eq. 14 in the prediction target's form), plus a logged term."""
+    noise = torch.randn_like(x0) if noise is None else noise
+    alpha, sigma = schedule.alpha_sigma(t, x0)
+    x_t = alpha * x0 + sigma * noise
+    target = {"eps": noise, "x0": x0, "v": alpha * noise - sigma * x0}[prediction]
+    error = (model(x_t, t, **model_kwargs).float() - target.float()).pow(2).flatten(1).mean(dim=1)
+    return {"loss": error, "t_mean": t.float()}

@@ -9,6 +9,7 @@ image-sized PNGs through the command line, from checkpoints and exports alike.
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,97 @@ def test_a_step_callback_reaches_every_sampler_through_the_model(sampler: str, t
     keys = {"x0", "t"} if not is_continuous(sampler) else {"denoised", "sigma"}
     assert all({"x", *keys} <= set(step) for step in seen), sampler
     assert torch.equal(out, model.sample(x_T, generator=torch.Generator().manual_seed(1)))  # watching changes nothing
+
+
+# ---------------------------------------------------------------------------------------------- the objective
+def _gaussian_eps(schedule: NoiseSchedule, v_value: float | None = None):
+    """The exact eps of N(0.1, 0.5^2) data, optionally with a constant learned-variance output v (2C channels)."""
+
+    def model(x_t, t):
+        a = schedule.alphas_cumprod[t].to(x_t.dtype).view(-1, 1, 1, 1)
+        eps = (1 - a).sqrt() * (x_t - a.sqrt() * 0.1) / (a * 0.25 + 1 - a)
+        return eps if v_value is None else torch.cat([eps, torch.full_like(eps, v_value)], dim=1)
+
+    return model
+
+
+def test_the_bound_of_a_learned_variance_at_its_ends_is_the_fixed_variances_bound() -> None:
+    """One formula for every use of the bound: test/bpd of a learned variance (now reported) with v = -1 is the
+    fixed_small bound, and with v = +1 the fixed_large one at every t >= 1 (they differ only in the decoder's
+    variance at t = 0, beta_0 against beta-tilde_1, as in the improved-DDPM code)."""
+    from src.diffusion.likelihood import nll_bits_per_dim, vb_terms
+
+    schedule = NoiseSchedule.linear(50)
+    x0 = (torch.randint(0, 256, (4, 1, 4, 4), generator=torch.Generator().manual_seed(0)) / 127.5 - 1).double()
+    small = nll_bits_per_dim(_gaussian_eps(schedule), x0, schedule, None, "fixed_small",
+                             generator=torch.Generator().manual_seed(1))  # fmt: skip
+    learned = nll_bits_per_dim(_gaussian_eps(schedule, -1.0), x0, schedule, None, "learned",
+                               generator=torch.Generator().manual_seed(1))  # fmt: skip
+    for key in small:
+        torch.testing.assert_close(learned[key], small[key], rtol=1e-12, atol=0)
+    noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for t in (1, 7, 49):
+        tt = torch.full((4,), t)
+        torch.testing.assert_close(vb_terms(_gaussian_eps(schedule, 1.0), x0, tt, schedule, noise, "learned"),
+                                   vb_terms(_gaussian_eps(schedule), x0, tt, schedule, noise, "fixed_large"),
+                                   rtol=1e-12, atol=0)  # fmt: skip
+
+
+def test_the_bound_as_the_objective_is_the_likelihood_term_and_trains_the_mean() -> None:
+    from src.diffusion.likelihood import vb_terms
+    from src.diffusion.losses import l_hybrid, l_vlb, learned_variance_vb
+
+    schedule = NoiseSchedule.linear(50)
+    gen = torch.Generator().manual_seed(0)
+    x0 = (torch.randint(0, 256, (4, 1, 4, 4), generator=gen) / 127.5 - 1).double()
+    noise = torch.randn(x0.shape, generator=gen, dtype=torch.float64)
+    t = torch.tensor([0, 3, 20, 49])
+    dims_ln2 = x0[0].numel() * math.log(2.0)
+    exact = lambda x, t: _gaussian_eps(schedule)(x.float(), t)  # noqa: E731  float32, as vb_terms feeds a model
+    for variance in ("fixed_small", "fixed_large"):  # DDPM's "true bound": L_t / (D ln 2) of the likelihood's terms
+        terms = l_vlb(exact, x0, schedule, t, noise, "eps", variance)
+        torch.testing.assert_close(terms["vb"], vb_terms(exact, x0, t, schedule, noise, variance) / dims_ln2,
+                                   rtol=1e-10, atol=0)  # fmt: skip
+        torch.testing.assert_close(terms["loss"], 50 * terms["vb"], rtol=0, atol=0)
+    # Learned variance: the vb of L_hybrid, but the gradient reaches the mean (L_hybrid detaches it).
+    net = torch.nn.Conv2d(1, 2, 3, padding=1).double()
+    model = lambda x, t: net(x)  # noqa: E731
+    vlb = l_vlb(model, x0, schedule, t, noise, "eps", "learned")
+    x_t = schedule.q_sample(x0, t, noise)
+    out = net(x_t)
+    torch.testing.assert_close(vlb["vb"], learned_variance_vb(out[:, :1], out[:, 1:], x0, x_t, t, schedule))
+    mean_grad = torch.autograd.grad(vlb["loss"].sum(), net.weight)[0][0]
+    hybrid_vb_grad = torch.autograd.grad(l_hybrid(model, x0, schedule, t, noise)["vb"].sum(), net.weight)[0][0]
+    assert mean_grad.abs().sum() > 0 and hybrid_vb_grad.abs().sum() == 0
+
+
+def test_the_objective_is_chosen_in_config_not_by_the_channel_count(tiny_module, tiny_unet) -> None:
+    with pytest.raises(ConfigError, match="--model.objective hybrid .Improved DDPM. or vlb"):
+        tiny_module(tiny_unet(out_channels=2))
+    with pytest.raises(ConfigError, match="--model.objective hybrid trains a learned variance"):
+        tiny_module(objective="hybrid")
+    with pytest.raises(ConfigError, match="--model.loss_weighting min_snr weights L_simple"):
+        tiny_module(objective="vlb", loss_weighting="min_snr")
+    with pytest.raises(ConfigError, match="not a learned process"):
+        tiny_module(objective="vlb", process=LearnedLinearLogSNR(timesteps=50))
+    with pytest.raises(ConfigError, match="--model.objective"):
+        tiny_module(objective="no_such_objective")
+    assert tiny_module(tiny_unet(out_channels=2), objective="hybrid").objective == "hybrid"
+    assert tiny_module(tiny_unet(out_channels=2), objective="vlb").objective == "vlb"
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_objectives_train_through_the_cli(tmp_path: Path) -> None:
+    """An objective of one's own (tests/my_extensions.py) that writes L_simple out again trains bit for bit as the
+    built-in simple objective; the bound trains too, and logs its term."""
+    logged = ["--model.loss_weighting", "none", "--trainer.log_every_n_steps", "1"]
+    plain = _state(_fit(tmp_path / "simple", 3, *logged))
+    own = _state(_fit(tmp_path / "own", 3, *logged, "--model.objective", "my_extensions.l_simple_again"))
+    assert plain.keys() == own.keys()
+    for key, value in plain.items():
+        assert torch.equal(value, own[key]), key
+    metrics = (next((tmp_path / "own").rglob("metrics.csv"))).read_text().splitlines()[0]
+    assert "train/t_mean" in metrics
+    vlb = _state(_fit(tmp_path / "vlb", 3, *logged, "--model.objective", "vlb"))
+    assert not torch.equal(vlb["net.conv_in.weight"], plain["net.conv_in.weight"])

@@ -132,7 +132,7 @@ def fit(module: DiffusionModule, root: Path, steps: int = 3) -> None:
 
 
 # The learned variance is read by the DDPM samplers only (a ddim module with it is refused): configured with one.
-LEARNED = dict(prediction="v", out_channels=2, ddpm_variance="learned", sampler="ddpm_respaced")
+LEARNED = dict(prediction="v", out_channels=2, ddpm_variance="learned", sampler="ddpm_respaced", objective="hybrid")
 
 
 @pytest.mark.parametrize("extra", [dict(), LEARNED])

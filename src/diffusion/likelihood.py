@@ -28,7 +28,7 @@ from src.diffusion.schedule import NoiseSchedule, extract
 from src.seeding import generator_device
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
-VARIANCES = ("fixed_small", "fixed_large")
+VARIANCES = ("fixed_small", "fixed_large")  # and "learned", read from the model's output (`vb_terms`)
 
 
 def normal_kl(mean1: Tensor, logvar1: Tensor, mean2: Tensor, logvar2: Tensor) -> Tensor:
@@ -85,6 +85,38 @@ def model_log_variance(schedule: NoiseSchedule, variance: str = "fixed_small") -
     raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
 
 
+def interpolated_log_variance(v: Tensor, min_log: Tensor | float, max_log: Tensor | float) -> Tensor:
+    """A learned variance's log Sigma_theta = v' log beta_t + (1 - v') log beta-tilde_t with v' = (v + 1) / 2 (Improved
+    DDPM, Nichol & Dhariwal 2021, eq. 15; the network's v in [-1, 1] mapped to [0, 1] as in their code), given
+    `min_log` = log beta-tilde_t and `max_log` = log beta_t. The one place the training bound, the likelihood and the
+    "learned" DDPM sampler interpolate it."""
+    frac = (v + 1.0) / 2.0
+    return frac * max_log + (1.0 - frac) * min_log
+
+
+def learned_log_variance_bounds(schedule: NoiseSchedule, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+    """(log beta-tilde_t, log beta_t) of `interpolated_log_variance` at timesteps t, broadcast against x; beta-tilde_0 = 0
+    is replaced by beta-tilde_1 (`posterior_log_variance`), beta_0 is kept, as their code's `p_mean_variance`."""
+    return extract(posterior_log_variance(schedule), t, x), extract(torch.log(schedule.betas), t, x)
+
+
+def gaussian_bound_term(
+    x0: Tensor, x_t: Tensor, x0_hat: Tensor, t: Tensor, schedule: NoiseSchedule, model_logvar: Tensor
+) -> Tensor:
+    """One term of the bound, elementwise, in nats, for p_theta(x_{t-1} | x_t) = N(mu-tilde(x_t, x0_hat),
+    e^model_logvar): KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)) (DDPM eq. 5-7) where t > 0, and the
+    discretized decoder NLL -log p_theta(x_0 | x_1) (eq. 13) where t = 0. The one place the bound's terms are
+    written: `vb_terms` (the likelihood) and `losses.learned_variance_vb` / `losses.l_vlb` (training) reduce it."""
+    coef_x0 = extract(schedule.posterior_mean_coef_x0, t, x0)
+    coef_xt = extract(schedule.posterior_mean_coef_xt, t, x0)
+    model_mean = coef_x0 * x0_hat + coef_xt * x_t  # mu-tilde(x_t, x0_hat), eq. 7
+    true_mean = coef_x0 * x0 + coef_xt * x_t
+    true_logvar = extract(posterior_log_variance(schedule), t, x0)
+    kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar)
+    decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar)
+    return torch.where(t.reshape(-1, *([1] * (x0.ndim - 1))) == 0, decoder_nll, kl)
+
+
 def prior_kl(x0: Tensor, schedule: NoiseSchedule) -> Tensor:
     """L_T = KL(q(x_T | x_0) || N(0, I)) summed over dimensions, per example (B,), in nats."""
     a_T = schedule.alphas_cumprod[-1].to(x0.device, x0.dtype)
@@ -104,24 +136,25 @@ def vb_terms(
     clip_x0: X0Clip = False,
 ) -> Tensor:
     """One term of the bound per example (B,), in nats: the decoder NLL -log p(x_0 | x_1) where t = 0, else
-    KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), with x_t = q_sample(x_0, t, noise).
+    KL(q(x_{t-1} | x_t, x_0) || p_theta(x_{t-1} | x_t)), with x_t = q_sample(x_0, t, noise). `variance` "learned":
+    the model outputs (eps, v) (2C channels) and the variance is interpolated by v (`interpolated_log_variance`).
 
     Computed in x0's dtype (use float64); the model sees x_t in its parameters' usual float32.
     """
     x_t = schedule.q_sample(x0, t, noise)
-    eps = model(x_t.float(), t).to(x0.dtype)
+    out = model(x_t.float(), t).to(x0.dtype)
+    channels = x0.shape[1]
+    eps = out[:, :channels]
     a_t = extract(schedule.alphas_cumprod, t, x0)
     x0_hat = (x_t - (1.0 - a_t).sqrt() * eps) / a_t.sqrt()  # DDPM eq. 4 solved for x_0 (eq. 15)
     x0_hat = threshold_x0(x0_hat, clip_x0)  # as the samplers bound it (False: unchanged)
-    coef_x0 = extract(schedule.posterior_mean_coef_x0, t, x0)
-    coef_xt = extract(schedule.posterior_mean_coef_xt, t, x0)
-    model_mean = coef_x0 * x0_hat + coef_xt * x_t  # mu-tilde(x_t, x0_hat), eq. 7
-    model_logvar = extract(model_log_variance(schedule, variance), t, x0)
-    true_mean = coef_x0 * x0 + coef_xt * x_t
-    true_logvar = extract(posterior_log_variance(schedule), t, x0)
-    kl = normal_kl(true_mean, true_logvar, model_mean, model_logvar).flatten(1).sum(dim=1)
-    decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).sum(dim=1)
-    return torch.where(t == 0, decoder_nll, kl)
+    if variance == "learned":
+        if out.shape[1] != 2 * channels:
+            raise ValueError(f"variance='learned' needs a model with 2 x {channels} outputs, got {out.shape[1]}")
+        model_logvar = interpolated_log_variance(out[:, channels:], *learned_log_variance_bounds(schedule, t, x0))
+    else:
+        model_logvar = extract(model_log_variance(schedule, variance), t, x0)
+    return gaussian_bound_term(x0, x_t, x0_hat, t, schedule, model_logvar).flatten(1).sum(dim=1)
 
 
 def bound_timesteps(

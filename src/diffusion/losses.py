@@ -18,7 +18,12 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from src.diffusion.likelihood import discretized_gaussian_log_likelihood, normal_kl, posterior_log_variance
+from src.diffusion.likelihood import (
+    gaussian_bound_term,
+    interpolated_log_variance,
+    learned_log_variance_bounds,
+    model_log_variance,
+)
 from src.diffusion.parameterization import PREDICTIONS, training_target, x0_from_prediction
 from src.diffusion.registry import config_error, import_function
 from src.diffusion.schedule import NoiseSchedule, extract
@@ -126,17 +131,9 @@ def learned_variance_vb(
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
     pred, v, x0, x_t = pred.to(work), v.to(work), x0.to(work), x_t.to(work)
     x0_hat = x0_from_prediction(prediction, pred, x_t, schedule, t)
-    coef_x0 = extract(schedule.posterior_mean_coef_x0, t, x0)
-    coef_xt = extract(schedule.posterior_mean_coef_xt, t, x0)
-    min_log = extract(posterior_log_variance(schedule), t, x0)
-    max_log = extract(torch.log(schedule.betas), t, x0)
-    frac = (v + 1.0) / 2.0
-    model_logvar = frac * max_log + (1.0 - frac) * min_log
-    model_mean = coef_x0 * x0_hat + coef_xt * x_t  # mu-tilde(x_t, x0_hat), DDPM eq. 7
-    true_mean = coef_x0 * x0 + coef_xt * x_t
-    kl = normal_kl(true_mean, min_log, model_mean, model_logvar).flatten(1).mean(dim=1)
-    decoder_nll = -discretized_gaussian_log_likelihood(x0, model_mean, 0.5 * model_logvar).flatten(1).mean(dim=1)
-    return torch.where(t == 0, decoder_nll, kl) / math.log(2.0)
+    model_logvar = interpolated_log_variance(v, *learned_log_variance_bounds(schedule, t, x0))
+    terms = gaussian_bound_term(x0, x_t, x0_hat, t, schedule, model_logvar)
+    return terms.flatten(1).mean(dim=1) / math.log(2.0)
 
 
 def l_hybrid(
@@ -169,3 +166,58 @@ def l_hybrid(
     mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     vb = learned_variance_vb(pred.detach(), v, x0, x_t, t, schedule, prediction)
     return {"loss": mse + vlb_weight * schedule.num_timesteps * vb.to(mse.dtype), "mse": mse, "vb": vb}
+
+
+def l_vlb(
+    model: Denoiser,
+    x0: Tensor,
+    schedule: NoiseSchedule,
+    t: Tensor | None = None,
+    noise: Tensor | None = None,
+    prediction: str = "eps",
+    variance: str = "fixed_small",
+    **model_kwargs: object,
+) -> dict[str, Tensor]:
+    """The variational bound itself as the loss, per example: {"loss", "vb"} of shape (B,), "vb" = L_t in bits/dim
+    at the drawn t and "loss" = T L_t, an unbiased estimate of sum_t L_t (the prior term L_T is constant).
+
+    `variance`: the reverse variance of the bound, "fixed_small" (beta-tilde_t) or "fixed_large" (beta_t): DDPM's
+    "true variational bound" training with fixed isotropic Sigma (Ho et al. 2020, section 3.4 and Table 2, which found
+    it trains to worse samples than L_simple), or "learned": a 2C-output model's interpolated variance (Improved DDPM,
+    Nichol & Dhariwal 2021, section 3.1: L_vlb alone, the mean trained through it too, unlike L_hybrid).
+    """
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    x_t = schedule.q_sample(x0, t, noise)
+    out = model(x_t, t, **model_kwargs)
+    channels = x0.shape[1]
+    if variance == "learned":
+        if out.shape[1] != 2 * channels:
+            raise ValueError(f"a learned-variance model outputs 2 x {channels} channels, got {out.shape[1]}")
+        vb = learned_variance_vb(out[:, :channels], out[:, channels:], x0, x_t, t, schedule, prediction)
+    else:
+        work = torch.float64 if x0.dtype == torch.float64 else torch.float32
+        x0_w, x_t_w = x0.to(work), x_t.to(work)
+        x0_hat = x0_from_prediction(prediction, out[:, :channels].to(work), x_t_w, schedule, t)
+        model_logvar = extract(model_log_variance(schedule, variance), t, x0_w)
+        terms = gaussian_bound_term(x0_w, x_t_w, x0_hat, t, schedule, model_logvar)
+        vb = terms.flatten(1).mean(dim=1) / math.log(2.0)
+    return {"loss": schedule.num_timesteps * vb, "vb": vb}
+
+
+# --------------------------------------------------------------------------------------------- the objective
+OBJECTIVES = ("simple", "hybrid", "vlb")
+# An objective of one's own: objective(model, x0, schedule, t, noise, prediction, **model_kwargs) -> {"loss": (B,),
+# ...}: per-example losses that the module averages; other entries (B,) are logged as train/<name>. `schedule` is the
+# process being trained (`src.diffusion.process`: alpha_sigma(t, x), snr_at(t), num_timesteps, q_sample).
+Objective = Callable[..., dict[str, Tensor]]
+
+
+def objective_function(name: str) -> Objective | None:
+    """The function of `--model.objective NAME` when it is a dotted path of one's own ("package.module.function");
+    None for a built-in name (`OBJECTIVES`), which the module runs itself; a one-line ConfigError for anything else."""
+    if name in OBJECTIVES:
+        return None
+    return import_function(name, "--model.objective", OBJECTIVES)

@@ -150,14 +150,14 @@ class SamplerSettings:
                 f"choose a sampler that reads {it}; {self.sampler} takes {', '.join(takes)}")  # fmt: skip
 
     def check_variance(self, bound: bool) -> None:
-        """`variance` is read by the DDPM samplers and by the variational bound (`bound`: test/bpd is on, which
-        evaluates fixed variances only); a value other than the default that neither reads is a ConfigError."""
+        """`variance` is read by the DDPM samplers and by the variational bound (`bound`: test/bpd is on, or the
+        objective is the bound); a value other than the default that neither reads is a ConfigError."""
         if self.variance == "fixed_small" or self.sampler not in SAMPLERS:
             return
-        if "variance" in SAMPLER_ARGUMENTS[self.sampler] or (bound and self.variance != "learned"):
+        if "variance" in SAMPLER_ARGUMENTS[self.sampler] or bound:
             return
         users = ", ".join(s for s, takes in SAMPLER_ARGUMENTS.items() if "variance" in takes)
-        bound_note = "" if self.variance == "learned" else " and by test/bpd with --model.bpd_timesteps, 0 here"
+        bound_note = " and by test/bpd with --model.bpd_timesteps, 0 here"
         raise ConfigError(
             f"{FLAGS['sampler']} {self.sampler} does not read {FLAGS['variance']} {self.variance} (read by "
             f"{FLAGS['sampler']} {users}{bound_note}): pass {FLAGS['variance']} fixed_small, or choose a sampler "

@@ -21,6 +21,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, SAMPLER_OPTIONS, continuous_sample
+from src.diffusion.likelihood import interpolated_log_variance
 from src.diffusion.parameterization import EpsPredictor, X0Clip, threshold_x0
 from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
@@ -173,8 +174,7 @@ def learned_log_variance(v: Tensor, schedule: NoiseSchedule, t: int) -> Tensor:
     var = schedule.posterior_variance
     min_log = math.log(float(var[t] if t > 0 else var[1] if len(var) > 1 else schedule.betas[0]))
     max_log = math.log(float(schedule.betas[t]))
-    frac = (v + 1.0) / 2.0
-    return frac * max_log + (1.0 - frac) * min_log
+    return interpolated_log_variance(v, min_log, max_log)
 
 
 # ---------------------------------------------------------------------------------------------- samplers
