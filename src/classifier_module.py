@@ -30,7 +30,7 @@ from src.diffusion.losses import sample_timesteps
 from src.diffusion.schedule import NoiseSchedule, schedule_recipe
 from src.errors import ConfigError
 from src.models.classifier import FeatureClassifier
-from src.module import linear_warmup
+from src.optim import LinearWarmup
 
 LR_DECAYS = ("none", "cosine")
 
@@ -184,7 +184,11 @@ class ClassifierModule(L.LightningModule):
                 "optimizer": optimizer,
                 "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
             }
-        return {"optimizer": optimizer, "lr_scheduler": linear_warmup(optimizer, hp.warmup_steps)}
+        scheduler = LinearWarmup(optimizer, hp.warmup_steps)
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     def on_train_end(self) -> None:
         from src.callbacks.sampling import run_dir

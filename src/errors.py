@@ -48,13 +48,27 @@ MOVED_OPTIONS = {
     "--model.fid_ref_split": "--fid.ref_split",
     "--model.fid_cache_dir": "--fid.cache_dir",
     "--model.fid_batch_size": "--fid.batch_size",
+    # The optimizer and its schedule became parts of their own (OptimizerCallable / LRSchedulerCallable; src/optim.py).
+    "--model.lr": "--model.optimizer.lr",
+    "--model.weight_decay": "--model.optimizer.weight_decay",
+    "--model.adam_betas": "--model.optimizer.betas",
+    "--model.fused_optimizer": "--model.optimizer.fused",
+    "--model.warmup_steps": "--model.lr_scheduler.warmup_steps",
 }
 
 
 def did_you_mean(message: str, known: list[str]) -> str:
     """`message` plus "did you mean --x?" for each unknown option or config key it names that resembles a known one."""
+    # A config file's unknown key: "Group 'model' does not accept option 'lr'" names --model.lr.
+    grouped = [
+        f"--{g}.{k}" for g, k in re.findall(r"Group ['\"]([\w.]+)['\"] does not accept option ['\"]([\w.]+)", message)
+    ]
     quoted = re.findall(r"(?:key|option) ['\"]([\w.]+)['\"]", message)
-    unknown = re.findall(r"(--[\w.]+)", message) + [f"--{k}" for k in quoted]
+    unknown = (
+        re.findall(r"(--[\w.]+)", message)
+        + grouped
+        + [f"--{k}" for k in quoted if not any(g.endswith(f".{k}") for g in grouped)]
+    )
     hints = []
     for name in dict.fromkeys(unknown):
         if name in known:

@@ -13,6 +13,7 @@ import copy
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
@@ -28,21 +29,10 @@ from src.errors import ConfigError
 from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe, upgrade_state_dict
 from src.models.ema import ema_decay, update_ema
 from src.models.first_stage import FirstStage
+from src.optim import AdamW, LinearWarmup
 
 # True while `DiffusionModule.load_from_checkpoint` builds a module from a checkpoint's recorded options.
 _FROM_CHECKPOINT = contextvars.ContextVar("from_checkpoint", default=False)
-
-
-def linear_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int) -> dict:
-    """Lightning's lr-scheduler entry for DDPM's schedule: linear warm-up over the first `warmup_steps` optimizer
-    steps, then constant. LearningRateMonitor logs it as `train/lr` (its `name`)."""
-    warmup = max(int(warmup_steps), 0)
-
-    def lr_factor(step: int) -> float:
-        return min(1.0, (step + 1) / warmup) if warmup > 0 else 1.0
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
-    return {"scheduler": scheduler, "interval": "step", "name": "train/lr"}
 
 
 class DiffusionModule(L.LightningModule):
@@ -63,10 +53,13 @@ class DiffusionModule(L.LightningModule):
         beta_end: last beta of the linear schedule.
         prediction: what the network predicts, "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); the loss regresses
             that target and sampling converts it to eps (src/diffusion/parameterization.py). Fixed by a checkpoint.
-        lr: peak learning rate of Adam(W) (2e-4 in DDPM for CIFAR-10).
-        weight_decay: AdamW weight decay (0 in DDPM).
-        adam_betas: Adam's (beta1, beta2).
-        warmup_steps: linear learning-rate warm-up from 0 over this many optimizer steps (5000 in DDPM).
+        optimizer: the optimizer of the trained parameters, a callable `optimizer(params)` (LightningCLI's
+            OptimizerCallable: class_path / init_args in a config, e.g. torch.optim.AdamW with its lr); default
+            `src.optim.AdamW`, DDPM's Adam(W) at lr 2e-4 without weight decay, fused on CUDA and CPU.
+        lr_scheduler: the learning-rate schedule, `lr_scheduler(optimizer)` (LRSchedulerCallable), stepped once per
+            optimizer step and logged as train/lr; default `src.optim.LinearWarmup`, DDPM's linear warm-up over
+            5,000 steps (`init_args: {warmup_steps: N}`). The time budget's decay multiplies it
+            (src/callbacks/time_budget.py).
         ema_decay: decay of the weights' exponential moving average (0.9999 in DDPM).
         ema_warmup: use the decay warm-up min(decay, (1 + n) / (10 + n)) (helps short runs).
         sampler, sampling_steps, eta, skip, ddpm_variance, clip_denoised, sampler_options: the sampler settings of
@@ -104,9 +97,6 @@ class DiffusionModule(L.LightningModule):
             2-core AVX-512 CPU we measured).
         compile: train through `torch.compile(net)`; the compiled wrapper is not a submodule, so checkpoint keys stay
             `net.*` and checkpoints load with or without it.
-        fused_optimizer: AdamW's fused kernel (one kernel for the whole update; 4.6x faster than the foreach
-            update on our CPU, for the 1.1M-parameter Fashion-MNIST net). It also skips a non-finite step on the
-            device, without a host sync (src/callbacks/faults.py). None: fused on CUDA and CPU, foreach elsewhere.
         bpd_timesteps: `test` logs the variational-bound NLL `test/bpd` with this many KL timesteps (stratified;
             None: all T, exact; 0: off).
         ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
@@ -122,10 +112,8 @@ class DiffusionModule(L.LightningModule):
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         prediction: str = "eps",
-        lr: float = 2e-4,
-        weight_decay: float = 0.0,
-        adam_betas: tuple[float, float] = (0.9, 0.999),
-        warmup_steps: int = 5000,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable = LinearWarmup,
         ema_decay: float = 0.9999,
         ema_warmup: bool = True,
         sampler: str = "ddim",
@@ -150,14 +138,16 @@ class DiffusionModule(L.LightningModule):
         classifier_scale: float = 0.0,
         channels_last: bool = False,
         compile: bool = False,
-        fused_optimizer: bool | None = None,
         bpd_timesteps: int | None = 0,
         ode_bpd_batches: int = 0,
         process: DiffusionProcess | None = None,
         first_stage: FirstStage | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["net", "process", "first_stage"])
+        # The parts are modules or callables, not hyperparameters: the networks' specs are recorded below, and the
+        # optimizer's in the CLI's config.yaml.
+        self.save_hyperparameters(ignore=["net", "process", "first_stage", "optimizer", "lr_scheduler"])
+        self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
         # load_from_checkpoint passes the recorded {"class_path", "init_args"} of each part.
@@ -334,10 +324,6 @@ class DiffusionModule(L.LightningModule):
         frozen first stage's)."""
         return [*self.net.parameters(), *self.process.parameters()]
 
-    def _use_fused_optimizer(self) -> bool:
-        fused = self.hparams.get("fused_optimizer")
-        return self.device.type in ("cuda", "cpu") if fused is None else bool(fused)
-
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
     ) -> None:
@@ -356,16 +342,14 @@ class DiffusionModule(L.LightningModule):
             torch.nn.utils.clip_grad_norm_(params, gradient_clip_val)
 
     def configure_optimizers(self):
-        hp = self.hparams
         # Only the trained parameters: the EMA copy is updated by averaging, never by the optimizer.
-        optimizer = torch.optim.AdamW(
-            self.trained_parameters(),
-            lr=hp.lr,
-            betas=tuple(hp.adam_betas),
-            weight_decay=hp.weight_decay,
-            fused=self._use_fused_optimizer(),
-        )
-        return {"optimizer": optimizer, "lr_scheduler": linear_warmup(optimizer, hp.warmup_steps)}
+        optimizer = self.optimizer_factory(self.trained_parameters())
+        scheduler = self.lr_scheduler_factory(optimizer)
+        # Stepped per optimizer step; LearningRateMonitor logs it as `train/lr` (its `name`).
+        return {
+            "optimizer": optimizer,
+            "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
+        }
 
     # ------------------------------------------------------------------ evaluation: EMA loss on fixed noise
     def _fixed_noise_loss(self, images: Tensor, batch_idx: int, labels: Tensor | None = None) -> Tensor:

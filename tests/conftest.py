@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from functools import partial
 from typing import TYPE_CHECKING
 
 import pytest
 import torch
+
+from src.optim import AdamW, LinearWarmup
 
 if TYPE_CHECKING:
     from src.models.unet import UNet
@@ -29,7 +32,7 @@ def one_thread():
 TINY_UNET = dict(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(),
                  dropout=0.0, image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
 # The DiffusionModule settings the tiny tests share (each test adds what it is about: warm-up, EMA, FID, ...).
-TINY_MODULE = dict(timesteps=50, lr=1e-3, ema_decay=0.9, sampling_steps=5)
+TINY_MODULE = dict(timesteps=50, optimizer=partial(AdamW, lr=1e-3), ema_decay=0.9, sampling_steps=5)
 
 
 # The factories hold no state, so one per session serves fixtures of every scope.
@@ -64,7 +67,10 @@ def tiny_module_28(tiny_module, tiny_unet) -> Callable[..., DiffusionModule]:
     the RNG states to match)."""
 
     def make(**overrides) -> DiffusionModule:
-        return tiny_module(tiny_unet(image_size=28, dropout=0.1), **{"warmup_steps": 5, **overrides})
+        return tiny_module(
+            tiny_unet(image_size=28, dropout=0.1),
+            **{"lr_scheduler": partial(LinearWarmup, warmup_steps=5), **overrides},
+        )
 
     return make
 

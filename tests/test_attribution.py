@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from functools import partial
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ from src.attribution.influence import (
 )
 from src.diffusion.schedule import NoiseSchedule
 from src.models.unet import UNet
+from src.optim import AdamW, LinearWarmup
 
 SCHEDULE = NoiseSchedule.linear(100, 1e-3, 0.1)
 
@@ -312,7 +314,14 @@ def train_tiny(tiny_unet, root, num_classes: int | None = None, max_steps: int =
 
     L.seed_everything(0)
     net = tiny_unet(image_size=28, num_classes=num_classes)
-    module = DiffusionModule(net, timesteps=100, lr=2e-3, warmup_steps=5, ema_decay=0.9, sampling_steps=5)
+    module = DiffusionModule(
+        net,
+        timesteps=100,
+        optimizer=partial(AdamW, lr=2e-3),
+        lr_scheduler=partial(LinearWarmup, warmup_steps=5),
+        ema_decay=0.9,
+        sampling_steps=5,
+    )
     data = ImageDataModule("fashion_mnist", data_dir=str(root / "data"), batch_size=16, val_size=0)
     folder = root / ("checkpoints" if num_classes is None else "checkpoints_cond")
     checkpoints = ModelCheckpoint(dirpath=folder, save_top_k=-1, every_n_train_steps=20, filename="{step}")

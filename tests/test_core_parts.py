@@ -30,6 +30,7 @@ from src.main import cli_main
 from src.models.diffusion import DiffusionModel
 from src.models.first_stage import FirstStage
 
+CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml")
 SCHEDULES = {
     "linear": lambda: NoiseSchedule.linear(1000),
     "cosine": lambda: NoiseSchedule.cosine(1000),
@@ -342,3 +343,47 @@ def test_objectives_train_through_the_cli(tmp_path: Path) -> None:
     assert "train/t_mean" in metrics
     vlb = _state(_fit(tmp_path / "vlb", 3, *logged, "--model.objective", "vlb"))
     assert not torch.equal(vlb["net.conv_in.weight"], plain["net.conv_in.weight"])
+
+
+# ---------------------------------------------------------------------------------------------- optimizer parts
+@pytest.mark.parametrize(
+    ("given", "line"),
+    [
+        (["--model.lr", "0.01"], "error: unrecognized arguments: --model.lr 0.01 (--model.lr moved to --model.optimizer.lr)"),
+        (["--model.warmup_steps", "3"], "error: unrecognized arguments: --model.warmup_steps 3 (--model.warmup_steps moved "
+                                        "to --model.lr_scheduler.warmup_steps)"),
+        (["--config", "OLD"], "error: Group 'model' does not accept option 'fused_optimizer' (--model.fused_optimizer moved "
+                              "to --model.optimizer.fused)"),
+    ],
+)  # fmt: skip
+def test_the_old_optimizer_flags_fail_in_one_line_naming_the_new_ones(given, line, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    old = tmp_path / "old.yaml"
+    old.write_text("model:\n  fused_optimizer: false\n")
+    given = [str(old) if arg == "OLD" else arg for arg in given]
+    repo = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "src.main", "fit", "--config", "configs/fashion_mnist.yaml", *given,
+                           "--print_config"], cwd=repo, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode != 0
+    assert (done.stdout + done.stderr).strip().splitlines()[0] == line
+
+
+def test_the_optimizer_and_schedule_are_parts_chosen_in_config() -> None:
+    from src.optim import AdamW, LinearWarmup
+
+    cli = cli_main(["--config", CONFIG, "--model.optimizer", "torch.optim.SGD",
+                    "--model.optimizer.lr", "0.05", "--model.optimizer.momentum", "0.9",
+                    "--model.lr_scheduler.warmup_steps", "7"], run=False)  # fmt: skip
+    config = cli.model.configure_optimizers()
+    optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
+    assert type(optimizer) is torch.optim.SGD and optimizer.defaults["momentum"] == 0.9
+    assert isinstance(scheduler, LinearWarmup) and config["lr_scheduler"]["interval"] == "step"
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.05 / 7)  # the warm-up's first step
+    # Every trained parameter, and only those: the net's (and a learned process's), never the EMA copy's.
+    assert {id(p) for p in optimizer.param_groups[0]["params"]} == {id(p) for p in cli.model.trained_parameters()}
+    # The defaults: DDPM's AdamW (fused on the CPU) and the config's warm-up.
+    default = cli_main(["--config", CONFIG], run=False).model.configure_optimizers()
+    assert type(default["optimizer"]) is AdamW and default["optimizer"].defaults["fused"]
+    assert default["optimizer"].defaults["lr"] == 0.002 and default["optimizer"].defaults["weight_decay"] == 0.0

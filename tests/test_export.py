@@ -5,6 +5,7 @@ the checkpoint itself."""
 import json
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -18,6 +19,7 @@ from src.export import export_checkpoint, main
 from src.models.diffusion import DiffusionModel
 from src.models.unet import UNet
 from src.module import DiffusionModule
+from src.optim import AdamW, LinearWarmup
 
 pytest.importorskip("safetensors")
 pytestmark = pytest.mark.filterwarnings("ignore:.*eval mode.*", "ignore:.*val_dataloader.*")
@@ -34,7 +36,14 @@ def checkpoint(tmp_path_factory):
     """Two training steps of a tiny model with Lightning, saved where the CLI would put it, plus the CLI's
     config.yaml in the run folder (DiffusionModule does not store `net` in its hyperparameters)."""
     torch.manual_seed(0)
-    module = DiffusionModule(UNet(**NET), lr=1e-2, warmup_steps=0, ema_decay=0.9, sampling_steps=7, eta=0.3)
+    module = DiffusionModule(
+        UNet(**NET),
+        optimizer=partial(AdamW, lr=1e-2),
+        lr_scheduler=partial(LinearWarmup, warmup_steps=0),
+        ema_decay=0.9,
+        sampling_steps=7,
+        eta=0.3,
+    )
     data = TensorDataset(torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.int64))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
                         enable_progress_bar=False, enable_model_summary=False)  # fmt: skip
@@ -110,7 +119,7 @@ def test_exported_x0_and_v_models_sample_as_the_module_does(tmp_path, prediction
     from src.diffusion.samplers import sample
 
     torch.manual_seed(0)
-    module = DiffusionModule(UNet(**NET), lr=1e-2, warmup_steps=0, ema_decay=0.9, sampling_steps=6,
+    module = DiffusionModule(UNet(**NET), optimizer=partial(AdamW, lr=1e-2), lr_scheduler=partial(LinearWarmup, warmup_steps=0), ema_decay=0.9, sampling_steps=6,
                              prediction=prediction)  # fmt: skip
     with torch.no_grad():  # non-zero output layer, so that the parameterisation matters
         for p in module.model.net.parameters():

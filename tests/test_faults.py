@@ -9,6 +9,7 @@ import struct
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -22,6 +23,7 @@ from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.errors import NonFiniteLossError
 from src.main import cli_main
 from src.module import DiffusionModule
+from src.optim import AdamW, LinearWarmup
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
@@ -30,7 +32,7 @@ CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
 @pytest.fixture
 def tiny_module(tiny_module):
     """The shared tiny module (tests/conftest.py) with 2 warm-up steps."""
-    return functools.partial(tiny_module, warmup_steps=2)
+    return functools.partial(tiny_module, lr_scheduler=partial(LinearWarmup, warmup_steps=2))
 
 
 def loader() -> DataLoader:
@@ -108,7 +110,7 @@ def test_nonfinite_step_stops_the_run_with_the_last_checkpoint_intact(tmp_path: 
 def test_nonfinite_step_without_fused_optimizer_stops_before_the_update(tmp_path: Path, tiny_module) -> None:
     # An optimizer without found_inf support: the flag is read at once and the run stops before the bad update.
     with pytest.raises(NonFiniteLossError, match=r"non-finite loss at step 3 .*stopped"):
-        fit(tmp_path, tiny_module(fused_optimizer=False), Inject(nan_at=3))
+        fit(tmp_path, tiny_module(optimizer=partial(AdamW, lr=1e-3, fused=False)), Inject(nan_at=3))
     checkpoint = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=True)
     assert checkpoint["global_step"] == 3  # the step before the NaN, not overwritten by the failed one
     assert all(torch.isfinite(v).all() for v in checkpoint["state_dict"].values() if v.is_floating_point())

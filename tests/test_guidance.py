@@ -4,6 +4,7 @@ class-conditional DiffusionModule trained with label dropout and sampled with gu
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -23,6 +24,7 @@ from src.diffusion.guidance import (
 from src.diffusion.samplers import sample
 from src.diffusion.schedule import NoiseSchedule
 from src.module import DiffusionModule
+from src.optim import LinearWarmup
 
 NUM_CLASSES = 3
 NULL = NUM_CLASSES
@@ -114,7 +116,10 @@ def tiny_conditional(tiny_module, tiny_unet):
 
     def make(out_channels: int | None = None, **kwargs) -> DiffusionModule:
         net = tiny_unet(num_classes=NUM_CLASSES, out_channels=out_channels)
-        return tiny_module(net, **{"warmup_steps": 1, "ema_decay": 0.5, "ema_warmup": False, **kwargs})
+        return tiny_module(
+            net,
+            **{"lr_scheduler": partial(LinearWarmup, warmup_steps=1), "ema_decay": 0.5, "ema_warmup": False, **kwargs},
+        )
 
     return make
 

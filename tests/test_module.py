@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -19,12 +20,13 @@ from src.images import make_grid, save_grid, to_uint8
 from src.loggers import auto_logger, wandb_logged_in
 from src.main import latest_checkpoint
 from src.module import DiffusionModule
+from src.optim import AdamW, LinearWarmup
 
 
 @pytest.fixture
 def tiny_module(tiny_module):
     """The shared tiny module (tests/conftest.py) with 4 warm-up steps and a fixed EMA decay."""
-    return functools.partial(tiny_module, warmup_steps=4, ema_warmup=False)
+    return functools.partial(tiny_module, lr_scheduler=partial(LinearWarmup, warmup_steps=4), ema_warmup=False)
 
 
 def loader(n: int = 32, batch_size: int = 8) -> DataLoader:
@@ -47,7 +49,7 @@ def test_optimizer_holds_only_the_trained_network(tiny_module) -> None:
 
 
 def test_learning_rate_warms_up_linearly_then_stays(tiny_module) -> None:
-    module = tiny_module(lr=1e-3, warmup_steps=4)
+    module = tiny_module(optimizer=partial(AdamW, lr=1e-3), lr_scheduler=partial(LinearWarmup, warmup_steps=4))
     config = module.configure_optimizers()
     optimizer, scheduler = config["optimizer"], config["lr_scheduler"]["scheduler"]
     lrs = []

@@ -4,6 +4,7 @@ batch; step counts and the learning-rate schedule do not depend on the number of
 from __future__ import annotations
 
 import math
+from functools import partial
 from pathlib import Path
 
 import lightning as L
@@ -14,6 +15,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from src.diffusion.losses import l_simple
 from src.module import DiffusionModule
+from src.optim import AdamW, LinearWarmup
 
 NUM_ITEMS, STEPS, GLOBAL_BATCH = 32, 3, 8
 
@@ -87,7 +89,13 @@ def tiny_module(tiny_unet):
         torch.manual_seed(0)
         net = tiny_unet(attn_resolutions=(4,), mid_attention=True)
         return IndexNoiseModule(
-            net, timesteps=50, lr=1e-3, warmup_steps=5, ema_decay=0.9, ema_warmup=True, sampling_steps=5
+            net,
+            timesteps=50,
+            optimizer=partial(AdamW, lr=1e-3),
+            lr_scheduler=partial(LinearWarmup, warmup_steps=5),
+            ema_decay=0.9,
+            ema_warmup=True,
+            sampling_steps=5,
         )
 
     return make

@@ -72,7 +72,7 @@ def fit(
 
 
 def test_with_max_steps_the_schedule_follows_steps_and_resumes_exactly(tmp_path: Path, tiny_module_28) -> None:
-    # tiny_module_28: lr 1e-3 with 5 warm-up steps (src.module.linear_warmup), then the budget's cosine over 10 steps.
+    # tiny_module_28: lr 1e-3 with 5 warm-up steps (src.optim.LinearWarmup), then the budget's cosine over 10 steps.
     _, record = fit(tiny_module_28, tmp_path / "a", TimeBudget("00:01:00:00"), max_steps=10)
     expected = {k: 1e-3 * min(1.0, (k + 1) / 5) * 0.5 * (1 + math.cos(math.pi * k / 10)) for k in range(10)}
     assert record.lrs.keys() == expected.keys()
