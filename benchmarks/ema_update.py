@@ -34,7 +34,7 @@ from lightning.pytorch.callbacks import EMAWeightAveraging, WeightAveraging
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from src.models.ema import EMA
+from src.models.ema import ema_decay, update_ema
 
 HOST_READS = ("__bool__", "item", "__int__", "__float__", "__index__", "tolist", "numpy")
 
@@ -116,13 +116,18 @@ class StateDictAverage:
 
 
 class Ours(StateDictAverage):
-    copy_name = "model"
+    """`update_ema` / `ema_decay` on a frozen copy, as DiffusionModule runs them (its sampling model's net)."""
+
+    copy_name = "net"
 
     def __init__(self, net: nn.Module, decay: float, warmup: bool) -> None:
-        self.average = EMA(net, decay=decay, warmup=warmup)
+        self.average = nn.Module()
+        self.average.net = copy.deepcopy(net).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
 
     def update(self, net: nn.Module, n: int) -> None:
-        self.average.update(net, n)  # n: the trainer's global step, saved by Lightning's loop state
+        # n: the trainer's global step, saved by Lightning's loop state
+        update_ema(self.average.net, net, ema_decay(n, self.decay, self.warmup))
 
 
 class Averaged(StateDictAverage):

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 
 import torch
 from common import as_eps_fn, diffusers_unet, flops, median_seconds, our_unet, peak_tflops, unet_settings
 
 from src.diffusion.losses import l_simple
 from src.diffusion.schedule import NoiseSchedule
-from src.models.ema import EMA
+from src.models.ema import update_ema
 
 
 def make_step(net, name, schedule, x, device, dtype, channels_last):
@@ -28,7 +29,7 @@ def make_step(net, name, schedule, x, device, dtype, channels_last):
         net = net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     eps = as_eps_fn(name, net)
-    ema = EMA(net, decay=0.9999)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)  # as DiffusionModule's sampling copy
     opt = torch.optim.AdamW(
         net.parameters(), lr=2e-4, weight_decay=0.0, fused=device.type in ("cuda", "cpu")
     )  # as DiffusionModule
@@ -41,7 +42,7 @@ def make_step(net, name, schedule, x, device, dtype, channels_last):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
         opt.step()
-        ema.update(net, 10_000)
+        update_ema(ema, net, 0.9999)
 
     return step
 

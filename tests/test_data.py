@@ -228,34 +228,30 @@ def test_batches_range_dtype_and_getitems_matches_getitem(fake_mnist: tuple[Path
 
 
 def test_flip_only_when_enabled_and_reproducible() -> None:
+    """The data set serves images as stored; the training loader flips (src/resume.py), whole images, reproducibly."""
+    from src.resume import ResumableDataLoader
+
     images = torch.randint(0, 256, (64, 3, 4, 5), dtype=torch.uint8)
     labels = torch.arange(64)
     plain = to_model_range(images)
     flipped = plain.flip(-1)
-    idx = list(range(64))
+    ds = InMemoryImageDataset(images, labels)
+    assert torch.equal(ds.__getitems__(list(range(64)))[0], plain)  # no flips of its own
 
-    assert torch.equal(InMemoryImageDataset(images, labels).__getitems__(idx)[0], plain)  # flip off
-
-    def flips(seed: int) -> torch.Tensor:
-        generator = torch.Generator().manual_seed(seed)
-        ds = InMemoryImageDataset(images, labels, random_flip=True, generator=generator)
-        x, y = ds.__getitems__(idx)
-        assert torch.equal(y, labels)
-        is_flipped = (x == flipped).flatten(1).all(1)
-        assert torch.all(is_flipped | (x == plain).flatten(1).all(1))  # each image whole, flipped or not
+    def flips(seed: int, random_flip: bool = True) -> torch.Tensor:
+        loader = ResumableDataLoader(ds, batch_size=64, seed=seed, random_flip=random_flip,
+                                     collate_fn=passthrough_collate)  # fmt: skip
+        (x, y), order = next(iter(loader)), list(loader.sampler)[:64]
+        assert torch.equal(y, labels[order])
+        is_flipped = (x == flipped[order]).flatten(1).all(1)
+        assert torch.all(is_flipped | (x == plain[order]).flatten(1).all(1))  # each image whole, flipped or not
         return is_flipped
 
     a = flips(0)
     assert 0 < int(a.sum()) < 64
     assert torch.equal(a, flips(0))
     assert not torch.equal(a, flips(1))
-
-    # With no generator the global RNG drives the flips (a worker's RNG inside a DataLoader worker).
-    ds = InMemoryImageDataset(images, labels, random_flip=True)
-    torch.manual_seed(3)
-    first = ds.__getitems__(idx)[0]
-    torch.manual_seed(3)
-    assert torch.equal(first, ds.__getitems__(idx)[0])
+    assert not flips(0, random_flip=False).any()
 
 
 def test_random_flip_default() -> None:
@@ -282,7 +278,7 @@ def test_val_split_deterministic_and_disjoint(fake_mnist: tuple[Path, dict]) -> 
     assert sorted(train_idx.tolist() + val_idx.tolist()) == list(range(50))
     assert torch.equal(dm.val_set.images[dm.val_set.indices], images[val_idx])
     assert torch.equal(dm.train_set.images[dm.train_set.indices], images[train_idx])
-    assert not dm.val_set.random_flip
+    assert not getattr(dm.val_dataloader(), "random_flip", False)  # validation images are never flipped
 
     assert torch.equal(split(0).val_set.indices, dm.val_set.indices)  # type: ignore[union-attr]
     assert not torch.equal(split(1).train_val_indices(50)[1], val_idx)

@@ -146,7 +146,7 @@ def draws(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, object, object]]:
 
 def test_noise_is_drawn_on_the_generators_device(draws: list) -> None:
     """dequantize, the Hutchinson probe of ode_log_likelihood, the stratified timesteps and noise of the bound, the
-    training timesteps and a data set's flips draw on the generator's device, then move to the data's."""
+    training timesteps draw on the generator's device, then move to the data's."""
     from src.diffusion.likelihood import nll_bits_per_dim
     from src.diffusion.losses import sample_timesteps
 
@@ -159,10 +159,6 @@ def test_noise_is_drawn_on_the_generators_device(draws: list) -> None:
     schedule = NoiseSchedule.linear(20)
     nll_bits_per_dim(lambda x_t, t: 0.1 * x_t, x.clamp(-1, 1), schedule, num_timesteps=3, generator=g)
     sample_timesteps(4, 20, "cpu", g)
-    from src.data.datasets import InMemoryImageDataset  # the random flips of a data set given a generator
-
-    images = torch.zeros(3, 1, 4, 4, dtype=torch.uint8)
-    InMemoryImageDataset(images, torch.zeros(3), random_flip=True, generator=g).__getitems__([0, 2])
     assert {name for name, _, _ in draws} == {"rand", "randn", "randint"}
     assert all(device == generator.device for _, generator, device in draws), draws
 

@@ -9,8 +9,6 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from src.seeding import generator_device
-
 
 def to_model_range(images: Tensor) -> Tensor:
     """uint8 images in [0, 255] -> float32 in [-1, 1] (``x / 127.5 - 1``), the range the model works in."""
@@ -36,11 +34,8 @@ class InMemoryImageDataset(Dataset):
     Args:
         images: uint8 tensor (N, C, H, W).
         labels: int64 tensor (N,).
-        random_flip: flip each image horizontally with probability 1/2.
-        generator: RNG for the flips; None uses torch's default RNG, which in a DataLoader worker is the
-            worker's own (seeded per worker, so reproducible under ``seed_everything(workers=True)``).
         indices: the rows of ``images`` this dataset serves (a split), without copying them; None: all rows.
-        uint8: serve the images as uint8 (flipped, not scaled), for a loader whose batches are scaled after the
+        uint8: serve the images as uint8 (not scaled), for a loader whose batches are scaled after the
             copy to the device (`ImageDataModule.on_after_batch_transfer`): a quarter of the bytes to copy.
     """
 
@@ -48,8 +43,6 @@ class InMemoryImageDataset(Dataset):
         self,
         images: Tensor,
         labels: Tensor,
-        random_flip: bool = False,
-        generator: torch.Generator | None = None,
         indices: Tensor | None = None,
         uint8: bool = False,
     ) -> None:
@@ -59,8 +52,6 @@ class InMemoryImageDataset(Dataset):
             raise ValueError(f"labels must have shape ({len(images)},), got {tuple(labels.shape)}")
         self.images = images
         self.labels = labels.to(torch.int64)
-        self.random_flip = random_flip
-        self.generator = generator
         self.indices = None if indices is None else torch.as_tensor(indices, dtype=torch.int64)
         self.uint8 = uint8
 
@@ -72,11 +63,7 @@ class InMemoryImageDataset(Dataset):
         idx = torch.as_tensor(indices, dtype=torch.int64)
         if self.indices is not None:
             idx = self.indices[idx]
-        x = self.images[idx]  # a new tensor (advanced indexing copies), so flipping in place is safe
-        if self.random_flip:
-            u = torch.rand(len(idx), generator=self.generator, device=generator_device(self.generator))
-            flip = (u < 0.5).to(x.device)
-            x[flip] = x[flip].flip(-1)
+        x = self.images[idx]  # random flips are the training loader's (src/resume.py: ResumableDataLoader)
         return (x if self.uint8 else to_model_range(x)), self.labels[idx]
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor]:

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from src.diffusion.parameterization import X0Clip, check_prediction, eps_from_output, threshold_x0
+from src.diffusion.parameterization import X0Clip, check_prediction, eps_from_output, threshold_x0, x0_from_eps
 from src.diffusion.schedule import NoiseSchedule
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]  # D(x~, sigma) -> x_0-hat, sigma a (B,) tensor
@@ -159,7 +159,7 @@ class DiscreteSigmaDenoiser:
             alpha = self.input_scale(level).to(x.device, x.dtype).reshape(shape)
             sigma_vp = alpha * level.to(x.device, x.dtype).reshape(shape)
             out = eps_from_output(self.prediction, out, x * c_in_x, alpha, sigma_vp)
-        denoised = x - s * out  # x~ = x_0 + sigma eps
+        denoised = x0_from_eps(x, out, 1.0, s)  # x~ = x_0 + sigma eps (alpha = 1 in this variable)
         return threshold_x0(denoised, self.clip_x0)
 
 

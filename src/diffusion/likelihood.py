@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from src.diffusion.parameterization import X0Clip, threshold_x0
+from src.diffusion.parameterization import X0Clip, threshold_x0, x0_from_eps
 from src.diffusion.schedule import NoiseSchedule, extract
 from src.seeding import generator_device
 
@@ -146,7 +146,7 @@ def vb_terms(
     channels = x0.shape[1]
     eps = out[:, :channels]
     a_t = extract(schedule.alphas_cumprod, t, x0)
-    x0_hat = (x_t - (1.0 - a_t).sqrt() * eps) / a_t.sqrt()  # DDPM eq. 4 solved for x_0 (eq. 15)
+    x0_hat = x0_from_eps(x_t, eps, a_t.sqrt(), (1.0 - a_t).sqrt())  # DDPM eq. 15
     x0_hat = threshold_x0(x0_hat, clip_x0)  # as the samplers bound it (False: unchanged)
     if variance == "learned":
         if out.shape[1] != 2 * channels:

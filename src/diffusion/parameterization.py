@@ -35,6 +35,18 @@ def check_prediction(prediction: str) -> str:
     return prediction
 
 
+def x0_from_eps(x_t: Tensor, eps: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """x_0 = (x_t - sigma eps) / alpha: x_t = alpha x_0 + sigma eps (DDPM eq. 4) solved for x_0 (eq. 15; DDIM's
+    f_theta, eq. 9). alpha and sigma as tensors broadcasting against x_t or as numbers; alpha = 1 and sigma = EDM's
+    sigma in the variance-exploding variable x~ = x_0 + sigma eps. The one place this equation is written."""
+    return (x_t - sigma * eps) / alpha
+
+
+def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """eps = (x_t - alpha x_0) / sigma, the same equation solved for eps (how a bounded x_0-hat re-derives eps)."""
+    return (x_t - alpha * x0) / sigma
+
+
 def training_target(prediction: str, x0: Tensor, noise: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """The regression target of L_simple for `prediction`: eps (DDPM eq. 14), x_0, or v = alpha eps - sigma x_0."""
     check_prediction(prediction)
@@ -60,7 +72,7 @@ def eps_from_output(prediction: str, output: Tensor, x_t: Tensor, alpha: Tensor,
     if prediction == "eps":
         return output
     if prediction == "x0":
-        return (x_t - alpha * output) / sigma
+        return eps_from_x0(x_t, output, alpha, sigma)
     return sigma * x_t + alpha * output
 
 
@@ -71,7 +83,7 @@ def x0_from_prediction(prediction: str, output: Tensor, x_t: Tensor, schedule: N
         return output
     alpha, sigma = schedule.alpha_sigma(t, x_t)
     if prediction == "eps":
-        return (x_t - sigma * output) / alpha
+        return x0_from_eps(x_t, output, alpha, sigma)
     return alpha * x_t - sigma * output
 
 
@@ -81,7 +93,7 @@ def prediction_from_eps(prediction: str, eps: Tensor, x_t: Tensor, schedule: Noi
     if prediction == "eps":
         return eps
     alpha, sigma = schedule.alpha_sigma(t, x_t)
-    x0 = (x_t - sigma * eps) / alpha
+    x0 = x0_from_eps(x_t, eps, alpha, sigma)
     return x0 if prediction == "x0" else alpha * eps - sigma * x0
 
 

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, SAMPLER_OPTIONS, continuous_sample
 from src.diffusion.likelihood import interpolated_log_variance
-from src.diffusion.parameterization import EpsPredictor, X0Clip, threshold_x0
+from src.diffusion.parameterization import EpsPredictor, X0Clip, eps_from_x0, threshold_x0, x0_from_eps
 from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
 from src.seeding import randn_like
@@ -92,8 +92,8 @@ def logsnr_timesteps(schedule: NoiseSchedule, steps: int) -> list[int]:
 
 
 def predict_x0_from_eps(x_t: Tensor, eps: Tensor, alpha_cumprod_t: float) -> Tensor:
-    """x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t): DDPM eq. 4 solved for x_0 (DDIM eq. 9, f_theta)."""
-    return (x_t - math.sqrt(1.0 - alpha_cumprod_t) * eps) / math.sqrt(alpha_cumprod_t)
+    """x_0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t) for a_t = alpha-bar_t given as a number (`x0_from_eps`)."""
+    return x0_from_eps(x_t, eps, math.sqrt(alpha_cumprod_t), math.sqrt(1.0 - alpha_cumprod_t))
 
 
 def ddim_sigma(alpha_cumprod_t: float, alpha_cumprod_prev: float, eta: float) -> float:
@@ -139,7 +139,7 @@ def _denoise(
     x0 = predict_x0_from_eps(x, eps, alpha_cumprod)
     if clip_x0:
         x0 = threshold_x0(x0, clip_x0)
-        eps = (x - math.sqrt(alpha_cumprod) * x0) / math.sqrt(1.0 - alpha_cumprod)
+        eps = eps_from_x0(x, x0, math.sqrt(alpha_cumprod), math.sqrt(1.0 - alpha_cumprod))
     return eps, x0
 
 

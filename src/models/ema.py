@@ -8,28 +8,26 @@ short runs (a few thousand steps) are not dominated by the random initialisation
 
 Why ours and not `torch.optim.swa_utils.AveragedModel` (with `get_ema_multi_avg_fn`, or a `multi_avg_fn` holding
 the warm-up) or Lightning 2.6's `WeightAveraging` / `EMAWeightAveraging` callbacks: benchmarks/ema_update.py
-measured all of them against this class (torch 2.14.1, Lightning 2.6.6; 2-core AMD EPYC, shared, one thread):
+measured all of them against these two functions (torch 2.14.1, Lightning 2.6.6; 2-core AMD EPYC, shared, one thread):
 - host syncs: `AveragedModel.update_parameters` tests its `n_averaged` counter, a tensor on the model's device, in
   Python twice per update (`bool(self.n_averaged == 0)`, `if self.n_averaged > 0`): 2 reads of a device value per
   update, each a GPU sync on CUDA, in every variant and in both Lightning callbacks (3 with a warm-up function that
-  reads n). This class reads none: the update count is the trainer's global step, a Python int.
+  reads n). These read none: the update count is the trainer's global step, a Python int.
 - numbers: AveragedModel with the same lerp (and the warm-up as a `multi_avg_fn` fed from `n_averaged`, after one
-  update at construction so that it starts from the initial weights) is bit-identical to this class;
+  update at construction so that it starts from the initial weights) is bit-identical to `update_ema`;
   `EMAWeightAveraging` cannot express the warm-up, starts from the weights after the first step and updates
   tensor by tensor with `decay * ema + (1 - decay) * w`: max abs difference 0.047 after 40 updates at decay 0.999.
 - exact resume: all restore bit for bit (state_dict, or the callbacks' checkpoint hooks).
-- time per update relative to this class (noisy machine): AveragedModel 0.8-1.4, `WeightAveraging` with a
+- time per update relative to `update_ema` (noisy machine): AveragedModel 0.8-1.4, `WeightAveraging` with a
   `multi_avg_fn` 1.0-1.4, `EMAWeightAveraging` 3-8 (1.1M-parameter quickstart net and 35.7M-parameter CIFAR-10 net;
-  this class: 0.9-1.3 ms and 15-24 ms per update).
+  ours: 0.9-1.3 ms and 15-24 ms per update).
 The sync rule decides: the others add two host syncs per training step. The callbacks also change the checkpoint
 (the averaged weights under "state_dict", the trained ones under "current_model_state") and copy the average into
-the trained network at the end of fit, so ours stays: `update_ema` / `ema_decay` (what DiffusionModule calls, with
-the averaged weights as its sampling model's `model.net.*`) and this class around them.
+the trained network at the end of fit, so ours stays: `update_ema` / `ema_decay`, which DiffusionModule calls once
+per optimizer step, with the averaged weights as its sampling model's `model.net.*` (a frozen copy in eval mode).
 """
 
 from __future__ import annotations
-
-import copy
 
 import torch
 from torch import nn
@@ -57,36 +55,3 @@ def update_ema(averaged: nn.Module, model: nn.Module, decay: float) -> None:
             ema_buffer.lerp_(buffer, weight)
         else:
             ema_buffer.copy_(buffer)
-
-
-class EMA(nn.Module):
-    """Holds a frozen copy of `model` whose weights track `model`'s by exponential moving average.
-
-    It is an `nn.Module`, so its weights are part of the owner's `state_dict` (checkpoints and resume); its
-    parameters have `requires_grad=False` and are left out of the optimizer by the owner.
-    """
-
-    def __init__(self, model: nn.Module, decay: float = 0.9999, warmup: bool = True) -> None:
-        super().__init__()
-        if not 0.0 <= decay <= 1.0:
-            raise ValueError(f"EMA decay must be in [0, 1], got {decay}")
-        self.decay = decay
-        self.warmup = warmup
-        self.model = copy.deepcopy(model).eval().requires_grad_(False)
-
-    def decay_at(self, num_updates: int) -> float:
-        """The decay used for update number `num_updates` (0-based)."""
-        return ema_decay(num_updates, self.decay, self.warmup)
-
-    def update(self, model: nn.Module, num_updates: int) -> None:
-        """One EMA step towards `model`'s current weights."""
-        update_ema(self.model, model, self.decay_at(num_updates))
-
-    def forward(self, *args, **kwargs):
-        return self.model(*args, **kwargs)
-
-    def train(self, mode: bool = True) -> EMA:
-        # The averaged copy is always in eval mode (no dropout), whatever the owner's mode.
-        super().train(mode)
-        self.model.eval()
-        return self
