@@ -293,3 +293,31 @@ def test_one_sigterm_ends_a_running_predict(ddp_fit: tuple[Path, str], tmp_path:
             os.killpg(process.pid, signal.SIGKILL)
     assert process.returncode == 128 + signal.SIGTERM, output[-3000:]
     assert all(p.suffix == ".png" for p in out.iterdir())  # whole files only (each written atomically)
+
+
+@pytest.mark.slow
+def test_two_process_fit_with_a_learned_schedule_and_a_first_stage(tmp_path: Path, data: Path) -> None:
+    """The core's seams under DDP: a learned schedule (its parameters all-reduced with the net's) and a frozen first
+    stage (no gradients, which DDP would otherwise wait for), both defined outside src/ (tests/my_extensions.py);
+    predict then writes image-sized PNGs."""
+    parts = ["--model.process", "my_extensions.LearnedLinearLogSNR", "--model.first_stage",
+             "my_extensions.PixelUnshuffleStage", "--model.net.init_args.in_channels", "4",
+             "--model.net.init_args.image_size", "14", "--model.net.init_args.attn_resolutions", "[7]"]  # fmt: skip
+    env = {"PYTHONPATH": os.pathsep.join([str(REPO), str(REPO / "tests")])}
+    code, output = run(["fit", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, *parts,
+                        "--data.data_dir", str(data), "--trainer.default_root_dir", str(tmp_path / "runs"),
+                        "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0", "--trainer.callbacks",
+                        json.dumps(EVERY_CALLBACK)], timeout=600, env=env)  # fmt: skip
+    assert code == 0, output[-3000:]
+    (ckpt,) = (tmp_path / "runs").glob("fashion_mnist/version_*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not torch.equal(state["process.endpoints"], torch.tensor([9.0, -10.0]))
+    code, output = run(["predict", "--config", "configs/fashion_mnist.yaml", *TINY_NET, *DDP, *parts, "--ckpt_path",
+                        str(ckpt), "--data.data_dir", str(data), "--data.num_samples", "3", "--output_dir",
+                        str(tmp_path / "pngs"), "--trainer.default_root_dir", str(tmp_path / "runs")],
+                       timeout=300, env=env)  # fmt: skip
+    assert code == 0, output[-3000:]
+    from PIL import Image
+
+    sizes = {Image.open(p).size for p in (tmp_path / "pngs").glob("*.png")}
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 3 and sizes == {(28, 28)}
