@@ -36,13 +36,14 @@ _FROM_CHECKPOINT = contextvars.ContextVar("from_checkpoint", default=False)
 
 
 class DiffusionModule(L.LightningModule):
-    """Trains `net` with L_simple (or L_hybrid for a learned variance) and samples from its EMA copy, `model`.
+    """Trains `net` (and a learned process) with the configured objective and samples from the EMA copy, `model`.
 
     Args:
         net: the noise-prediction network, `net(x_t, t) -> eps` (e.g. `src.models.unet.UNet`).
         process: a diffusion process of its own (`src.diffusion.process.DiffusionProcess`, e.g. a learned schedule,
             as class_path / init_args); its parameters train with the net and are averaged into the sampling copy.
-            None: the fixed schedule of the next four options. Fixed by a checkpoint.
+            None: the fixed schedule of the four options below. Fixed by a checkpoint. (The last constructor
+            arguments, with first_stage: options added later stay last, so that positional calls keep working.)
         first_stage: an encoder/decoder the diffusion runs inside (`src.models.first_stage.FirstStage`, as
             class_path / init_args): training diffuses its encoding of the images, sampling decodes; frozen, out of
             the optimizer. The net then takes the latent's shape, and the data keeps the images' shape. None:

@@ -387,3 +387,58 @@ def test_the_optimizer_and_schedule_are_parts_chosen_in_config() -> None:
     default = cli_main(["--config", CONFIG], run=False).model.configure_optimizers()
     assert type(default["optimizer"]) is AdamW and default["optimizer"].defaults["fused"]
     assert default["optimizer"].defaults["lr"] == 0.002 and default["optimizer"].defaults["weight_decay"] == 0.0
+
+
+# ---------------------------------------------------------------------------------------------- continuous time
+def test_a_schedule_answers_at_fractional_timesteps_as_the_continuous_samplers_interpolate() -> None:
+    schedule = NoiseSchedule.linear(1000)
+    t = torch.tensor([0.0, 0.3, 17.5, 998.9, 999.0], dtype=torch.float64)
+    x = torch.zeros(5, 1, dtype=torch.float64)
+    alpha, sigma = schedule.alpha_sigma(t, x)
+    sigmas = DiscreteVPDenoiser(lambda x, t: x, schedule).t_to_sigma(t)
+    torch.testing.assert_close(sigma.flatten() / alpha.flatten(), sigmas, rtol=1e-12, atol=0)
+    integer = torch.tensor([0, 17, 999])
+    fractional = integer.to(torch.float64)  # integer-valued floats give the table values
+    for a, b in zip(schedule.alpha_sigma(integer, x[:3]), schedule.alpha_sigma(fractional, x[:3]), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-15, atol=0)
+    torch.testing.assert_close(schedule.snr_at(fractional), schedule.snr[integer], rtol=1e-12, atol=0)
+
+
+def test_every_wrapper_works_at_continuous_levels_so_nothing_rounds_by_type(tiny_unet) -> None:
+    """EpsPredictor's conversion (and so classifier guidance's eps-model) at fractional t agrees with converting
+    the raw output at each exact level; a classifier-guided module samples with heun at fractional timesteps."""
+    from src.diffusion.parameterization import EpsPredictor
+    from src.diffusion.samplers import sample
+
+    schedule = NoiseSchedule.linear(50)
+    net = tiny_unet().eval()
+    x_T = torch.randn(2, *(1, 8, 8), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for p in net.parameters():  # a non-trivial output layer
+            p.add_(0.05 * torch.randn(p.shape, generator=torch.Generator().manual_seed(1)))
+        exact = sample(net, x_T, schedule, sampler="heun", steps=4, prediction="v")
+        wrapped = sample(EpsPredictor(net, schedule, "v"), x_T, schedule, sampler="heun", steps=4)
+    torch.testing.assert_close(wrapped, exact, rtol=1e-4, atol=1e-4)
+
+
+def test_classifier_guidance_runs_the_continuous_samplers_at_fractional_timesteps(tmp_path: Path, tiny_unet,
+                                                                                   monkeypatch) -> None:  # fmt: skip
+    from src.models.classifier import NoisyClassifier
+    from src.module import DiffusionModule
+
+    classifier = NoisyClassifier(num_classes=4, in_channels=1, base_channels=8, channel_mult=(1, 2), image_size=8,
+                                 norm_groups=4, attn_resolutions=(4,))  # fmt: skip
+    classifier.save(str(tmp_path / "clf.pt"))
+    seen: list[float] = []
+    forward = NoisyClassifier.forward
+
+    def recording(self, x, t):
+        seen.extend(t.flatten().tolist())
+        return forward(self, x, t)
+
+    monkeypatch.setattr(NoisyClassifier, "forward", recording)
+    module = DiffusionModule(tiny_unet(), timesteps=50, sampler="heun", sampling_steps=3,
+                             classifier_path=str(tmp_path / "clf.pt"), classifier_scale=2.0)  # fmt: skip
+    images = module.predict_step(torch.arange(3), 0)["images"]
+    assert torch.isfinite(images).all()
+    assert seen and any(t != round(t) for t in seen), "the classifier saw integer timesteps only"

@@ -405,7 +405,8 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch() -> None:
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_reaches_every_continuous_sampler() -> None:
     """`samplers.sample(sampler=NAME)` (what --model.sampler NAME calls) runs each sampler on a DDPM eps-network,
-    and its deterministic ones match the k_samplers functions on the Karras grid."""
+    and its deterministic ones match the k_samplers functions on the Karras grid. This model reads a table at
+    integer t, so the comparisons pass `quantize` (the samplers call a model at fractional t by default)."""
     model = GaussianEps(MU, S, SCHEDULE.alphas_cumprod)
     x_T = torch.randn(16, 4, generator=torch.Generator().manual_seed(0), dtype=DTYPE)
     assert K.CONTINUOUS_SAMPLERS == CONTINUOUS_SAMPLERS and set(CONTINUOUS_SAMPLERS) <= set(SAMPLERS)
@@ -415,11 +416,11 @@ def test_dispatch_reaches_every_continuous_sampler() -> None:
     denoiser = DiscreteVPDenoiser(model, SCHEDULE, quantize=True)
     sigmas = karras_sigmas(10, denoiser.sigma_min, denoiser.sigma_max)
     expected = K.sample_dpmpp_3m(denoiser, x_T * math.sqrt(1 + denoiser.sigma_max**2), sigmas)
-    torch.testing.assert_close(sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10), expected)
+    torch.testing.assert_close(sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, quantize=True), expected)
     # clip_x0 clamps the denoised image at every evaluation (the Gaussian's x_0-hat leaves [-1, 1] at high noise).
     clipped = DiscreteVPDenoiser(model, SCHEDULE, quantize=True, clip_x0=True)
     torch.testing.assert_close(
-        sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, clip_x0=True),
+        sample(model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, clip_x0=True, quantize=True),
         K.sample_dpmpp_3m(clipped, x_T * math.sqrt(1 + denoiser.sigma_max**2), sigmas),
     )
     assert not torch.allclose(
@@ -427,7 +428,9 @@ def test_dispatch_reaches_every_continuous_sampler() -> None:
     )
     # A v-network sampled through the dispatcher gives what the eps-network gives.
     v_model = lambda x, t: prediction_from_eps("v", model(x, t), x, SCHEDULE, t)  # noqa: E731
-    torch.testing.assert_close(sample(v_model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, prediction="v"), expected)
+    torch.testing.assert_close(
+        sample(v_model, x_T, SCHEDULE, sampler="dpmpp_3m", steps=10, prediction="v", quantize=True), expected
+    )
 
 
 def test_dispatch_refuses_an_option_the_sampler_does_not_read() -> None:

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 
 from src.diffusion.continuous import vp_sigmas
-from src.diffusion.schedule import NoiseSchedule, extract
+from src.diffusion.schedule import NoiseSchedule
 
 ConditionalDenoiser = Callable[[Tensor, Tensor, Tensor], Tensor]
 
@@ -229,6 +229,6 @@ class ClassifierGuidance:
             return out
         channels = x_t.shape[1]
         schedule = self.schedule if self.schedule.betas.device == x_t.device else self.schedule.to(x_t.device)
-        sigma = extract(schedule.sqrt_one_minus_alphas_cumprod, t, x_t)
+        sigma = schedule.alpha_sigma(t, x_t)[1]  # sqrt(1 - a_t); interpolated at the continuous samplers' fractional t
         eps = out[:, :channels] - sigma * self.classifier_scale * self.grad_log_prob(x_t, t)
         return torch.cat([eps, out[:, channels:]], dim=1)

@@ -476,8 +476,10 @@ def continuous_sample(
     """Sample with `sampler` (one of CONTINUOUS_SAMPLERS) from x_T ~ N(0, I) of a DDPM network `model(x_t, t)`.
 
     The network is wrapped as the VP denoiser (`DiscreteVPDenoiser`); the grid is `steps` Karras levels (`rho`,
-    default 7) from the schedule's sigma_max to sigma_min, then 0. `quantize` (default: round t unless the model is a
-    plain nn.Module, whose sinusoidal embedding takes fractional t, such as the UNet) rounds timesteps to integers.
+    default 7) from the schedule's sigma_max to sigma_min, then 0. The model is called at the exact, fractional
+    timestep of each level (k-diffusion's default; the UNet's sinusoidal embedding, `EpsPredictor`'s conversion and
+    both guidances take it); `quantize` rounds it to the nearest integer instead, for a model that only knows the
+    T discrete ones.
     `churn` (heun, default 0), `snr` and `corrector_steps` (pc, defaults 0.16 and 1), `solver_order` (unipc: its order,
     default 2; ipndm: its maximum order, default 4). An option the sampler does not read (`SAMPLER_OPTIONS`) is a
     ValueError: DPM-Solver++(3M) has no order to choose (the published update, second order: `sample_dpmpp_3m`).
@@ -491,9 +493,7 @@ def continuous_sample(
         read_by = "; ".join(f"{name} is read by {', '.join(readers(name))}" for name in unread)
         raise ValueError(f"sampler {sampler!r} does not read {', '.join(unread)} ({read_by}); it takes "
                          f"{', '.join(SAMPLER_OPTIONS[sampler])}")  # fmt: skip
-    if quantize is None:
-        quantize = not isinstance(model, torch.nn.Module)
-    denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize, clip_x0)
+    denoiser = DiscreteVPDenoiser(model, schedule, prediction, bool(quantize), clip_x0)
     sigmas = karras_sigmas(steps, denoiser.sigma_min, denoiser.sigma_max, 7.0 if rho is None else rho)
     x = x_T * math.sqrt(1.0 + denoiser.sigma_max**2)  # x~ = x_T / sqrt(a_T)
     run, reads = K_SAMPLERS[sampler]

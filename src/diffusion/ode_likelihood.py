@@ -140,7 +140,7 @@ def ode_nll_bits_per_dim(
     bits/dim: {"bpd", "nfe"}. The ODE runs between the schedule's smallest and largest noise levels (the trained
     range; sigma_min is t = 0's, sqrt(beta_1 / (1 - beta_1))), the prior is x_T ~ N(0, I). Fractional timesteps are
     passed to plain nn.Modules (the UNet), rounded for other callables (see `continuous.py`)."""
-    denoiser = DiscreteVPDenoiser(model, schedule, prediction, quantize=not isinstance(model, torch.nn.Module))
+    denoiser = DiscreteVPDenoiser(model, schedule, prediction)  # at the ODE solver's exact, fractional levels
     x = dequantize(x0, generator) if dequantise else x0.double()
     work = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
     std = denoiser.prior_std(denoiser.sigma_max)

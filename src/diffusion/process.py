@@ -114,8 +114,6 @@ class DiscreteProcess(DiffusionProcess):
         super().__init__(schedule.num_timesteps)
         self._table = schedule
         self.recipe = recipe
-        a = schedule.alphas_cumprod.detach().cpu().to(torch.float64)
-        self._log_snr_table = (a / (1.0 - a)).log()
 
     @classmethod
     def from_name(cls, name: str, timesteps: int = 1000, **kwargs: float) -> DiscreteProcess:
@@ -140,25 +138,18 @@ class DiscreteProcess(DiffusionProcess):
 
     def log_snr(self, t: Tensor) -> Tensor:
         """log(a_t / (1 - a_t)) of the table at integer t; linear between floor(t) and ceil(t). Float64."""
-        table = self._log_snr_table
-        t = torch.as_tensor(t).to(table.device)
-        if not t.is_floating_point():
-            return table[t]
-        t = t.to(torch.float64).clamp(0, self.num_timesteps - 1)
-        low, high = t.floor().long(), t.ceil().long()
-        w = t - low
-        return (1 - w) * table[low] + w * table[high]
+        return self._table.log_snr_at(t)
 
+    # The schedule answers these itself, at integer t from its float64 tables (bit-identical to training on the
+    # schedule), at fractional t from the interpolated log SNR.
     def alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        if t.is_floating_point():
-            return super().alpha_sigma(t, x)
-        return self._table.alpha_sigma(t, x)  # the float64 tables themselves: bit-identical to the schedule's path
+        return self._table.alpha_sigma(t, x)
 
     def snr_at(self, t: Tensor) -> Tensor:
-        return self._table.snr_at(t) if not t.is_floating_point() else super().snr_at(t)
+        return self._table.snr_at(t)
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        return self._table.q_sample(x0, t, noise) if not t.is_floating_point() else super().q_sample(x0, t, noise)
+        return self._table.q_sample(x0, t, noise)
 
     def extra_repr(self) -> str:
         return repr(self._table)

@@ -56,6 +56,8 @@ class NoiseSchedule:
         self.posterior_mean_coef_xt = (
             (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
         )
+        # log SNR(t) = log(a_t / (1 - a_t)), what fractional timesteps interpolate (`log_snr_at`).
+        self.log_snr = (self.alphas_cumprod / (1.0 - self.alphas_cumprod)).log()
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -157,14 +159,35 @@ class NoiseSchedule:
     # ------------------------------------------------------------------ forward process
     # num_timesteps, alpha_sigma and snr_at are what the losses and parameterization.py ask of a schedule; a
     # `process.DiffusionProcess` answers the same three at continuous t.
+    def log_snr_at(self, t: Tensor) -> Tensor:
+        """log SNR(t), float64 on the schedule's device: the table at integer t; at fractional t (the SDE / ODE
+        samplers' continuous noise levels) linear between floor(t) and ceil(t), which is linear in EDM's
+        log sigma = -log SNR / 2, as `continuous.DiscreteSigmaDenoiser.t_to_sigma` interpolates."""
+        t = torch.as_tensor(t).to(self.betas.device)
+        if not t.is_floating_point():
+            return self.log_snr[t]
+        t = t.to(self.betas.dtype).clamp(0, self.num_timesteps - 1)
+        low = t.floor().long()
+        high = (low + 1).clamp(max=self.num_timesteps - 1)
+        w = t - low
+        return (1 - w) * self.log_snr[low] + w * self.log_snr[high]
+
     def alpha_sigma(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        """alpha_t = sqrt(alpha-bar_t) and sigma_t = sqrt(1 - alpha-bar_t) of integer timesteps t (B,), broadcast
-        against x (B, ...) in its dtype."""
-        return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+        """alpha_t = sqrt(alpha-bar_t) and sigma_t = sqrt(1 - alpha-bar_t) of timesteps t (B,), broadcast against x
+        (B, ...) in its dtype: the float64 tables at integer t; at fractional t from the interpolated log SNR
+        (`log_snr_at`; alpha^2 = sigmoid(log SNR), sigma^2 = sigmoid(-log SNR))."""
+        if not t.is_floating_point():
+            return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
+        log_snr = self.log_snr_at(t)
+        shape = (-1,) + (1,) * (x.ndim - 1)
+        alpha, sigma = torch.sigmoid(log_snr).sqrt().reshape(shape), torch.sigmoid(-log_snr).sqrt().reshape(shape)
+        return alpha.to(device=x.device, dtype=x.dtype), sigma.to(device=x.device, dtype=x.dtype)
 
     def snr_at(self, t: Tensor) -> Tensor:
-        """SNR(t) of integer timesteps t, float64 on the schedule's device."""
-        return self.snr[t.to(self.betas.device)]
+        """SNR(t) of timesteps t, float64 on the schedule's device (interpolated at fractional t: `log_snr_at`)."""
+        if not torch.as_tensor(t).is_floating_point():
+            return self.snr[t.to(self.betas.device)]
+        return self.log_snr_at(t).exp()
 
     def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
         """Sample x_t ~ q(x_t | x_0) = N(sqrt(alpha-bar_t) x_0, (1 - alpha-bar_t) I)  (DDPM eq. 4)."""

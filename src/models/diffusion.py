@@ -309,12 +309,12 @@ class DiffusionModel(nn.Module):
         settings = self.settings.replace(**overrides) if overrides else self.settings
         kwargs = settings.kwargs()
         if is_continuous(settings.sampler) and self.classifier_scale == 0.0:
-            # The SDE / ODE samplers step through continuous noise levels: they get the net's own output and convert
-            # it at each exact level, and the net (an nn.Module: the UNet's sinusoidal embedding takes fractional t)
-            # is called at fractional timesteps unless `quantize` is set. Classifier guidance reads the schedule at
-            # integer t, so with it the eps-model below runs at rounded timesteps (k-diffusion's `quantize`).
+            # The SDE / ODE samplers step through continuous noise levels and call the net at their fractional
+            # timesteps (unless the `quantize` option is set); they get its own output and convert it at each exact
+            # level. With classifier guidance they get the eps-model below, whose conversion and guidance read the
+            # schedule at fractional t too (`NoiseSchedule.alpha_sigma`).
             model = self.output_model(labels, guidance_scale)
-            kwargs = {"quantize": False, **kwargs, "prediction": self.prediction}
+            kwargs = {**kwargs, "prediction": self.prediction}
         else:
             keep_variance = settings.variance == "learned" and settings.sampler in ("ddpm", "ddpm_respaced")
             model = self.eps_model(labels, guidance_scale, keep_variance)
