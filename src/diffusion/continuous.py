@@ -12,9 +12,10 @@ with D(x~; sigma) ~= E[x_0 | x~] the denoiser. The wrappers here turn a network 
 into that D at any sigma, as k-diffusion's `DiscreteEpsDDPMDenoiser` does: the timestep fed to the network is
 interpolated linearly in log sigma between the two neighbouring discrete timesteps (`sigma_to_t`). The UNet's
 sinusoidal timestep embedding accepts fractional t, and an x_0- or v-network's output is converted to eps here at
-the exact level (`DiscreteSigmaDenoiser.__call__`), which is how `DiffusionModel.sample` calls these samplers;
-callables that look tables up by integer t (the conversion of `parameterization.EpsPredictor`, classifier guidance)
-need `quantize=True`, which rounds to the nearest discrete noise level instead (k-diffusion's `quantize`).
+the exact level (`DiscreteSigmaDenoiser.__call__`), which is how `DiffusionModel.sample` calls these samplers.
+`EpsPredictor`'s conversion and both guidances read the schedule at fractional t too (`NoiseSchedule.alpha_sigma`);
+only a callable that looks a table up by integer t needs `quantize=True`, which rounds to the nearest discrete
+noise level instead (k-diffusion's `quantize`).
 
 Noise-level grids: `karras_sigmas` (EDM eq. 5, rho = 7), `exponential_sigmas` (uniform in log sigma = uniform in
 DPM-Solver's lambda), `vp_sigmas` (every level of a DDPM schedule) and `ve_sigmas` (NCSN's geometric levels).

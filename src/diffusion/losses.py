@@ -80,6 +80,44 @@ def loss_weighting(name: str = "none", min_snr_gamma: float = 5.0) -> LossWeight
     return import_function(name, "--model.loss_weighting", LOSS_WEIGHTINGS)
 
 
+def _noised_output(
+    model: Denoiser, x0: Tensor, schedule: NoiseSchedule, t: Tensor | None, noise: Tensor | None, model_kwargs: dict
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(t, noise, x_t, model output) of DDPM's Algorithm 1, lines 3-5: t ~ Uniform and noise ~ N(0, I) where not
+    given (t drawn first), x_t = q_sample(x_0, t, noise), the model called on (x_t, t). Every objective starts here."""
+    if t is None:
+        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    x_t = schedule.q_sample(x0, t, noise)
+    return t, noise, x_t, model(x_t, t, **model_kwargs)
+
+
+def _split_learned_variance(out: Tensor, channels: int) -> tuple[Tensor, Tensor]:
+    """(prediction, v) of a learned-variance model's 2C output channels; a ValueError for any other count."""
+    if out.shape[1] != 2 * channels:
+        raise ValueError(f"a learned-variance model outputs 2 x {channels} channels, got {out.shape[1]}")
+    return out[:, :channels], out[:, channels:]
+
+
+def _bound_bits(
+    pred: Tensor, x0: Tensor, x_t: Tensor, t: Tensor, schedule: NoiseSchedule, prediction: str,
+    v: Tensor | None = None, variance: str = "fixed_small",
+) -> Tensor:  # fmt: skip
+    """The bound's term L_t per example (B,) in bits/dim, for the model's x_0-hat implied by `pred` and its reverse
+    variance: interpolated by `v` (a learned variance), else the fixed `variance`. Computed in float32 (float64 for
+    float64 data)."""
+    work = torch.float64 if x0.dtype == torch.float64 else torch.float32
+    pred, x0, x_t = pred.to(work), x0.to(work), x_t.to(work)
+    x0_hat = x0_from_prediction(prediction, pred, x_t, schedule, t)
+    if v is None:
+        model_logvar = extract(model_log_variance(schedule, variance), t, x0)
+    else:
+        model_logvar = interpolated_log_variance(v.to(work), *learned_log_variance_bounds(schedule, t, x0))
+    terms = gaussian_bound_term(x0, x_t, x0_hat, t, schedule, model_logvar)
+    return terms.flatten(1).mean(dim=1) / math.log(2.0)
+
+
 def l_simple(
     model: Denoiser,
     x0: Tensor,
@@ -98,12 +136,8 @@ def l_simple(
     Output channels beyond the image's (a learned variance) are ignored here; see `l_hybrid`. `weighting`
     (`loss_weighting`) multiplies each example's error by weighting(SNR(t), prediction); None: unweighted.
     """
-    if t is None:
-        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
-    if noise is None:
-        noise = torch.randn_like(x0)
-    x_t = schedule.q_sample(x0, t, noise)
-    pred = model(x_t, t, **model_kwargs)[:, : x0.shape[1]]
+    t, noise, _, out = _noised_output(model, x0, schedule, t, noise, model_kwargs)
+    pred = out[:, : x0.shape[1]]
     target = training_target(prediction, x0, noise, schedule, t)
     # Compute the squared error in float32 even under bf16 autocast (the loss is a small difference of O(1)
     # numbers), and in float64 for a float64 net (exact Hessians in the attribution tests).
@@ -128,12 +162,7 @@ def learned_variance_vb(
     replaced by beta-tilde_1 as in `likelihood.posterior_log_variance`). Pass `pred.detach()` to stop the
     gradient of L_vlb into the mean, as the paper does so that L_simple alone drives the mean.
     """
-    work = torch.float64 if x0.dtype == torch.float64 else torch.float32
-    pred, v, x0, x_t = pred.to(work), v.to(work), x0.to(work), x_t.to(work)
-    x0_hat = x0_from_prediction(prediction, pred, x_t, schedule, t)
-    model_logvar = interpolated_log_variance(v, *learned_log_variance_bounds(schedule, t, x0))
-    terms = gaussian_bound_term(x0, x_t, x0_hat, t, schedule, model_logvar)
-    return terms.flatten(1).mean(dim=1) / math.log(2.0)
+    return _bound_bits(pred, x0, x_t, t, schedule, prediction, v=v)
 
 
 def l_hybrid(
@@ -152,16 +181,8 @@ def l_hybrid(
     L_vlb = sum_t L_t is estimated from the drawn t as T L_t (t uniform), with L_t in bits/dim and the mean
     detached (`learned_variance_vb`): loss = mse + lambda T vb, which is their code's `mse + vb * T / 1000`.
     """
-    if t is None:
-        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
-    if noise is None:
-        noise = torch.randn_like(x0)
-    x_t = schedule.q_sample(x0, t, noise)
-    out = model(x_t, t, **model_kwargs)
-    channels = x0.shape[1]
-    if out.shape[1] != 2 * channels:
-        raise ValueError(f"a learned-variance model outputs 2 x {channels} channels, got {out.shape[1]}")
-    pred, v = out[:, :channels], out[:, channels:]
+    t, noise, x_t, out = _noised_output(model, x0, schedule, t, noise, model_kwargs)
+    pred, v = _split_learned_variance(out, x0.shape[1])
     target = training_target(prediction, x0, noise, schedule, t)
     mse = (pred.float() - target.float()).pow(2).flatten(1).mean(dim=1)
     vb = learned_variance_vb(pred.detach(), v, x0, x_t, t, schedule, prediction)
@@ -186,24 +207,12 @@ def l_vlb(
     it trains to worse samples than L_simple), or "learned": a 2C-output model's interpolated variance (Improved DDPM,
     Nichol & Dhariwal 2021, section 3.1: L_vlb alone, the mean trained through it too, unlike L_hybrid).
     """
-    if t is None:
-        t = sample_timesteps(x0.shape[0], schedule.num_timesteps, x0.device)
-    if noise is None:
-        noise = torch.randn_like(x0)
-    x_t = schedule.q_sample(x0, t, noise)
-    out = model(x_t, t, **model_kwargs)
-    channels = x0.shape[1]
+    t, _, x_t, out = _noised_output(model, x0, schedule, t, noise, model_kwargs)
     if variance == "learned":
-        if out.shape[1] != 2 * channels:
-            raise ValueError(f"a learned-variance model outputs 2 x {channels} channels, got {out.shape[1]}")
-        vb = learned_variance_vb(out[:, :channels], out[:, channels:], x0, x_t, t, schedule, prediction)
+        pred, v = _split_learned_variance(out, x0.shape[1])
+        vb = _bound_bits(pred, x0, x_t, t, schedule, prediction, v=v)
     else:
-        work = torch.float64 if x0.dtype == torch.float64 else torch.float32
-        x0_w, x_t_w = x0.to(work), x_t.to(work)
-        x0_hat = x0_from_prediction(prediction, out[:, :channels].to(work), x_t_w, schedule, t)
-        model_logvar = extract(model_log_variance(schedule, variance), t, x0_w)
-        terms = gaussian_bound_term(x0_w, x_t_w, x0_hat, t, schedule, model_logvar)
-        vb = terms.flatten(1).mean(dim=1) / math.log(2.0)
+        vb = _bound_bits(out[:, : x0.shape[1]], x0, x_t, t, schedule, prediction, variance=variance)
     return {"loss": schedule.num_timesteps * vb, "vb": vb}
 
 

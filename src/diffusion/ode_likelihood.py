@@ -138,9 +138,9 @@ def ode_nll_bits_per_dim(
 ) -> dict[str, Tensor | int]:
     """The probability-flow NLL of 8-bit images `x0` in [-1, 1] under a DDPM network `model(x_t, t)`, per example in
     bits/dim: {"bpd", "nfe"}. The ODE runs between the schedule's smallest and largest noise levels (the trained
-    range; sigma_min is t = 0's, sqrt(beta_1 / (1 - beta_1))), the prior is x_T ~ N(0, I). Fractional timesteps are
-    passed to plain nn.Modules (the UNet), rounded for other callables (see `continuous.py`)."""
-    denoiser = DiscreteVPDenoiser(model, schedule, prediction)  # at the ODE solver's exact, fractional levels
+    range; sigma_min is t = 0's, sqrt(beta_1 / (1 - beta_1))), the prior is x_T ~ N(0, I). The model is called at the
+    solver's exact, fractional timesteps (see `continuous.py`)."""
+    denoiser = DiscreteVPDenoiser(model, schedule, prediction)
     x = dequantize(x0, generator) if dequantise else x0.double()
     work = x0.dtype if x0.dtype in (torch.float32, torch.float64) else torch.float32
     std = denoiser.prior_std(denoiser.sigma_max)

@@ -106,8 +106,8 @@ class DiscreteProcess(DiffusionProcess):
 
     Args:
         schedule: the schedule (its tables are used as they are).
-        recipe: the `NoiseSchedule.from_name` arguments that built it (`schedule.schedule_recipe`), recorded in
-            exports; None: the betas are.
+        recipe: the `NoiseSchedule.from_name` arguments that built it (`schedule.schedule_recipe(...)`), recorded
+            in exports; None: the betas are.
     """
 
     def __init__(self, schedule: NoiseSchedule, recipe: dict | None = None) -> None:
@@ -147,9 +147,6 @@ class DiscreteProcess(DiffusionProcess):
 
     def snr_at(self, t: Tensor) -> Tensor:
         return self._table.snr_at(t)
-
-    def q_sample(self, x0: Tensor, t: Tensor, noise: Tensor | None = None) -> Tensor:
-        return self._table.q_sample(x0, t, noise)
 
     def extra_repr(self) -> str:
         return repr(self._table)

@@ -245,8 +245,8 @@ class DiffusionModel(nn.Module):
     def output_model(self, labels: Tensor | None = None, guidance_scale: float | None = None):
         """Like `eps_model` but the net's own output (eps, x0 or v: `prediction`), guided, without classifier guidance.
         For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
-        `continuous.DiscreteVPDenoiser`): EpsPredictor's conversion reads the schedule's tables at integer t. The
-        guided combination u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
+        `continuous.DiscreteVPDenoiser`), which converts it with the continuous sigma itself. The guided combination
+        u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
         return self._guided(self.net, labels, guidance_scale, False, False)
 
     def _guided(self, model, labels: Tensor | None, guidance_scale: float | None, keep_variance: bool,
