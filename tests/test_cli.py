@@ -238,35 +238,44 @@ def test_stochastic_predict_is_the_same_at_every_batch_size(tmp_path: Path, samp
     assert files["2"] == files["5"] and len(set(files["2"].values())) == 5
 
 
-@pytest.mark.slow
-@needs_fashion_mnist
-def test_continuing_a_finished_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
-    """Train 6 steps (mid-epoch: 4 batches of 4 per epoch), then continue the same run to 10 steps
-    from the last.ckpt written when max_steps ended it: bit for bit the 12-step run."""
+def continued_equals_uninterrupted(tmp_path: Path, *extra: str) -> Path:
+    """Train 6 steps (mid-epoch: 4 batches of 4 per epoch), then continue the same run to 10 steps from the last.ckpt
+    written when max_steps ended it, and assert it equals the 10-step run bit for bit (weights, every state-dict
+    entry, optimizer state). `extra`: options of both runs. Returns the 10-step run's last.ckpt."""
     data = ["--data.data_dir", str(_fake_data(tmp_path)), "--trainer.val_check_interval", "4",
             "--trainer.limit_val_batches", "1", "--data.batch_size", "4", "--data.val_size", "8",
             "--trainer.callbacks", json.dumps([{"class_path": "src.callbacks.checkpoint.ModelCheckpoint",
                                                  "init_args": {"save_last": True, "save_top_k": 0,
                                                                "every_n_train_steps": 4}}])]  # fmt: skip
 
-    def fit(root: Path, steps: int, *extra: str) -> dict:
-        cli_main(["fit", *TINY, *data, "--trainer.default_root_dir", str(root), "--trainer.max_steps", str(steps),
-                  *extra])  # fmt: skip
+    def fit(root: Path, steps: int, *more: str) -> Path:
+        cli_main(["fit", *TINY, *extra, *data, "--trainer.default_root_dir", str(root), "--trainer.max_steps",
+                  str(steps), *more])  # fmt: skip
         (ckpt,) = root.glob("*/version_0/checkpoints/last.ckpt")
-        return torch.load(ckpt, weights_only=False, map_location="cpu")
+        return ckpt
 
-    straight = fit(tmp_path / "straight", 10)
-    first = fit(tmp_path / "continued", 6)
+    straight_path = fit(tmp_path / "straight", 10)
+    straight = torch.load(straight_path, weights_only=False, map_location="cpu")
+    first = torch.load(fit(tmp_path / "continued", 6), weights_only=False, map_location="cpu")
     assert first["global_step"] == 6  # not the periodic step-4 checkpoint: the steps after it are kept
-    continued = fit(tmp_path / "continued", 10, "--ckpt_path", "last")
+    continued = torch.load(fit(tmp_path / "continued", 10, "--ckpt_path", "last"), weights_only=False,
+                           map_location="cpu")  # fmt: skip
     assert continued["global_step"] == straight["global_step"] == 10
     assert continued["epoch"] == straight["epoch"]
+    assert continued["state_dict"].keys() == straight["state_dict"].keys()
     for key, value in straight["state_dict"].items():
         assert torch.equal(value, continued["state_dict"][key]), key
     for (i, a), (_, b) in zip(straight["optimizer_states"][0]["state"].items(),
                               continued["optimizer_states"][0]["state"].items()):  # fmt: skip
         for name in a:
             assert torch.equal(torch.as_tensor(a[name]), torch.as_tensor(b[name])), (i, name)
+    return straight_path
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_continuing_a_finished_run_equals_the_uninterrupted_run(tmp_path: Path) -> None:
+    continued_equals_uninterrupted(tmp_path)
 
 
 def _fake_data(tmp_path: Path) -> Path:
