@@ -19,13 +19,15 @@ from torch import Tensor, nn
 
 from src.diffusion.guidance import drop_labels
 from src.diffusion.likelihood import nll_bits_per_dim
-from src.diffusion.losses import l_hybrid, l_simple, l_vlb, objective_function, sample_timesteps
+from src.diffusion.losses import TIMESTEP_SAMPLINGS, l_hybrid, l_simple, l_vlb, objective_function, sample_timesteps
 from src.diffusion.losses import loss_weighting as resolve_loss_weighting
 from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.process import DiffusionProcess, DiscreteProcess
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.vdm import process_ends, unit_times, vdm_bits_per_dim, vdm_loss, vdm_times
 from src.errors import ConfigError
+from src.metrics.estimate import MeanStandardError
 from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe, upgrade_state_dict
 from src.models.ema import ema_decay, update_ema
 from src.models.first_stage import FirstStage
@@ -48,6 +50,9 @@ class DiffusionModule(L.LightningModule):
             class_path / init_args): training diffuses its encoding of the images, sampling decodes; frozen, out of
             the optimizer. The net then takes the latent's shape, and the data keeps the images' shape. None:
             pixel space. Fixed by a checkpoint.
+        timestep_sampling: how a batch draws its timesteps, for every objective (`losses.unit_times`): "uniform"
+            (i.i.d., DDPM), "antithetic" (t paired with T - 1 - t), "low_discrepancy" (u_i = (u_0 + i / B) mod 1,
+            VDM's) or "stratified" (one draw in each of B strata). Each example's t stays uniform.
         schedule: noise schedule name, "linear" (DDPM) or "cosine" (improved DDPM).
         timesteps: number of diffusion steps T.
         beta_start: first beta of the linear schedule.
@@ -85,7 +90,11 @@ class DiffusionModule(L.LightningModule):
             "hybrid" (Improved DDPM's L_hybrid = L_simple + `vlb_weight` L_vlb, for a net with 2 x in_channels outputs,
             a learned variance), "vlb" (the variational bound itself: with the fixed `ddpm_variance`, DDPM's "true
             bound" of Table 2, or a learned variance's L_vlb alone), or the dotted path of a function of one's own
-            (src/diffusion/losses.py, `Objective`; docs/extending.md).
+            (src/diffusion/losses.py, `Objective`; docs/extending.md). "vdm": the variational diffusion model's
+            bound in bits/dim (Kingma et al. 2021; src/diffusion/vdm.py): prior KL + a categorical decoder over the
+            256 pixel values + the continuous-time diffusion term 1/2 gamma'(t) ||eps - eps_hat||^2, which trains a
+            learned `process` (src.diffusion.vdm.LinearLogSNR, MonotoneLogSNR) through all three; "vdm_discrete":
+            its T - 1 step form on the net's integer grid.
         loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
             min(SNR, gamma) in the prediction target's terms) or the dotted path of a function weight(snr, prediction)
             (docs/extending.md). L_hybrid (learned variance) and val/loss stay unweighted.
@@ -99,7 +108,8 @@ class DiffusionModule(L.LightningModule):
         compile: train through `torch.compile(net)`; the compiled wrapper is not a submodule, so checkpoint keys stay
             `net.*` and checkpoints load with or without it.
         bpd_timesteps: `test` logs the variational-bound NLL `test/bpd` with this many KL timesteps (stratified;
-            None: all T, exact; 0: off).
+            None: all T, exact; 0: off), its terms, and `test/bpd_se`, its standard error over the test images. With
+            objective vdm / vdm_discrete, VDM's own bound with its diffusion term at this many stratified times.
         ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
             2021, appendix D; adaptive RK45 with a Hutchinson divergence, uniform dequantisation), on this many
             test batches (0: off; each image costs some hundreds of network calls with gradients).
@@ -143,6 +153,7 @@ class DiffusionModule(L.LightningModule):
         ode_bpd_batches: int = 0,
         process: DiffusionProcess | None = None,
         first_stage: FirstStage | None = None,
+        timestep_sampling: str = "uniform",
     ) -> None:
         super().__init__()
         # The parts are modules or callables, not hyperparameters: the networks' specs are recorded below, and the
@@ -151,6 +162,10 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
+        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+            raise ConfigError(
+                f"--model.timestep_sampling {timestep_sampling!r} is unknown; choose one of {', '.join(TIMESTEP_SAMPLINGS)}"
+            )
         # load_from_checkpoint passes the recorded {"class_path", "init_args"} of each part.
         net, process, first_stage = (build_net(p) if isinstance(p, dict) else p for p in (net, process, first_stage))
         for name, part in (("net", net), ("process", process), ("first_stage", first_stage)):
@@ -185,7 +200,14 @@ class DiffusionModule(L.LightningModule):
         self.objective = self._check_objective(objective, loss_weighting, from_checkpoint)
         self.objective_fn = objective_function(self.objective)
         if not from_checkpoint:  # after DiffusionModel's own checks (a learned variance needs the net's channels)
-            settings.check_variance(bound=bpd_timesteps != 0 or self.objective == "vlb")
+            settings.check_variance(bound=self.objective == "vlb" or (bpd_timesteps != 0 and not self.vdm))
+        # test/bpd's mean and standard error over the test set (a Monte-Carlo estimate); no state in checkpoints.
+        self.test_bpd = MeanStandardError()
+
+    @property
+    def vdm(self) -> bool:
+        """Whether the objective is VDM's bound (continuous or T - 1 steps), which also sets what test/bpd is."""
+        return self.objective in ("vdm", "vdm_discrete")
 
     def _check_objective(self, objective: str, loss_weighting: str, from_checkpoint: bool) -> str:
         """The objective, checked against the net and the process: one line naming the fix where they do not fit."""
@@ -202,6 +224,17 @@ class DiffusionModule(L.LightningModule):
                 "--model.objective hybrid trains a learned variance, and the net has in_channels outputs: set "
                 "--model.net.init_args.out_channels to 2 x in_channels, or --model.objective simple"
             )
+        if objective in ("vdm", "vdm_discrete"):
+            if learned:
+                raise ConfigError(
+                    f"--model.objective {objective} bounds the likelihood with the process's own variances, and the "
+                    "net has 2 x in_channels outputs (a learned variance): set --model.net.init_args.out_channels null"
+                )
+            if self.model.first_stage is not None:
+                raise ConfigError(
+                    f"--model.objective {objective} is a likelihood of 8-bit pixels (its decoder is a categorical over "
+                    "the 256 values): drop --model.first_stage, or use --model.objective simple"
+                )
         if objective in ("hybrid", "vlb") and self.process.has_parameters():
             raise ConfigError(
                 f"--model.objective {objective} reads a fixed schedule's posterior tables, not a learned process: "
@@ -266,7 +299,11 @@ class DiffusionModule(L.LightningModule):
             images = images.contiguous(memory_format=torch.channels_last)
         # t is drawn here (as l_simple would, same RNG order) and kept so that a non-finite loss can be reported
         # with the t values that produced it (src/callbacks/faults.py).
-        self.last_t = sample_timesteps(images.shape[0], self.process.num_timesteps, images.device)
+        T, method = self.process.num_timesteps, self.hparams.get("timestep_sampling", "uniform")
+        if self.vdm:  # continuous t in [0, T - 1] (vdm), or the grid's t = 1..T-1 (vdm_discrete)
+            self.last_t = vdm_times(unit_times(images.shape[0], method, images.device), T, self.vdm_steps)
+        else:
+            self.last_t = sample_timesteps(images.shape[0], T, images.device, method=method)
         kwargs = {}
         if self.conditional:
             # Classifier-free guidance training: the null label with probability p_uncond (Ho & Salimans, Alg. 1).
@@ -279,6 +316,9 @@ class DiffusionModule(L.LightningModule):
             if self.objective == "hybrid":
                 terms = l_hybrid(self.train_net, images, self.process.schedule, t=self.last_t, prediction=prediction,
                                  vlb_weight=self.hparams.vlb_weight, **kwargs)  # fmt: skip
+            elif self.vdm:
+                terms = vdm_loss(self.train_net, images, self.process, t=self.last_t, prediction=prediction,
+                                 steps=self.vdm_steps, **kwargs)  # fmt: skip
             elif self.objective == "vlb":
                 variance = "learned" if self.model.learned_variance else self.model.settings.variance
                 terms = l_vlb(self.train_net, images, self.process.schedule, t=self.last_t, prediction=prediction,
@@ -287,9 +327,17 @@ class DiffusionModule(L.LightningModule):
                 terms = self.objective_fn(self.train_net, images, self.process, self.last_t, None, prediction, **kwargs)
             self.log_dict({f"train/{name}": value.mean() for name, value in terms.items() if name != "loss"})
             loss = terms["loss"].mean()
+        if self.process.has_parameters():  # a learned schedule's ends, gamma = -log SNR at t = 0 and T - 1
+            gamma_0, gamma_1 = process_ends(self.process, images.device)
+            self.log_dict({"train/gamma_0": gamma_0.detach().float(), "train/gamma_1": gamma_1.detach().float()})
         self.last_loss = loss.detach()
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    @property
+    def vdm_steps(self) -> int:
+        """The number of steps of VDM's bound: 0 (continuous time, "vdm") or T - 1 ("vdm_discrete": the grid)."""
+        return self.process.num_timesteps - 1 if self.objective == "vdm_discrete" else 0
 
     # ------------------------------------------------------------------ checkpoints (RNG states: src/callbacks/rng_state.py)
     def on_load_checkpoint(self, checkpoint: dict) -> None:
@@ -377,6 +425,14 @@ class DiffusionModule(L.LightningModule):
             # bijection; rather than trust that of any first stage, neither bound is reported.
             rank_zero_info("test/bpd and test/ode_bpd skipped: with a first stage they would bound the latents")
             return
+        if self.vdm and hp.bpd_timesteps != 0:
+            # VDM's own bound (prior, categorical decoder, diffusion term at bpd_timesteps stratified times).
+            kwargs = {"y": labels} if self.conditional and labels is not None else {}
+            generator = torch.Generator().manual_seed(20_000 + batch_idx)
+            terms = vdm_bits_per_dim(self.model.net, batch[0], self.model.process, hp.bpd_timesteps,
+                                     self.model.prediction, self.vdm_steps, generator, **kwargs)  # fmt: skip
+            self._log_bpd(terms, batch[0].shape[0])
+            return
         # Conditional nets: the likelihood of the conditional model given the true labels (no guidance).
         guide = {"labels": labels, "guidance_scale": 1.0} if labels is not None else {}
         eps_model = self.model.eps_model(**guide)
@@ -387,11 +443,23 @@ class DiffusionModule(L.LightningModule):
             generator = torch.Generator().manual_seed(20_000 + batch_idx)
             terms = nll_bits_per_dim(bound_model, batch[0], self.schedule, hp.bpd_timesteps,
                                      self.model.settings.variance, self.model.settings.clip_x0, generator)  # fmt: skip
-            self.log("test/bpd", terms["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
+            self._log_bpd(terms, batch[0].shape[0])
         if batch_idx < hp.get("ode_bpd_batches", 0):
             generator = torch.Generator().manual_seed(30_000 + batch_idx)
             ode = ode_nll_bits_per_dim(eps_model, batch[0], self.schedule, generator=generator)
             self.log("test/ode_bpd", ode["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])
+
+    def _log_bpd(self, terms: dict[str, Tensor], batch_size: int) -> None:
+        """test/bpd and its terms (batch means, averaged over the test set), and the per-example values into the
+        standard error that `on_test_epoch_end` logs."""
+        for name, value in terms.items():
+            self.log(f"test/{name}", value.mean().float(), sync_dist=True, batch_size=batch_size)
+        self.test_bpd.update(terms["bpd"])
+
+    def on_test_epoch_end(self) -> None:
+        if self.test_bpd.update_count:
+            self.log("test/bpd_se", self.test_bpd.compute()[1].float())
+            self.test_bpd.reset()
 
     # ------------------------------------------------------------------ predict (sampling: src/models/diffusion.py)
     def predict_step(self, batch: Tensor, batch_idx: int) -> dict[str, Tensor]:

@@ -321,3 +321,22 @@ def test_two_process_fit_with_a_learned_schedule_and_a_first_stage(tmp_path: Pat
 
     sizes = {Image.open(p).size for p in (tmp_path / "pngs").glob("*.png")}
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 3 and sizes == {(28, 28)}
+
+
+@pytest.mark.slow
+def test_two_process_vdm_fit_trains_its_schedule_and_tests_its_bound(tmp_path: Path, data: Path) -> None:
+    """configs/fashion_mnist_vdm.yaml under DDP: gamma' by autograd inside the step does not upset DDP's gradient
+    reduction, the learned ends move identically on both processes (one checkpoint), and test's bound and its
+    standard error are reduced over both."""
+    vdm = ["--config", "configs/fashion_mnist_vdm.yaml", *TINY_NET, *DDP, "--data.data_dir", str(data),
+           "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    code, output = run(["fit", *vdm, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0",
+                        "--trainer.callbacks", json.dumps(EVERY_CALLBACK)], timeout=600)  # fmt: skip
+    assert code == 0, output[-3000:]
+    (ckpt,) = (tmp_path / "runs").glob("fashion_mnist_vdm/version_*/checkpoints/last.ckpt")
+    state = torch.load(ckpt, weights_only=True)["state_dict"]
+    assert not torch.equal(state["process.bias"], torch.tensor([-13.3]))
+    code, output = run(["test", *vdm, "--ckpt_path", str(ckpt), "--model.bpd_timesteps", "2",
+                        "--logger_backend", "csv"], timeout=600)  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert "test/bpd_se" in output and "test/diffusion_bpd" in output

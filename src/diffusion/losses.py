@@ -32,12 +32,56 @@ Denoiser = Callable[..., Tensor]
 # A loss weighting: weight(snr, prediction) -> per-example weights, snr = SNR(t) of each example (B,), float64.
 LossWeight = Callable[[Tensor, str], Tensor]
 LOSS_WEIGHTINGS = ("none", "min_snr")
+# How a batch draws its timesteps (`unit_times`); every method leaves each example's t uniform.
+TIMESTEP_SAMPLINGS = ("uniform", "antithetic", "low_discrepancy", "stratified")
+
+
+def unit_times(
+    batch_size: int,
+    method: str = "uniform",
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """u in [0, 1) for each example, float64, by `method` (`TIMESTEP_SAMPLINGS`): "uniform" i.i.d.; "antithetic"
+    pairs u and 1 - u (the first half drawn); "low_discrepancy" u_i = (u_0 + i / B) mod 1 with one u_0 (VDM's
+    sampler, appendix, the reference's `antithetic_time_sampling`); "stratified" u_i = (pi(i) + U_i) / B, one
+    i.i.d. draw in each of B strata, pi a random permutation. Each is uniform per example, so every estimate stays
+    unbiased; the last three spread the batch over [0, 1) and lower the variance of its mean."""
+    draw_device = generator.device if generator is not None else device
+
+    def rand(n: int) -> Tensor:
+        return torch.rand(n, generator=generator, device=draw_device, dtype=torch.float64)
+
+    if method == "uniform":
+        u = rand(batch_size)
+    elif method == "antithetic":
+        half = rand((batch_size + 1) // 2)
+        u = torch.cat([half, 1.0 - half])[:batch_size]
+    elif method == "low_discrepancy":
+        u = torch.remainder(
+            rand(1) + torch.arange(batch_size, device=draw_device, dtype=torch.float64) / batch_size, 1.0
+        )
+    elif method == "stratified":
+        strata = torch.randperm(batch_size, generator=generator, device=draw_device).to(torch.float64)
+        u = (strata + rand(batch_size)) / batch_size
+    else:
+        raise ValueError(f"unknown timestep sampling {method!r}; choose one of {', '.join(TIMESTEP_SAMPLINGS)}")
+    return u.clamp(max=1.0 - 1e-12).to(device)
 
 
 def sample_timesteps(
-    batch_size: int, num_timesteps: int, device: torch.device | str = "cpu", generator: torch.Generator | None = None
+    batch_size: int,
+    num_timesteps: int,
+    device: torch.device | str = "cpu",
+    generator: torch.Generator | None = None,
+    method: str = "uniform",
 ) -> Tensor:
-    """t ~ Uniform({0, ..., T-1}), int64 (Algorithm 1, line 3), on `device`; drawn on the generator's device."""
+    """t ~ Uniform({0, ..., T-1}), int64 (Algorithm 1, line 3), on `device`; drawn on the generator's device.
+    `method` other than "uniform": t = floor(u T) of `unit_times(method)`, each t still uniform ("antithetic" then
+    pairs t with T - 1 - t, the seed implementation's trick)."""
+    if method != "uniform":
+        u = unit_times(batch_size, method, device, generator)
+        return (u * num_timesteps).floor().long().clamp(max=num_timesteps - 1)
     if generator is None:
         return torch.randint(0, num_timesteps, (batch_size,), device=device)
     return torch.randint(0, num_timesteps, (batch_size,), device=generator.device, generator=generator).to(device)
@@ -217,7 +261,7 @@ def l_vlb(
 
 
 # --------------------------------------------------------------------------------------------- the objective
-OBJECTIVES = ("simple", "hybrid", "vlb")
+OBJECTIVES = ("simple", "hybrid", "vlb", "vdm", "vdm_discrete")
 # An objective of one's own: objective(model, x0, schedule, t, noise, prediction, **model_kwargs) -> {"loss": (B,),
 # ...}: per-example losses that the module averages; other entries (B,) are logged as train/<name>. `schedule` is the
 # process being trained (`src.diffusion.process`: alpha_sigma(t, x), snr_at(t), num_timesteps, q_sample).

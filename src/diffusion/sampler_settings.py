@@ -11,9 +11,17 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, SAMPLER_OPTIONS, readers
 from src.diffusion.parameterization import DynamicThreshold, X0Clip
-from src.diffusion.samplers import DDPM_VARIANCES, SAMPLER_ARGUMENTS, SAMPLERS, SKIP_TYPES, check_sampler
+from src.diffusion.samplers import (
+    BUILTIN_SAMPLERS,
+    DDPM_VARIANCES,
+    OPTION_NAMES,
+    SAMPLER_ARGUMENTS,
+    SAMPLERS,
+    SKIP_TYPES,
+    check_sampler,
+    option_readers,
+)
 from src.errors import ConfigError
 
 # SamplerSettings field -> the DiffusionModule option (command-line flag) that sets it.
@@ -73,9 +81,10 @@ class SamplerSettings:
         variance: the DDPM variance, "fixed_small", "fixed_large" or "learned" (a net with 2 x channels outputs).
         clip_x0: how the predicted x_0 is bounded at every step: False (not at all), True (clamped to [-1, 1]) or a
             `DynamicThreshold` (Imagen's dynamic thresholding; a {"percentile", "max_value"} dict is read as one).
-        options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize).
+        options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize) and of
+            the DDPM samplers (variance_gamma: Imagen Video's interpolated variance, `samplers.ddpm_sample`).
 
-    Each built-in sampler reads only some of these (`samplers.SAMPLER_ARGUMENTS`, `k_samplers.SAMPLER_OPTIONS`):
+    Each built-in sampler reads only some of these (`samplers.BUILTIN_SAMPLERS`: its arguments and options):
     `steps`, `eta` or `skip` set to a value other than the default, or an option given, that the sampler does not
     read is a one-line ConfigError naming the sampler and what it takes, never silently ignored. `variance` is
     checked where its other reader is known, the bound of `test/bpd` (`check_variance`). A sampler of one's own
@@ -97,10 +106,10 @@ class SamplerSettings:
             object.__setattr__(self, "clip_x0", x0_clip(True, clip.get("percentile"), clip.get("max_value")))
         check_sampler(self.sampler)  # a built-in name, or an importable package.module.function
         if self.sampler in SAMPLERS:
-            unknown = sorted(set(self.options) - set(CONTINUOUS_OPTIONS))
+            unknown = sorted(set(self.options) - set(OPTION_NAMES))
             if unknown:
                 raise ConfigError(
-                    f"{FLAGS['options']}: unknown {', '.join(unknown)}; choose from {', '.join(CONTINUOUS_OPTIONS)}"
+                    f"{FLAGS['options']}: unknown {', '.join(unknown)}; choose from {', '.join(OPTION_NAMES)}"
                 )
         if self.skip not in SKIP_TYPES:
             raise ConfigError(f"{FLAGS['skip']} {self.skip!r} is unknown; choose one of {', '.join(SKIP_TYPES)}")
@@ -125,7 +134,7 @@ class SamplerSettings:
         unread = [
             name for name in ("steps", "eta", "skip") if name not in takes and getattr(self, name) != _DEFAULTS[name]
         ]
-        return unread + [name for name in self.options if name not in SAMPLER_OPTIONS.get(self.sampler, ())]
+        return unread + [name for name in self.options if name not in BUILTIN_SAMPLERS[self.sampler].options]
 
     def _unread_message(self, unread: list[str]) -> str:
         """One line: what the sampler does not read (and which samplers do), the fix, and what it takes."""
@@ -138,13 +147,13 @@ class SamplerSettings:
                 parts.append(f"{FLAGS[name]} {getattr(self, name)} (read by {', '.join(users)})")
                 fixes.append(f"{FLAGS[name]} {_DEFAULTS[name]}")
             else:
-                parts.append(f"{FLAGS['options']} {name} (read by {', '.join(readers(name))})")
+                parts.append(f"{FLAGS['options']} {name} (read by {', '.join(option_readers(name))})")
         options = [name for name in unread if name not in FLAGS]
         if options:
             fixes.append(f"{FLAGS['options']} without {', '.join(options)}")
         takes = [FLAGS[name] for name in SAMPLER_ARGUMENTS[self.sampler]] + [FLAGS["clip_x0"]]
-        if self.sampler in SAMPLER_OPTIONS:
-            takes.append(f"{FLAGS['options']} {{{', '.join(SAMPLER_OPTIONS[self.sampler])}}}")
+        if BUILTIN_SAMPLERS[self.sampler].options:
+            takes.append(f"{FLAGS['options']} {{{', '.join(BUILTIN_SAMPLERS[self.sampler].options)}}}")
         it = "it" if len(unread) == 1 else "them"
         return (f"{FLAGS['sampler']} {self.sampler} does not read {', '.join(parts)}: pass {' and '.join(fixes)}, or "
                 f"choose a sampler that reads {it}; {self.sampler} takes {', '.join(takes)}")  # fmt: skip
@@ -187,7 +196,8 @@ class SamplerSettings:
             if name in fields and name not in SAMPLER_ARGUMENTS[sampler]:
                 fields[name] = _DEFAULTS[name]
         if fields.get("options"):
-            fields["options"] = {k: v for k, v in fields["options"].items() if k in SAMPLER_OPTIONS.get(sampler, ())}
+            takes = BUILTIN_SAMPLERS[sampler].options
+            fields["options"] = {k: v for k, v in fields["options"].items() if k in takes}
         return cls(**fields)
 
     def check_steps(self, num_timesteps: int) -> None:

@@ -228,6 +228,7 @@ def ddpm_sample(
     progress: bool = False,
     callback: Callback | None = None,
     timesteps: Sequence[int] | None = None,
+    variance_gamma: float | None = None,
 ) -> Tensor:
     """Ancestral sampling over all T steps (DDPM Algorithm 2):
 
@@ -243,9 +244,19 @@ def ddpm_sample(
     `timesteps`: an ascending sub-sequence tau of {0, ..., T-1} to sample on a respaced schedule (Improved DDPM
     section 4): `respace(schedule, tau)` with beta_i = 1 - a_{tau_i} / a_{tau_{i-1}}, the model still called at the
     original tau_i; all three variances (the learned one included) then use the respaced betas and beta-tildes.
+
+    `variance_gamma` in [0, 1]: sigma_t^2 = beta-tilde_t^(1 - gamma) beta_t^gamma instead of `variance`, the
+    interpolation of the Imagen Video sampler (Ho et al. 2022, "Imagen Video", eq. 6: (sigma-tilde^2_{s|t})^(1 - gamma)
+    (sigma^2_{t|s})^gamma, the posterior and the forward step's variance): 0 is "fixed_small" and 1 "fixed_large",
+    step for step (exactly: x^1 y^0 = x). Not with a learned variance.
     """
     if variance not in DDPM_VARIANCES + ("learned",):
         raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(DDPM_VARIANCES)}, learned")
+    if variance_gamma is not None:
+        if variance == "learned":
+            raise ValueError("variance_gamma interpolates the fixed variances; a learned variance is the model's own")
+        if not 0.0 <= variance_gamma <= 1.0:
+            raise ValueError(f"variance_gamma must be in [0, 1] (0: fixed_small, 1: fixed_large), got {variance_gamma}")
     # model_t[i]: the model's timestep for step i of the (possibly respaced) chain.
     if timesteps is not None:
         model_t = _check_sequence(timesteps, schedule.num_timesteps)
@@ -253,6 +264,9 @@ def ddpm_sample(
     else:
         model_t = list(range(schedule.num_timesteps))
     variances = schedule.posterior_variance if variance == "fixed_small" else schedule.betas
+    if variance_gamma is not None:
+        gamma = float(variance_gamma)
+        variances = schedule.posterior_variance ** (1.0 - gamma) * schedule.betas**gamma
     x = x_T
     T = schedule.num_timesteps
     for i, t in enumerate(tqdm(range(T - 1, -1, -1), desc="DDPM", disable=not progress, leave=False)):
@@ -392,15 +406,16 @@ def _run_ddim(model, x_T, schedule, *, steps, eta, skip, generator, clip_x0, pro
                        timesteps=_grid(schedule, steps, skip), clip_x0=clip_x0, progress=progress, callback=callback)  # fmt: skip
 
 
-def _run_ddpm(model, x_T, schedule, *, variance, generator, clip_x0, progress, callback, **_) -> Tensor:
+def _run_ddpm(model, x_T, schedule, *, variance, generator, clip_x0, progress, callback, variance_gamma=None, **_):
     return ddpm_sample(model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0,
-                       progress=progress, callback=callback)  # fmt: skip
+                       progress=progress, callback=callback, variance_gamma=variance_gamma)  # fmt: skip
 
 
-def _run_ddpm_respaced(model, x_T, schedule, *, steps, skip, variance, generator, clip_x0, progress, callback, **_):
+def _run_ddpm_respaced(model, x_T, schedule, *, steps, skip, variance, generator, clip_x0, progress, callback,
+                       variance_gamma=None, **_):  # fmt: skip
     seq = _grid(schedule, steps, skip) or sorted(set(timestep_sequence(schedule.num_timesteps, steps, skip)))
     return ddpm_sample(model, x_T, schedule, variance=variance, generator=generator, clip_x0=clip_x0,
-                       progress=progress, callback=callback, timesteps=seq)  # fmt: skip
+                       progress=progress, callback=callback, timesteps=seq, variance_gamma=variance_gamma)  # fmt: skip
 
 
 def _run_dpmpp_2m(model, x_T, schedule, *, steps, skip, clip_x0, progress, callback, **_) -> Tensor:
@@ -422,8 +437,8 @@ def _continuous(name: str) -> Callable[..., Tensor]:
 # registers in `k_samplers.K_SAMPLERS` instead, and appears here with its options).
 BUILTIN_SAMPLERS: dict[str, SamplerEntry] = {
     "ddim": SamplerEntry(_run_ddim, ("steps", "eta", "skip")),
-    "ddpm": SamplerEntry(_run_ddpm, ("variance",)),  # all T steps
-    "ddpm_respaced": SamplerEntry(_run_ddpm_respaced, ("steps", "skip", "variance")),
+    "ddpm": SamplerEntry(_run_ddpm, ("variance",), ("variance_gamma",)),  # all T steps
+    "ddpm_respaced": SamplerEntry(_run_ddpm_respaced, ("steps", "skip", "variance"), ("variance_gamma",)),
     "dpmpp_2m": SamplerEntry(_run_dpmpp_2m, ("steps", "skip")),
     # on `steps` Karras noise levels, at continuous noise levels
     **{name: SamplerEntry(_continuous(name), ("steps",), SAMPLER_OPTIONS[name], True) for name in CONTINUOUS_SAMPLERS},
@@ -433,6 +448,13 @@ SAMPLERS = tuple(BUILTIN_SAMPLERS)
 # `sampler_options`. `SamplerSettings` refuses a value other than the default for an argument the chosen sampler
 # does not read, so no setting is silently ignored.
 SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {name: entry.arguments for name, entry in BUILTIN_SAMPLERS.items()}
+# Every `sampler_options` name some built-in sampler reads, and which ones read each.
+OPTION_NAMES: tuple[str, ...] = (*CONTINUOUS_OPTIONS, "variance_gamma")
+
+
+def option_readers(option: str) -> list[str]:
+    """The built-in samplers that read the sampler option `option`."""
+    return [name for name, entry in BUILTIN_SAMPLERS.items() if option in entry.options]
 
 
 def is_continuous(sampler: object) -> bool:
@@ -540,10 +562,12 @@ def sample(
             raise ValueError(
                 f"unknown sampler option(s) {', '.join(unknown)}; choose from {', '.join(CONTINUOUS_OPTIONS)}"
             )
-    elif sampler_options:
-        raise ValueError(f"sampler options {', '.join(sorted(sampler_options))} apply to {', '.join(CONTINUOUS_SAMPLERS)} "
-                         f"only, not to {sampler!r}")  # fmt: skip
-    elif prediction != "eps":
+    else:
+        unread = sorted(set(sampler_options) - set(entry.options))
+        if unread:
+            raise ValueError(f"sampler {sampler!r} does not read the option(s) {', '.join(unread)}; it takes "
+                             f"{', '.join(entry.options) or 'none'}")  # fmt: skip
+    if not entry.continuous and prediction != "eps":
         model = EpsPredictor(model, schedule, prediction)
     return entry.run(model, x_T, schedule, steps=steps, eta=eta, skip=skip, variance=variance, generator=generator,
                      clip_x0=clip_x0, progress=progress, callback=callback, prediction=prediction,

@@ -265,6 +265,10 @@ UNET2D_KEYS = (
 def diffusers_config_from_unet(net: UNet) -> dict:
     """The diffusers `UNet2DModel` config that builds the same network as `net`."""
     args = {**OPTION_DEFAULTS, **net.config}
+    if args["fourier_features"]:
+        raise DiffusersConversionError(
+            f"fourier_features {args['fourier_features']}: diffusers' UNet2DModel has no Fourier input features"
+        )
     mult, size = list(args["channel_mult"]), int(args["image_size"])
     levels = len(mult)
     if size % 2 ** (levels - 1):

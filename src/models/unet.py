@@ -259,8 +259,23 @@ def run_down_path(down: nn.ModuleList, h: Tensor, temb: Tensor, checkpoint: bool
 
 # The options for large images and their defaults (DDPM's network): UNet.config records only those that differ.
 OPTION_DEFAULTS = dict(
-    num_heads=1, head_channels=None, use_scale_shift_norm=False, resblock_updown=False, gradient_checkpointing=False
+    num_heads=1,
+    head_channels=None,
+    use_scale_shift_norm=False,
+    resblock_updown=False,
+    gradient_checkpointing=False,
+    fourier_features=None,
 )
+
+
+def fourier_features(x: Tensor, exponents: Sequence[int]) -> Tensor:
+    """x with sin(2^n 2 pi x) and cos(2^n 2 pi x) of every channel for each n in `exponents` appended, (B, C (1 +
+    2 len), H, W): VDM's input features (Kingma et al. 2021, appendix C; the reference's `Base2FourierFeatures`,
+    n = 6, 7), which let the network see the fine detail that decides the likelihood of 8-bit data (adjacent
+    levels 2/255 apart are half a period apart at n = 6)."""
+    freqs = (2.0 ** torch.tensor(list(exponents), dtype=x.dtype, device=x.device)) * (2 * math.pi)
+    h = (x.unsqueeze(2) * freqs.view(1, 1, -1, 1, 1)).flatten(1, 2)  # (B, C len, H, W), channel-major
+    return torch.cat([x, torch.sin(h), torch.cos(h)], dim=1)
 
 
 class UNet(nn.Module):
@@ -287,6 +302,8 @@ class UNet(nn.Module):
             instead of DDPM's strided conv and nearest + conv.
         gradient_checkpointing: in training, recompute residual and attention blocks in the backward pass instead
             of storing their activations: less memory, ~1/3 more compute, the same outputs and gradients.
+        fourier_features: exponents n of VDM's Fourier input features sin / cos(2^n 2 pi x) (`fourier_features`; [6, 7]
+            in VDM), appended to the input channels before the first convolution; None: none (DDPM).
     """
 
     def __init__(
@@ -307,6 +324,7 @@ class UNet(nn.Module):
         use_scale_shift_norm: bool = False,
         resblock_updown: bool = False,
         gradient_checkpointing: bool = False,
+        fourier_features: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         # The constructor arguments, JSON-ready: what checkpoints, `src.export` and `src.models.convert` (diffusers'
@@ -331,6 +349,7 @@ class UNet(nn.Module):
             use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown,
             gradient_checkpointing=gradient_checkpointing,
+            fourier_features=None if fourier_features is None else [int(n) for n in fourier_features],
         )
         self.config.update({k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]})
         self.in_channels = in_channels
@@ -346,7 +365,8 @@ class UNet(nn.Module):
         )
         # +1 row for the null label used by classifier-free guidance.
         self.label_emb = nn.Embedding(num_classes + 1, temb_channels) if num_classes else None
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        self.fourier_exponents = options["fourier_features"] or []
+        self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(self.fourier_exponents)), base_channels, 3, padding=1)
 
         def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, temb_channels, dropout, norm_groups, use_scale_shift_norm, resample)
@@ -406,7 +426,7 @@ class UNet(nn.Module):
         # Only where activations are kept for a backward pass: sampling and evaluation run as without it.
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-        h = self.conv_in(x)
+        h = self.conv_in(fourier_features(x, self.fourier_exponents) if self.fourier_exponents else x)
         skips = [h, *run_down_path(self.down, h, temb, checkpoint)]
         h = skips[-1]
 
