@@ -25,6 +25,7 @@ from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.process import DiffusionProcess, DiscreteProcess
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.score import sliced_score_matching
 from src.diffusion.vdm import process_ends, unit_times, vdm_bits_per_dim, vdm_loss, vdm_times
 from src.errors import ConfigError
 from src.metrics.estimate import MeanStandardError
@@ -94,7 +95,8 @@ class DiffusionModule(L.LightningModule):
             bound in bits/dim (Kingma et al. 2021; src/diffusion/vdm.py): prior KL + a categorical decoder over the
             256 pixel values + the continuous-time diffusion term 1/2 gamma'(t) ||eps - eps_hat||^2, which trains a
             learned `process` (src.diffusion.vdm.LinearLogSNR, MonotoneLogSNR) through all three; "vdm_discrete":
-            its T - 1 step form on the net's integer grid.
+            its T - 1 step form on the net's integer grid. "ssm": sliced score matching (Song et al. 2019; NCSN's
+            alternative to denoising score matching, src/diffusion/score.py), by double backpropagation.
         loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
             min(SNR, gamma) in the prediction target's terms) or the dotted path of a function weight(snr, prediction)
             (docs/extending.md). L_hybrid (learned variance) and val/loss stay unweighted.
@@ -224,6 +226,11 @@ class DiffusionModule(L.LightningModule):
                 "--model.objective hybrid trains a learned variance, and the net has in_channels outputs: set "
                 "--model.net.init_args.out_channels to 2 x in_channels, or --model.objective simple"
             )
+        if objective == "ssm" and learned:
+            raise ConfigError(
+                "--model.objective ssm matches the score, and the net has 2 x in_channels outputs (a learned "
+                "variance): set --model.net.init_args.out_channels null"
+            )
         if objective in ("vdm", "vdm_discrete"):
             if learned:
                 raise ConfigError(
@@ -319,6 +326,9 @@ class DiffusionModule(L.LightningModule):
             elif self.vdm:
                 terms = vdm_loss(self.train_net, images, self.process, t=self.last_t, prediction=prediction,
                                  steps=self.vdm_steps, **kwargs)  # fmt: skip
+            elif self.objective == "ssm":
+                terms = sliced_score_matching(self.train_net, images, self.process, self.last_t, prediction=prediction,
+                                              **kwargs)  # fmt: skip
             elif self.objective == "vlb":
                 variance = "learned" if self.model.learned_variance else self.model.settings.variance
                 terms = l_vlb(self.train_net, images, self.process.schedule, t=self.last_t, prediction=prediction,

@@ -340,3 +340,21 @@ def test_two_process_vdm_fit_trains_its_schedule_and_tests_its_bound(tmp_path: P
                         "--logger_backend", "csv"], timeout=600)  # fmt: skip
     assert code == 0, output[-3000:]
     assert "test/bpd_se" in output and "test/diffusion_bpd" in output
+
+
+@pytest.mark.slow
+def test_two_process_sliced_score_matching_fit_ends(tmp_path: Path, data: Path) -> None:
+    """configs/fashion_mnist_ncsn.yaml with --model.objective ssm under DDP: the double backward of its
+    Jacobian-vector product inside the step, reduced across processes like any gradient; predict then runs annealed
+    Langevin dynamics on both processes."""
+    ncsn = ["--config", "configs/fashion_mnist_ncsn.yaml", *TINY_NET, *DDP, "--data.data_dir", str(data),
+            "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
+    code, output = run(["fit", *ncsn, "--model.objective", "ssm", "--trainer.max_steps", "3",
+                        "--trainer.limit_val_batches", "0", "--trainer.callbacks", json.dumps(EVERY_CALLBACK)],
+                       timeout=600)  # fmt: skip
+    assert code == 0, output[-3000:]
+    (ckpt,) = (tmp_path / "runs").glob("fashion_mnist_ncsn/version_*/checkpoints/last.ckpt")
+    code, output = run(["predict", *ncsn, "--ckpt_path", str(ckpt), "--data.num_samples", "3", "--output_dir",
+                        str(tmp_path / "pngs"), "--model.sampler_options", "{langevin_steps: 2}"], timeout=300)  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 3

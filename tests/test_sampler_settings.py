@@ -103,7 +103,7 @@ def test_kwargs_run_the_sampler() -> None:
         ({"sampler": "pc", "options": {"churn": 10}}, "does not read --model.sampler_options churn (read by heun)"),
         (
             {"sampler": "heun", "skip": "logsnr"},
-            "--model.sampler heun does not read --model.skip logsnr (read by ddim, ddpm_respaced, dpmpp_2m): pass "
+            "--model.sampler heun does not read --model.skip logsnr (read by ddim, ddpm_respaced, dpmpp_2m, langevin): pass "
             "--model.skip uniform, or choose a sampler that reads it; heun takes --model.sampling_steps, "
             "--model.clip_denoised, --model.sampler_options {rho, churn, quantize}",
         ),

@@ -261,7 +261,7 @@ def l_vlb(
 
 
 # --------------------------------------------------------------------------------------------- the objective
-OBJECTIVES = ("simple", "hybrid", "vlb", "vdm", "vdm_discrete")
+OBJECTIVES = ("simple", "hybrid", "vlb", "vdm", "vdm_discrete", "ssm")
 # An objective of one's own: objective(model, x0, schedule, t, noise, prediction, **model_kwargs) -> {"loss": (B,),
 # ...}: per-example losses that the module averages; other entries (B,) are logged as train/<name>. `schedule` is the
 # process being trained (`src.diffusion.process`: alpha_sigma(t, x), snr_at(t), num_timesteps, q_sample).

@@ -25,6 +25,7 @@ from src.diffusion.likelihood import interpolated_log_variance
 from src.diffusion.parameterization import EpsPredictor, X0Clip, eps_from_x0, threshold_x0, x0_from_eps
 from src.diffusion.registry import import_function
 from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.score import annealed_langevin_sample
 from src.seeding import randn_like
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
@@ -423,6 +424,14 @@ def _run_dpmpp_2m(model, x_T, schedule, *, steps, skip, clip_x0, progress, callb
                                    clip_x0=clip_x0, progress=progress, callback=callback)  # fmt: skip
 
 
+def _run_langevin(model, x_T, schedule, *, steps, skip, generator, clip_x0, progress, callback, langevin_steps=100,
+                  step_lr=2e-5, final_denoise=1.0, **_) -> Tensor:  # fmt: skip
+    seq = _grid(schedule, steps, skip) or sorted(set(timestep_sequence(schedule.num_timesteps, steps, skip)))
+    return annealed_langevin_sample(model, x_T, schedule, seq, langevin_steps=int(langevin_steps), step_lr=step_lr,
+                                    final_denoise=bool(final_denoise), generator=generator, clip_x0=clip_x0,
+                                    progress=progress, callback=callback)  # fmt: skip
+
+
 def _continuous(name: str) -> Callable[..., Tensor]:
     def run(model, x_T, schedule, *, steps, generator, clip_x0, progress, callback, prediction, **options) -> Tensor:
         for unused in ("eta", "skip", "variance"):
@@ -440,6 +449,8 @@ BUILTIN_SAMPLERS: dict[str, SamplerEntry] = {
     "ddpm": SamplerEntry(_run_ddpm, ("variance",), ("variance_gamma",)),  # all T steps
     "ddpm_respaced": SamplerEntry(_run_ddpm_respaced, ("steps", "skip", "variance"), ("variance_gamma",)),
     "dpmpp_2m": SamplerEntry(_run_dpmpp_2m, ("steps", "skip")),
+    # NCSN's annealed Langevin dynamics on `steps` noise levels (skip linspace includes the largest and smallest)
+    "langevin": SamplerEntry(_run_langevin, ("steps", "skip"), ("langevin_steps", "step_lr", "final_denoise")),
     # on `steps` Karras noise levels, at continuous noise levels
     **{name: SamplerEntry(_continuous(name), ("steps",), SAMPLER_OPTIONS[name], True) for name in CONTINUOUS_SAMPLERS},
 }
@@ -449,7 +460,7 @@ SAMPLERS = tuple(BUILTIN_SAMPLERS)
 # does not read, so no setting is silently ignored.
 SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {name: entry.arguments for name, entry in BUILTIN_SAMPLERS.items()}
 # Every `sampler_options` name some built-in sampler reads, and which ones read each.
-OPTION_NAMES: tuple[str, ...] = (*CONTINUOUS_OPTIONS, "variance_gamma")
+OPTION_NAMES: tuple[str, ...] = (*CONTINUOUS_OPTIONS, "variance_gamma", "langevin_steps", "step_lr", "final_denoise")
 
 
 def option_readers(option: str) -> list[str]:

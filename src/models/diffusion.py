@@ -22,7 +22,7 @@ from torch import Tensor, nn
 
 from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
-from src.diffusion.process import DiffusionProcess, as_process
+from src.diffusion.process import DiffusionProcess, DiscreteProcess, as_process
 from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.samplers import is_continuous, sample
 from src.diffusion.schedule import NoiseSchedule, schedule_recipe  # noqa: F401  (schedule_recipe: re-exported)
@@ -353,7 +353,9 @@ class DiffusionModel(nn.Module):
             "source": source or {},
         }
         # Parts beyond net and schedule: their spec here, their weights (in their own dtypes) in a file each.
-        parts = {"process": self.process} if self.schedule_recipe is None and self.process.has_parameters() else {}
+        # A process of its own (learned, or a continuous one such as GeometricVE): its spec, not only its tables.
+        own_process = self.schedule_recipe is None and not isinstance(self.process, DiscreteProcess)
+        parts = {"process": self.process} if own_process else {}
         parts |= {"first_stage": self.first_stage} if self.first_stage is not None else {}
         for name, part in parts.items():
             meta[name] = net_spec(part)
