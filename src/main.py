@@ -154,16 +154,25 @@ def latest_checkpoint(root: str, run_name: str) -> Path:
     raise RunNotFoundError(message)
 
 
+# The option the data's image size follows (`--data.image_size`, to which a folder's images are converted).
+IMAGE_SIZE_OPTION = "model.net.init_args.image_size"
+
+
 def apply_image_size(config: Namespace) -> None:
     """`--image_size S`: the network's input size set to S (and through the link the data's, which a folder's
     images are converted to), with its attention moved to the same levels of the network (configs/folder32.yaml's
     attention at its lowest level, 8 x 8 at 32, becomes 12 x 12 at 48). Nothing when --image_size is not given."""
     size = config.get("image_size")
     net = config.get("model.net.init_args")
+    if size is not None and size < 1:
+        raise ConfigError(f"--image_size must be positive, got {size}")
+    if size is not None and (net is None or net.get("image_size") is None) and config.get("model.image_size"):
+        config.model.image_size = size  # a network sized by its module (the autoencoder's)
+        if config.get("data") is not None and "image_size" in config.data:
+            config.data.image_size = size
+        return
     if size is None or net is None or net.get("image_size") is None:
         return
-    if size < 1:
-        raise ConfigError(f"--image_size must be positive, got {size}")
     attn, levels = net.get("attn_resolutions"), net.get("channel_mult")
     if attn is not None and levels is not None:
         old, new = feature_resolutions(net.image_size, len(levels)), feature_resolutions(size, len(levels))
@@ -308,7 +317,8 @@ class DiffusionCLI(LightningCLI):
             parser.add_lightning_class_args(FIDCallback, "fid")
         parser.set_defaults({"trainer.default_root_dir": "runs"})
         # One source of truth for the image shape: a folder of images is converted to the network's input.
-        parser.link_arguments("model.net.init_args.image_size", "data.image_size")
+        # A model whose network is sized by the module (the fully convolutional autoencoder) names its own option.
+        parser.link_arguments(getattr(self.model_class, "image_size_option", IMAGE_SIZE_OPTION), "data.image_size")
         parser.link_arguments("model.net.init_args.in_channels", "data.num_channels")
 
     def _option(self, key: str, default: object = None) -> object:

@@ -45,8 +45,11 @@ stage; the modules here do not apply it.
 from __future__ import annotations
 
 import math
+import os
 import re
+import tempfile
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NamedTuple
 
 import torch
@@ -647,3 +650,41 @@ def config_from_diffusers(config: dict) -> dict:
         # diffusers' VQModel: beta 0.25 on the codebook term (VectorQuantizer(legacy=True), see VectorQuantizer).
         args |= {"num_embeddings": int(c["num_vq_embeddings"]), "beta": DIFFUSERS_VQ_BETA, "beta_term": "codebook"}
     return args | {"scaling_factor": float(c["scaling_factor"])}
+
+
+# ---------------------------------------------------------------------------------------------- files
+AUTOENCODERS: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "VQModel": VQModel}
+
+
+def save_autoencoder(model: AutoencoderKL | VQModel, path: str | os.PathLike) -> Path:
+    """{"class", "config", "state_dict"} in one torch file, written atomically (a temporary file, then a rename:
+    an interrupted save never leaves half a file where a good one was); `load_autoencoder` rebuilds the model."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    blob = {"class": type(model).__name__, "config": dict(model.config), "state_dict": model.state_dict()}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(blob, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AutoencoderKL | VQModel:
+    """The autoencoder saved in `path` by `save_autoencoder` (what `python -m src.autoencoder_main fit` writes as
+    `<run dir>/autoencoder.pt`), in eval mode."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(
+            f"autoencoder file {path} does not exist: train one with "
+            "python -m src.autoencoder_main fit --config configs/fashion_mnist_autoencoder.yaml"
+        )
+    blob = torch.load(path, map_location=map_location, weights_only=True)
+    name = blob.get("class") if isinstance(blob, dict) else None
+    if name not in AUTOENCODERS:
+        raise ValueError(f"{path} holds no autoencoder written by save_autoencoder (class {name!r})")
+    model = AUTOENCODERS[name](**blob["config"])
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
