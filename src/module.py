@@ -298,9 +298,23 @@ class DiffusionModule(L.LightningModule):
         """The EMA net's output (what sampling uses), in its `prediction` target; `y`: labels of a conditional net."""
         return self.model(x_t, t, y)
 
+    def _calibrate_first_stage(self, images: Tensor) -> None:
+        """A first stage that normalises its latents by measured statistics (`LatentFirstStage`, LDM's scale_by_std)
+        measures them on the first training batch, every process's images together, and logs them; a checkpoint
+        keeps them, so a resumed run never measures again."""
+        first_stage = self.model.first_stage
+        if not hasattr(first_stage, "calibrate"):
+            return
+        if not first_stage.calibrated:
+            std = first_stage.calibrate(images, lambda moments: self.trainer.strategy.reduce(moments, reduce_op="sum"))
+            rank_zero_info(f"First-stage latents measured on the first batch: std {[round(float(s), 4) for s in std]}")
+        # The same on every process: 1 / the mean of the channels' stds (LDM's scale_factor for "std").
+        self.log("train/latent_scale", 1.0 / first_stage.latent_std.mean().float())
+
     # ------------------------------------------------------------------ training (Algorithm 1)
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         with torch.no_grad():  # the first stage is frozen: x_0 is the encoding of the images (the images without one)
+            self._calibrate_first_stage(batch[0])
             images = self.model.encode(batch[0])
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)

@@ -358,3 +358,30 @@ def test_two_process_sliced_score_matching_fit_ends(tmp_path: Path, data: Path) 
                         str(tmp_path / "pngs"), "--model.sampler_options", "{langevin_steps: 2}"], timeout=300)  # fmt: skip
     assert code == 0, output[-3000:]
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_two_process_autoencoder_then_latent_diffusion(tmp_path: Path, data: Path) -> None:
+    """Latent diffusion's two stages under DDP: the autoencoder with its discriminator (two optimizers, manual
+    optimization; the discriminator starts at step 2), then configs/fashion_mnist_latent.yaml on its file, whose
+    latent scale is measured on both processes' first batches; predict decodes image-sized PNG files."""
+    autoencoder = ["--config", "configs/fashion_mnist_autoencoder.yaml", *DDP, "--data.data_dir", str(data),
+                   "--trainer.default_root_dir", str(tmp_path / "runs"), "--data.batch_size", "4", "--data.val_size", "8",
+                   "--logger_backend", "csv",
+                   "--model.net.init_args.block_out_channels", "[8, 16, 16]", "--model.net.init_args.norm_num_groups",
+                   "4", "--model.disc_start", "2", "--model.disc_layers", "2", "--model.disc_channels", "8"]  # fmt: skip
+    code, output = run(["fit", *autoencoder, "--trainer.max_steps", "4", "--trainer.val_check_interval", "4",
+                        "--trainer.limit_val_batches", "1"], timeout=600, module="src.autoencoder_main")  # fmt: skip
+    assert code == 0, output[-3000:]
+    (path,) = (tmp_path / "runs").glob("fashion_mnist_autoencoder/version_*/autoencoder.pt")
+    latent = ["--config", "configs/fashion_mnist_latent.yaml", *TINY_NET, *DDP, "--data.data_dir", str(data),
+              "--trainer.default_root_dir", str(tmp_path / "runs"), "--model.first_stage.init_args.path", str(path),
+              "--model.net.init_args.attn_resolutions", "[4]"]  # fmt: skip
+    code, output = run(["fit", *latent, "--trainer.max_steps", "3", "--trainer.limit_val_batches", "0"], timeout=600)
+    assert code == 0, output[-3000:]
+    (ckpt,) = (tmp_path / "runs").glob("fashion_mnist_latent/version_*/checkpoints/last.ckpt")
+    assert torch.isfinite(torch.load(ckpt, weights_only=True)["state_dict"]["model.first_stage.latent_std"]).all()
+    code, output = run(["predict", *latent, "--ckpt_path", str(ckpt), "--data.num_samples", "3", "--output_dir",
+                        str(tmp_path / "pngs")], timeout=300)  # fmt: skip
+    assert code == 0, output[-3000:]
+    assert len(list((tmp_path / "pngs").glob("*.png"))) == 3

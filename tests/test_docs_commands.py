@@ -3,7 +3,8 @@ renamed flag, config, folder or function fails a test instead of a user.
 
 Each command is checked as deeply as is cheap (the whole file takes well under a minute of CPU):
 
-- `python -m src.main ...` and `python -m src.classifier_main ...`: parsed in this process with `--print_config`
+- `python -m src.main ...`, `python -m src.classifier_main ...` and `python -m src.autoencoder_main ...`: parsed in
+  this process with `--print_config`
   appended: LightningCLI's full parse, every `--config` file read and every option and value validated;
 - `make TARGET VAR=value ...`: every variable given must be one the Makefile reads, and `make -n` (which prints the
   recipe and runs nothing) must succeed; each `python -m ...` line it prints is then checked like the above, so
@@ -192,6 +193,12 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     schedule = {"_class_name": "DDPMScheduler", "num_train_timesteps": 1000, "beta_start": 1e-4, "beta_end": 0.02,
                 "beta_schedule": "linear"}  # fmt: skip
     (root / "ddpm-cifar10-32" / "scheduler_config.json").write_text(json.dumps(schedule))
+    # A tiny stand-in for what `python -m src.autoencoder_main fit` writes, which configs/fashion_mnist_latent.yaml reads
+    # (its shapes: 28x28x1 images to 7x7x4 latents).
+    from src.models.autoencoder import AutoencoderKL, save_autoencoder
+
+    save_autoencoder(AutoencoderKL(1, 1, (8, 8, 8), 1, 4, 4, False),
+                     root / "runs" / "fashion_mnist_autoencoder" / "version_0" / "autoencoder.pt")  # fmt: skip
     NoiseSchedule.from_diffusers(root / "ddpm-cifar10-32")
     return root
 
@@ -228,7 +235,7 @@ def _setup_parser_once(original):
 
 
 def _check_cli(args: list[str], module: str, capsys: pytest.CaptureFixture) -> None:
-    """`python -m src.main|src.classifier_main ARGS`, parsed with --print_config in this process."""
+    """`python -m src.main|src.classifier_main|src.autoencoder_main ARGS`, parsed with --print_config in this process."""
     from lightning.pytorch.cli import LightningCLI
 
     from src.main import cli_main
@@ -238,6 +245,10 @@ def _check_cli(args: list[str], module: str, capsys: pytest.CaptureFixture) -> N
         from src.classifier_module import ClassifierModule
 
         kwargs["model_class"] = ClassifierModule
+    if module == "src.autoencoder_main":
+        from src.autoencoder_module import AutoencoderModule
+
+        kwargs["model_class"] = AutoencoderModule
     with pytest.MonkeyPatch.context() as patch, pytest.raises(SystemExit) as exit_info:
         patch.setattr(LightningCLI, "setup_parser", _setup_parser_once(LightningCLI.setup_parser))
         patch.setattr(sys, "argv", [f"python -m {module}"])  # LightningCLI warns when both sys.argv and args are set
@@ -317,7 +328,7 @@ def _check_python(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys) -> N
     """`python [-m MODULE | SCRIPT] ARGS` (the interpreter already removed)."""
     if args[0] == "-m":
         module, rest = args[1], args[2:]
-        if module in ("src.main", "src.classifier_main"):
+        if module in ("src.main", "src.classifier_main", "src.autoencoder_main"):
             _check_cli(rest, module, capsys)
         elif module == "src.export":
             from src.export import main
