@@ -165,10 +165,14 @@ def _parse(*files: str, extra: tuple[str, ...] = ()):
 @pytest.mark.parametrize("recipe", RECIPES, ids=" + ".join)
 def test_every_config_parses(recipe: list[str]) -> None:
     cli = _parse(*recipe)
+    data = cli.datamodule
+    if hasattr(cli.model, "model"):  # a diffusion model: the images its first stage decodes to (the net's without one)
+        assert tuple(cli.model.model.image_shape) == (data.num_channels, data.image_size, data.image_size)
+        return
     # The autoencoder is fully convolutional: its module holds the image size.
-    assert getattr(cli.model.net, "image_size", cli.model.hparams.get("image_size")) == cli.datamodule.image_size
+    assert getattr(cli.model.net, "image_size", cli.model.hparams.get("image_size")) == data.image_size
     net = cli.model.net
-    assert getattr(net, "in_channels", getattr(net, "config", {}).get("in_channels")) == cli.datamodule.num_channels
+    assert getattr(net, "in_channels", getattr(net, "config", {}).get("in_channels")) == data.num_channels
 
 
 def _differing_options(a, b) -> set[str]:
