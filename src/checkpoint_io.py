@@ -1,4 +1,5 @@
-"""Checkpoint files that are never half-written: write to a temporary file, then rename over the target.
+"""Checkpoint files that are never half-written: write to a temporary file, then rename over the target
+(`src.atomic.save_atomically`).
 
 `os.replace` is atomic on POSIX file systems, so a run killed while saving leaves either the previous
 checkpoint or the new one, never a truncated file that `--ckpt_path last` would then fail to load.
@@ -7,28 +8,11 @@ checkpoint or the new one, never a truncated file that `--ckpt_path last` would 
 from __future__ import annotations
 
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
-import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-
-def save_atomically(obj: Any, path: str | os.PathLike) -> None:
-    """torch.save `obj` to a temporary file in `path`'s folder, flushed to disk, then renamed over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from src.atomic import save_atomically
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -26,8 +26,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from src.atomic import save_atomically
 from src.callbacks.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT
-from src.checkpoint_io import save_atomically
 from src.errors import ConfigError
 from src.models.diffusion import CHECKPOINT_EMA_PREFIX, DiffusionModel
 from src.models.posthoc_ema import (

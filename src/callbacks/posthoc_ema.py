@@ -26,8 +26,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor
 
+from src.atomic import save_atomically
 from src.callbacks.sampling import run_dir
-from src.checkpoint_io import save_atomically
 from src.errors import ConfigError
 from src.models.posthoc_ema import sigma_rel_to_gamma, update_power_ema
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -55,6 +54,8 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from src.atomic import save_atomically
 
 NORM_EPS = 1e-6  # LDM's and diffusers' GroupNorm eps in the autoencoder
 LOGVAR_RANGE = (-30.0, 20.0)  # LDM's and diffusers' clamp of the posterior log-variance, against exp overflow
@@ -657,20 +658,11 @@ AUTOENCODERS: dict[str, type[nn.Module]] = {"AutoencoderKL": AutoencoderKL, "VQM
 
 
 def save_autoencoder(model: AutoencoderKL | VQModel, path: str | os.PathLike) -> Path:
-    """{"class", "config", "state_dict"} in one torch file, written atomically (a temporary file, then a rename:
-    an interrupted save never leaves half a file where a good one was); `load_autoencoder` rebuilds the model."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """{"class", "config", "state_dict"} in one torch file, written atomically (`src.atomic.save_atomically`: an
+    interrupted save never leaves half a file where a good one was); `load_autoencoder` rebuilds the model."""
     blob = {"class": type(model).__name__, "config": dict(model.config), "state_dict": model.state_dict()}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    save_atomically(blob, path)
+    return Path(path)
 
 
 def load_autoencoder(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AutoencoderKL | VQModel:
