@@ -20,6 +20,7 @@ import torch
 from common import cpu_name
 
 from src.data.builtin import load_dataset
+from src.images import to_uint8
 from src.metrics.features import build_feature_extractor
 from src.metrics.fid import feature_statistics, frechet_distance
 from src.models.autoencoder import AutoencoderKL, load_autoencoder
@@ -51,10 +52,6 @@ def autoencoder_reconstruct(model: torch.nn.Module, images: torch.Tensor, batch_
         latents = latents.mode() if isinstance(model, AutoencoderKL) else latents
         out.append(model.decode(latents).clamp(-1, 1))
     return torch.cat(out)
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
 
 
 @torch.no_grad()

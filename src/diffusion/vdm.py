@@ -324,10 +324,5 @@ def vdm_bits_per_dim(
     gamma_0, gamma_1 = (g.to(work) for g in process_ends(process, x0.device))
     prior = prior_kl(x0.to(work), gamma_1).double()
     recon = reconstruction_nll(x0.to(work), randn().to(work), gamma_0).double()
-    to_bpd = 1.0 / (x0[0].numel() * math.log(2.0))
-    return {
-        "bpd": (prior + recon + diffusion) * to_bpd,
-        "prior_bpd": prior * to_bpd,
-        "recon_bpd": recon * to_bpd,
-        "diffusion_bpd": diffusion * to_bpd,
-    }
+    terms = {"prior_bpd": prior, "recon_bpd": recon, "diffusion_bpd": diffusion}
+    return {"bpd": bits_per_dim(prior + recon + diffusion, x0)} | {k: bits_per_dim(v, x0) for k, v in terms.items()}
