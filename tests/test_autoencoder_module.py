@@ -63,14 +63,16 @@ def test_patch_discriminator_outputs_one_logit_per_patch(size: int, layers: int,
     assert logits.shape == (2, 1, patches, patches)
 
 
-def train(module: AutoencoderModule, steps: int, images: torch.Tensor) -> None:
+def train(module: AutoencoderModule, steps: int, images: torch.Tensor, root: Path) -> None:
+    """Fit on `images`; the end of fit saves autoencoder.pt into `root` (the trainer's folder without a logger)."""
     loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(images, torch.zeros(len(images))), batch_size=4)
-    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, accelerator="cpu", limit_val_batches=0)  # fmt: skip
+    trainer = L.Trainer(max_steps=steps, default_root_dir=root, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, accelerator="cpu",
+                        limit_val_batches=0)  # fmt: skip
     trainer.fit(module, loader)
 
 
-def test_discriminator_trains_from_its_start_step_only() -> None:
+def test_discriminator_trains_from_its_start_step_only(tmp_path: Path) -> None:
     """Before disc_start neither the discriminator's weights nor its optimizer move; after it, each batch steps both
     networks once, and a step still counts one per batch (max_steps means batches)."""
     L.seed_everything(0)
@@ -78,26 +80,26 @@ def test_discriminator_trains_from_its_start_step_only() -> None:
     module = AutoencoderModule(AutoencoderKL(**TINY), image_size=16, disc_start=3, disc_layers=2, disc_channels=8)
     initial = {k: v.clone() for k, v in module.discriminator.state_dict().items()}
     initial_net = {k: v.clone() for k, v in module.net.state_dict().items()}
-    train(module, 3, images)
+    train(module, 3, images, tmp_path)
     assert module.trainer.global_step == 3
     after = module.discriminator.state_dict()
     assert all(torch.equal(initial[k], after[k]) for k in initial)  # never called: BatchNorm's statistics too
     assert not all(torch.equal(initial_net[k], v) for k, v in module.net.state_dict().items())
     # A new trainer counts from 0 again: steps 3 and 4 of these 5 train the discriminator.
     before = {k: v.clone() for k, v in module.discriminator.state_dict().items()}
-    train(module, 5, images)
+    train(module, 5, images, tmp_path)
     assert module.trainer.global_step == 5
     changed = [k for k, v in module.discriminator.state_dict().items() if not torch.equal(before[k], v)]
     assert "main.0.weight" in changed and "main.0.bias" in changed
 
 
-def test_vq_training_counts_code_usage_over_the_epoch() -> None:
+def test_vq_training_counts_code_usage_over_the_epoch(tmp_path: Path) -> None:
     L.seed_everything(0)
     net = VQModel(**TINY, num_embeddings=16)
     module = AutoencoderModule(net, image_size=16)
     logged = {}
     module.log_dict = lambda values, **kwargs: logged.update({k: float(v) for k, v in values.items()})
-    train(module, 4, torch.rand(16, 1, 16, 16) * 2 - 1)
+    train(module, 4, torch.rand(16, 1, 16, 16) * 2 - 1, tmp_path)
     # 4 batches of 4 images of 8x8 latent positions were counted, then logged and cleared at the epoch's end.
     assert 0 < logged["train/codes_used"] <= 1 and 1 <= logged["train/code_perplexity"] <= 16
     assert module.code_counts.sum() == 0
