@@ -192,8 +192,8 @@ class AutoencoderModule(L.LightningModule):
                               f"{type(net).__name__}")  # fmt: skip
         if perceptual_weight > 0 and not lpips_vgg_path:
             raise ConfigError(
-                f"--model.perceptual_weight {perceptual_weight} needs LPIPS's VGG16 weights: pass --model.lpips_vgg_path "
-                "FILE (torchvision's vgg16-397923af.pth), or --model.perceptual_weight 0"
+                f"--model.perceptual_weight {perceptual_weight} needs LPIPS's VGG16 weights: pass "
+                "--model.lpips_vgg_path FILE (torchvision's vgg16-397923af.pth), or --model.perceptual_weight 0"
             )
         factor = net.downsampling_factor
         if image_size % factor:
