@@ -17,6 +17,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 
+from src.data.latent_cache import CachedLatents
 from src.diffusion.guidance import drop_labels
 from src.diffusion.likelihood import nll_bits_per_dim
 from src.diffusion.losses import TIMESTEP_SAMPLINGS, l_hybrid, l_simple, l_vlb, objective_function, sample_timesteps
@@ -298,24 +299,34 @@ class DiffusionModule(L.LightningModule):
         """The EMA net's output (what sampling uses), in its `prediction` target; `y`: labels of a conditional net."""
         return self.model(x_t, t, y)
 
-    def _calibrate_first_stage(self, images: Tensor) -> None:
-        """A first stage that normalises its latents by measured statistics (`LatentFirstStage`, LDM's scale_by_std)
-        measures them on the first training batch, every process's images together, and logs them; a checkpoint
-        keeps them, so a resumed run never measures again."""
+    def training_latents(self, x: Tensor | CachedLatents) -> Tensor:
+        """x_0 of a training batch: the images themselves (no first stage), their encoding, or, from the latent cache
+        (--data.latent_cache), z = mean + std * eps from the cached posterior moments, normalised.
+
+        A first stage that normalises its latents by measured statistics (`LatentFirstStage`, LDM's scale_by_std)
+        measures them on the first training batch's latents, every process's together, and logs them; a
+        checkpoint keeps them, so a resumed run never measures again."""
         first_stage = self.model.first_stage
-        if not hasattr(first_stage, "calibrate"):
-            return
+        if isinstance(x, CachedLatents):
+            if not hasattr(first_stage, "latents_from_moments"):
+                raise ConfigError("a latent-cache batch needs --model.first_stage LatentFirstStage")
+            z = first_stage.latents_from_moments(x.moments)
+        elif not hasattr(first_stage, "calibrate_latents"):
+            return self.model.encode(x)
+        else:
+            z = first_stage.raw_latents(x)
         if not first_stage.calibrated:
-            std = first_stage.calibrate(images, lambda moments: self.trainer.strategy.reduce(moments, reduce_op="sum"))
+            reduce = lambda moments: self.trainer.strategy.reduce(moments, reduce_op="sum")  # noqa: E731
+            std = first_stage.calibrate_latents(z, reduce)
             rank_zero_info(f"First-stage latents measured on the first batch: std {[round(float(s), 4) for s in std]}")
         # The same on every process: 1 / the mean of the channels' stds (LDM's scale_factor for "std").
-        self.log("train/latent_scale", 1.0 / first_stage.latent_std.mean().float())
+        self.log("train/latent_scale", 1.0 / first_stage.latent_std.mean().float(), batch_size=len(z))
+        return first_stage.normalize(z)
 
     # ------------------------------------------------------------------ training (Algorithm 1)
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         with torch.no_grad():  # the first stage is frozen: x_0 is the encoding of the images (the images without one)
-            self._calibrate_first_stage(batch[0])
-            images = self.model.encode(batch[0])
+            images = self.training_latents(batch[0])
         if self.hparams.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # t is drawn here (as l_simple would, same RNG order) and kept so that a non-finite loss can be reported

@@ -22,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from src.seeding import mix_seeds
@@ -185,10 +184,14 @@ class ResumableDataLoader(DataLoader):
             yield batch
 
     def _flip(self, batch: Any, epoch: int, batch_index: int, rank: int) -> Any:
-        images: Tensor = batch[0] if isinstance(batch, (tuple, list)) else batch
+        images: Any = batch[0] if isinstance(batch, (tuple, list)) else batch
         generator = torch.Generator().manual_seed(mix_seeds(self.seed, epoch, rank, batch_index))
-        flip = (torch.rand(images.shape[0], generator=generator) < 0.5).to(images.device)
-        images = torch.where(flip[:, None, None, None], images.flip(-1), images)
+        flip = torch.rand(len(images), generator=generator) < 0.5
+        if hasattr(images, "flip_horizontally"):  # a batch that is not images says how (the latent cache's)
+            images = images.flip_horizontally(flip)
+        else:
+            flip = flip.to(images.device)
+            images = torch.where(flip[:, None, None, None], images.flip(-1), images)
         return (images, *batch[1:]) if isinstance(batch, (tuple, list)) else images
 
     def state_dict(self) -> dict[str, int]:

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+from collections.abc import Callable, Iterator
 from functools import partial
 from typing import TYPE_CHECKING
 
@@ -14,6 +15,19 @@ from src.optim import AdamW, LinearWarmup
 if TYPE_CHECKING:
     from src.models.unet import UNet
     from src.module import DiffusionModule
+
+
+@pytest.fixture(autouse=True, scope="session")
+def data_cache_in_a_temporary_folder(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """The runs of the tests (and their subprocesses) cache folders and latents in a temporary folder of the
+    session, never in the user's ~/.cache/ddim-lightning or $DDIM_DATA_CACHE."""
+    before = os.environ.get("DDIM_DATA_CACHE")
+    os.environ["DDIM_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+    yield
+    if before is None:
+        os.environ.pop("DDIM_DATA_CACHE")
+    else:
+        os.environ["DDIM_DATA_CACHE"] = before
 
 
 @pytest.fixture

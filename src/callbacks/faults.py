@@ -274,6 +274,8 @@ class NonFiniteGuard(Callback):
         images = record.batch[0] if isinstance(record.batch, (tuple, list)) else record.batch
         if isinstance(images, Tensor):
             parts.append(f"images {tuple(images.shape)} {tensor_stats(images)}")
+        elif isinstance(getattr(images, "moments", None), Tensor):  # a latent-cache batch (src/data/latent_cache.py)
+            parts.append(f"cached latent moments {tuple(images.moments.shape)} {tensor_stats(images.moments)}")
         if isinstance(record.t, Tensor):
             parts.append(f"t {record.t.tolist() if record.t.numel() <= 16 else tensor_stats(record.t)}")
         return ", ".join(parts)

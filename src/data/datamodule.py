@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -14,7 +15,10 @@ from torch.utils.data import DataLoader, Dataset
 from src.data.builtin import DatasetInfo, Split, check_data_dir, dataset_info, download_dataset, load_dataset
 from src.data.datasets import InMemoryImageDataset, SampleIndexDataset, passthrough_collate, to_model_range
 from src.data.folder import FolderImages, folder_images, scan_folder
+from src.data.latent_cache import DTYPES as LATENT_CACHE_DTYPES
+from src.data.latent_cache import CachedLatentDataset, latent_cache
 from src.errors import ConfigError
+from src.models.first_stage import tensors_digest
 from src.resume import ResumableDataLoader
 
 FOLDER = "folder"
@@ -62,7 +66,14 @@ class ImageDataModule(L.LightningDataModule):
             line sets it from the network (model.net.init_args.in_channels).
         cache_dir: "folder": where the decoded uint8 cache goes (default: $DDIM_DATA_CACHE, then
             ~/.cache/ddim-lightning/images); every process and every later run with the same folder and size
-            reads it.
+            reads it. The latent cache goes to <cache_dir>/latents (default $DDIM_DATA_CACHE/latents, then
+            ~/.cache/ddim-lightning/latents).
+        latent_cache: latent diffusion (--model.first_stage LatentFirstStage): train on the posterior moments of
+            every training image, encoded once into a memory-mapped cache (src/data/latent_cache.py) that every
+            process and every later run with the same autoencoder and images reads, instead of encoding each batch;
+            z = mean + std * eps is still drawn afresh at every step. Validation and test still encode images.
+        latent_cache_dtype: "float16" (half the bytes) or "float32" (the encoder's own numbers: training equals the
+            uncached run's up to the encoder's batch-size rounding).
     """
 
     def __init__(
@@ -82,6 +93,8 @@ class ImageDataModule(L.LightningDataModule):
         image_size: int | None = None,
         num_channels: int | None = None,
         cache_dir: str | None = None,
+        latent_cache: bool = False,
+        latent_cache_dtype: str = "float16",
     ) -> None:
         super().__init__()
         self.info: DatasetInfo | None = None if dataset == FOLDER else dataset_info(dataset)  # fail early
@@ -99,6 +112,9 @@ class ImageDataModule(L.LightningDataModule):
             raise ConfigError(f"--data.dataset folder converts images to 1, 3 or 4 channels, not {num_channels}")
         if image_size is not None and image_size < 1:
             raise ConfigError(f"image_size must be positive, got {image_size}")
+        if latent_cache_dtype not in LATENT_CACHE_DTYPES:
+            raise ConfigError(f"--data.latent_cache_dtype {latent_cache_dtype!r} is unknown; choose one of "
+                              f"{', '.join(LATENT_CACHE_DTYPES)}")  # fmt: skip
         self.save_hyperparameters()
         self.dataset = dataset
         self.data_dir = data_dir
@@ -115,6 +131,8 @@ class ImageDataModule(L.LightningDataModule):
         self._image_size = image_size
         self._num_channels = num_channels
         self.cache_dir = cache_dir
+        self.latent_cache = latent_cache
+        self.latent_cache_dtype = latent_cache_dtype
 
         self._arrays: dict[str, tuple[Tensor, Tensor]] = {}  # decoded splits, so setup() runs cheaply again
         self._folder: FolderImages | None = None
@@ -319,6 +337,32 @@ class ImageDataModule(L.LightningDataModule):
         if stage in ("predict", None):
             self.predict_set = SampleIndexDataset(self.num_samples)
 
+    def _cached_latents(self, train_set: InMemoryImageDataset) -> CachedLatentDataset:
+        """The training set as posterior moments from the latent cache (built here the first time). Called from
+        `train_dataloader`, which Lightning calls after it restored a checkpoint's weights: at `setup` a resumed
+        run's first stage still holds the freshly initialised weights it was rebuilt with."""
+        images, labels, indices = train_set.images, train_set.labels, train_set.indices
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        first_stage = getattr(getattr(module, "model", None), "first_stage", None)
+        if first_stage is None or not hasattr(first_stage, "encode_moments"):
+            raise ConfigError(
+                "--data.latent_cache true caches a latent diffusion model's training latents: it needs "
+                "--model.first_stage src.models.first_stage.LatentFirstStage (with its autoencoder path) and a "
+                "trainer; drop --data.latent_cache otherwise"
+            )
+        images_key = f"folder-{self._load_folder().digest}" if self.is_folder else (
+            f"{self.dataset}-train-{tensors_digest([('images', images)])}")  # fmt: skip
+        root = Path(self.cache_dir) / "latents" if self.cache_dir else None
+        device = first_stage.latent_std.device  # the run's device, where the module is by now
+        rank_zero = self.trainer.global_rank == 0
+        moments = latent_cache(first_stage.encode_moments, first_stage.autoencoder_digest(), images, images_key,
+                               orientations=2 if self.random_flip else 1, dtype=self.latent_cache_dtype,
+                               cache_dir=root, device=device, progress=rank_zero)  # fmt: skip
+        if rank_zero:
+            rank_zero_info(f"Latent cache: {tuple(moments.shape)} {self.latent_cache_dtype} posterior moments of the "
+                           f"training images (--data.latent_cache)")  # fmt: skip
+        return CachedLatentDataset(moments, labels, indices)
+
     def reference_images(self, split: Split) -> tuple[Tensor, str]:
         """uint8 images for FID reference statistics and the name their cache file is keyed by.
 
@@ -379,14 +423,17 @@ class ImageDataModule(L.LightningDataModule):
         if self.train_set is None:
             self.setup("fit")
         assert self.train_set is not None
+        dataset: Dataset = self.train_set
+        if self.latent_cache:
+            dataset = self._cached_latents(self.train_set)
         batch_size = self.per_process_batch_size
         # Never drop the only (incomplete) batch of a set smaller than a batch: that would train on nothing.
-        drop_last = self.drop_last and len(self.train_set) >= batch_size
+        drop_last = self.drop_last and len(dataset) >= batch_size
         # Resumable mid-epoch (Lightning checkpoints its position) with a shuffle and flips that depend only on
         # (seed, epoch, rank, batch index), so a resumed run sees exactly the batches the uninterrupted one would.
         # The seed is the run's (seed_everything); on resume the checkpoint's seed replaces it.
         return ResumableDataLoader(
-            self.train_set,
+            dataset,
             batch_size,
             seed=torch.initial_seed(),
             random_flip=self.random_flip,

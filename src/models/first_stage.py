@@ -13,7 +13,8 @@ networks, it records its constructor arguments in `config`, which checkpoints an
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import hashlib
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -48,6 +49,16 @@ class FirstStage(nn.Module):
 
 
 NORMALIZATIONS = ("std", "channel", "none")
+
+
+def tensors_digest(tensors: Iterable[tuple[str, Tensor]]) -> str:
+    """sha256 (16 hex digits) of named tensors' names, dtypes, shapes and bytes: what keys the latent cache."""
+    hasher = hashlib.sha256()
+    for name, tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)};".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()[:16]
 
 
 class LatentFirstStage(FirstStage):
@@ -117,19 +128,39 @@ class LatentFirstStage(FirstStage):
     def calibrated(self) -> bool:
         return not bool(torch.isnan(self.latent_std).any())
 
-    def raw_latents(self, images: Tensor) -> Tensor:
-        """z of images in [-1, 1], before normalisation, in fp32."""
+    def encode_moments(self, images: Tensor) -> Tensor:
+        """(B, 2, C, h, w): the posterior q(z|x)'s mean and std for images in [-1, 1], in fp32; what the latent
+        cache (src/data/latent_cache.py) stores. A VQ model's encoding is deterministic: its std is 0."""
         with torch.autocast(images.device.type, enabled=False):
             images = images.float()
             if self.is_vq:
-                return self.autoencoder.encode(images)
+                z = self.autoencoder.encode(images)
+                return torch.stack([z, torch.zeros_like(z)], dim=1)
             posterior = self.autoencoder.encode(images)
-            return posterior.sample() if self.sample_posterior else posterior.mode()
+            return torch.stack([posterior.mean, posterior.std], dim=1)
+
+    def latents_from_moments(self, moments: Tensor) -> Tensor:
+        """z, before normalisation, from `encode_moments`' output: mean + std * eps with eps ~ N(0, I) drawn from the
+        global RNG (DiagonalGaussian.sample's draw, so cached and encoded latents of one seed agree), or the mean."""
+        moments = moments.float()
+        mean, std = moments[:, 0], moments[:, 1]
+        if self.is_vq or not self.sample_posterior:
+            return mean
+        return mean + std * torch.randn(mean.shape, device=mean.device, dtype=mean.dtype)
+
+    def raw_latents(self, images: Tensor) -> Tensor:
+        """z of images in [-1, 1], before normalisation, in fp32."""
+        return self.latents_from_moments(self.encode_moments(images))
 
     def calibrate(self, images: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] = lambda x: x) -> Tensor:
         """Measure the normalisation on `images` (and, through `all_reduce_sum`, every process's); returns the
-        per-channel std. The mean and std of all elements ("std") or of each channel ("channel"), unbiased."""
-        z = self.raw_latents(images).double()
+        per-channel std. See `calibrate_latents`."""
+        return self.calibrate_latents(self.raw_latents(images), all_reduce_sum)
+
+    def calibrate_latents(self, z: Tensor, all_reduce_sum: Callable[[Tensor], Tensor] = lambda x: x) -> Tensor:
+        """Measure the normalisation on raw latents `z` (and, through `all_reduce_sum`, every process's); returns
+        the per-channel std. The mean and std of all elements ("std") or of each channel ("channel"), unbiased."""
+        z = z.double()
         per_channel = self.normalization == "channel"
         dims = (0, 2, 3) if per_channel else (0, 1, 2, 3)
         count = torch.full((), z.numel() / (z.shape[1] if per_channel else 1), dtype=torch.float64, device=z.device)
@@ -148,10 +179,17 @@ class LatentFirstStage(FirstStage):
         shape = (1, -1, 1, 1)
         return self.latent_mean.view(shape).to(z.dtype), self.latent_std.view(shape).to(z.dtype)
 
-    def encode(self, images: Tensor) -> Tensor:
-        z = self.raw_latents(images)
+    def autoencoder_digest(self) -> str:
+        """What identifies the autoencoder's weights (and so its `encode_moments`): the latent cache's key."""
+        return tensors_digest(self.autoencoder.state_dict().items())
+
+    def normalize(self, z: Tensor) -> Tensor:
+        """Raw latents -> the diffusion's latents: (z - mean) / std with the measured statistics."""
         mean, std = self._moments(z)
         return (z - mean) / std
+
+    def encode(self, images: Tensor) -> Tensor:
+        return self.normalize(self.raw_latents(images))
 
     def decode(self, latents: Tensor) -> Tensor:
         with torch.autocast(latents.device.type, enabled=False):
