@@ -269,6 +269,11 @@ def diffusers_config_from_unet(net: UNet) -> dict:
         raise DiffusersConversionError(
             f"fourier_features {args['fourier_features']}: diffusers' UNet2DModel has no Fourier input features"
         )
+    if args["conditioning"] != "embedding":
+        raise DiffusersConversionError(
+            f"conditioning {args['conditioning']!r}: diffusers' UNet2DModel has no cross-attention (its "
+            "UNet2DConditionModel does, with another layout); use conditioning 'embedding' to convert"
+        )
     mult, size = list(args["channel_mult"]), int(args["image_size"])
     levels = len(mult)
     if size % 2 ** (levels - 1):

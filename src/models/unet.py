@@ -151,6 +151,96 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(out.transpose(-1, -2).reshape(b, c, h, w))
 
 
+class CrossAttention(nn.Module):
+    """Multi-head attention of `dim`-wide queries to a context of `context_dim`-wide tokens (self-attention when no
+    context is given): q, k, v without bias, the output projection with it (LDM's `CrossAttention`; the attribute
+    names are diffusers' `Attention`'s, so its weights load as they are)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int | None = None) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.to_q = nn.Linear(dim, dim, bias=False)
+        self.to_k = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_v = nn.Linear(context_dim or dim, dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(dim, dim))
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        context = x if context is None else context
+
+        def heads(t: Tensor) -> Tensor:  # (B, N, dim) -> (B, heads, N, dim / heads)
+            return t.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(self.to_q(x)), heads(self.to_k(context)), heads(self.to_v(context)))
+        return self.to_out(out.transpose(1, 2).flatten(2))
+
+
+class GEGLU(nn.Module):
+    """x W_a * GELU(x W_g) (Shazeer 2020, "GLU Variants Improve Transformer"): LDM's feed-forward gate."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.proj = nn.Linear(dim, 2 * hidden)
+
+    def forward(self, x: Tensor) -> Tensor:
+        value, gate = self.proj(x).chunk(2, dim=-1)
+        return value * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    """GEGLU to 4 x dim, dropout, back to dim (LDM's FeedForward with glu=True; diffusers' `ff.net.{0,1,2}`)."""
+
+    def __init__(self, dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.net = nn.Sequential(GEGLU(dim, 4 * dim), nn.Dropout(dropout), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm self-attention, cross-attention to the context, GEGLU feed-forward, each residual (LDM's
+    `BasicTransformerBlock`, Rombach et al. 2022 section 3.3)."""
+
+    def __init__(self, dim: int, num_heads: int, context_dim: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.attn1 = CrossAttention(dim, num_heads)
+        self.attn2 = CrossAttention(dim, num_heads, context_dim)
+        self.ff = FeedForward(dim, dropout)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        x = x + self.attn1(self.norm1(x))
+        x = x + self.attn2(self.norm2(x), context)
+        return x + self.ff(self.norm3(x))
+
+
+class SpatialTransformer(nn.Module):
+    """Cross-attention conditioning of a feature map (LDM's `SpatialTransformer`): GroupNorm, a 1x1 conv in, the
+    H*W positions as tokens through `depth` transformer blocks that attend to the context (B, N, context_dim), a 1x1
+    conv out (zero-initialised: the block starts as the identity), plus the input. The layout and names are
+    diffusers' `Transformer2DModel` with `use_linear_projection=False`."""
+
+    def __init__(self, channels: int, norm_groups: int, num_heads: int, context_dim: int, depth: int = 1) -> None:
+        super().__init__()
+        if num_heads < 1 or channels % num_heads:
+            raise ValueError(f"num_heads ({num_heads}) must divide the attention width ({channels})")
+        self.norm = nn.GroupNorm(norm_groups, channels, eps=1e-6)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.transformer_blocks = nn.ModuleList(
+            TransformerBlock(channels, num_heads, context_dim) for _ in range(depth)
+        )
+        self.proj_out = nn.Conv2d(channels, channels, 1)
+        nn.init.zeros_(self.proj_out.weight)
+        nn.init.zeros_(self.proj_out.bias)
+
+    def forward(self, x: Tensor, context: Tensor) -> Tensor:
+        h = self.proj_in(self.norm(x))
+        tokens = h.flatten(2).transpose(1, 2)  # (B, HW, C)
+        for block in self.transformer_blocks:
+            tokens = block(tokens, context)
+        return x + self.proj_out(tokens.transpose(1, 2).reshape_as(h))
+
+
 class Downsample(nn.Module):
     """Stride-2 3x3 conv with TensorFlow's "SAME" padding (pad right/bottom only), as in the DDPM code."""
 
@@ -197,10 +287,14 @@ def down_path(
     head_channels: int | None = None,
     use_scale_shift_norm: bool = False,
     resblock_updown: bool = False,
+    context_dim: int | None = None,
+    transformer_depth: int = 1,
 ) -> tuple[nn.ModuleList, list[int], int]:
     """The encoder shared by the UNet and the noise-conditioned classifier: per level `num_res_blocks` residual
     blocks (each followed by attention at `attn_resolutions`), then a stride-2 Downsample (or, with
-    `resblock_updown`, a downsampling ResBlock) on every level but the last. Returns the layers, the channels of
+    `resblock_updown`, a downsampling ResBlock) on every level but the last. With `context_dim`, the attention is a
+    `SpatialTransformer` (self- and cross-attention to a context) of `transformer_depth` blocks. Returns the layers,
+    the channels of
     every feature map the UNet keeps as a skip connection (the stem's first; the last is the encoder's output) and
     the final resolution."""
     down = nn.ModuleList()
@@ -214,7 +308,12 @@ def down_path(
             )
             ch = out
             if resolution in attn_resolutions:
-                layers.append(AttnBlock(ch, norm_groups, attention_heads(ch, num_heads, head_channels)))
+                heads = attention_heads(ch, num_heads, head_channels)
+                layers.append(
+                    AttnBlock(ch, norm_groups, heads)
+                    if context_dim is None
+                    else SpatialTransformer(ch, norm_groups, heads, context_dim, transformer_depth)
+                )
             down.append(layers)
             skip_channels.append(ch)
         if level != len(channel_mult) - 1:
@@ -228,10 +327,18 @@ def down_path(
     return down, skip_channels, resolution
 
 
-def run_layer(layer: nn.Module, h: Tensor, temb: Tensor, size: Sequence[int] | None, checkpoint: bool) -> Tensor:
+def run_layer(
+    layer: nn.Module,
+    h: Tensor,
+    temb: Tensor,
+    size: Sequence[int] | None,
+    checkpoint: bool,
+    context: Tensor | None = None,
+) -> Tensor:
     """One layer of the UNet's lists on h: a ResBlock takes the embedding (and an up block the output size), an
-    Upsample the size. With `checkpoint`, residual and attention blocks keep no activations for the backward pass
-    and run again in it (torch.utils.checkpoint; the RNG state is restored, so dropout draws the same mask)."""
+    Upsample the size, a SpatialTransformer the context. With `checkpoint`, residual and attention blocks keep no
+    activations for the backward pass and run again in it (torch.utils.checkpoint; the RNG state is restored, so
+    dropout draws the same mask)."""
     if isinstance(layer, Downsample):
         return layer(h)
     if isinstance(layer, Upsample):
@@ -240,6 +347,8 @@ def run_layer(layer: nn.Module, h: Tensor, temb: Tensor, size: Sequence[int] | N
         args = (h, temb, size)
     elif isinstance(layer, AttnBlock):
         args = (h,)
+    elif isinstance(layer, SpatialTransformer):
+        args = (h, context)
     else:
         return layer(h)  # nn.Identity (no middle attention)
     if checkpoint:
@@ -247,12 +356,14 @@ def run_layer(layer: nn.Module, h: Tensor, temb: Tensor, size: Sequence[int] | N
     return layer(*args)
 
 
-def run_down_path(down: nn.ModuleList, h: Tensor, temb: Tensor, checkpoint: bool = False) -> list[Tensor]:
+def run_down_path(
+    down: nn.ModuleList, h: Tensor, temb: Tensor, checkpoint: bool = False, context: Tensor | None = None
+) -> list[Tensor]:
     """Every feature map of the encoder `down` (from `down_path`) for input h, in order; the last is its output."""
     features = []
     for layers in down:
         for layer in layers:
-            h = run_layer(layer, h, temb, None, checkpoint)
+            h = run_layer(layer, h, temb, None, checkpoint, context)
         features.append(h)
     return features
 
@@ -265,7 +376,11 @@ OPTION_DEFAULTS = dict(
     resblock_updown=False,
     gradient_checkpointing=False,
     fourier_features=None,
+    conditioning="embedding",
+    context_dim=None,
+    transformer_depth=1,
 )
+CONDITIONINGS = ("embedding", "cross_attention")
 
 
 def fourier_features(x: Tensor, exponents: Sequence[int]) -> Tensor:
@@ -304,6 +419,13 @@ class UNet(nn.Module):
             of storing their activations: less memory, ~1/3 more compute, the same outputs and gradients.
         fourier_features: exponents n of VDM's Fourier input features sin / cos(2^n 2 pi x) (`fourier_features`; [6, 7]
             in VDM), appended to the input channels before the first convolution; None: none (DDPM).
+        conditioning: how the labels y enter a class-conditional net: "embedding" (a learned class embedding added
+            to the time embedding, as ADM) or "cross_attention" (LDM, Rombach et al. 2022 section 3.3: a class
+            embedder gives the context, one `context_dim` token per label, and every attention layer, at
+            `attn_resolutions` and in the middle block, becomes a `SpatialTransformer` whose cross-attention reads
+            it; the null label's learned row is the unconditional context of classifier-free guidance).
+        context_dim: width of the context tokens (default: 4 * base_channels, the time embedding's width).
+        transformer_depth: transformer blocks per SpatialTransformer (LDM: 1).
     """
 
     def __init__(
@@ -325,8 +447,23 @@ class UNet(nn.Module):
         resblock_updown: bool = False,
         gradient_checkpointing: bool = False,
         fourier_features: Sequence[int] | None = None,
+        conditioning: str = "embedding",
+        context_dim: int | None = None,
+        transformer_depth: int = 1,
     ) -> None:
         super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"conditioning {conditioning!r} is unknown; choose one of {', '.join(CONDITIONINGS)}")
+        cross_attention = conditioning == "cross_attention"
+        if cross_attention and not num_classes:
+            raise ValueError("conditioning 'cross_attention' needs labels: set num_classes")
+        if cross_attention and not (attn_resolutions or mid_attention):
+            raise ValueError(
+                "conditioning 'cross_attention' reads the labels in the attention layers, and this net has none: set "
+                "attn_resolutions or mid_attention"
+            )
+        if transformer_depth < 1:
+            raise ValueError(f"transformer_depth must be >= 1, got {transformer_depth}")
         # The constructor arguments, JSON-ready: what checkpoints, `src.export` and `src.models.convert` (diffusers'
         # format) write beside the weights. The options for large images appear only when set, so the DDPM network's
         # config (and every file written before they existed) stays as it was; a missing option is its default.
@@ -350,6 +487,9 @@ class UNet(nn.Module):
             resblock_updown=resblock_updown,
             gradient_checkpointing=gradient_checkpointing,
             fourier_features=None if fourier_features is None else [int(n) for n in fourier_features],
+            conditioning=conditioning,
+            context_dim=context_dim if cross_attention else None,
+            transformer_depth=transformer_depth if cross_attention else 1,
         )
         self.config.update({k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]})
         self.in_channels = in_channels
@@ -363,16 +503,23 @@ class UNet(nn.Module):
         self.temb = nn.Sequential(
             nn.Linear(base_channels, temb_channels), nn.SiLU(), nn.Linear(temb_channels, temb_channels)
         )
-        # +1 row for the null label used by classifier-free guidance.
-        self.label_emb = nn.Embedding(num_classes + 1, temb_channels) if num_classes else None
+        # +1 row for the null label used by classifier-free guidance. With cross-attention this is the class
+        # embedder (LDM's ClassEmbedder): its rows are the context tokens, not added to the time embedding.
+        self.conditioning = conditioning
+        self.context_dim = (context_dim or temb_channels) if cross_attention else None
+        label_width = self.context_dim if cross_attention else temb_channels
+        self.label_emb = nn.Embedding(num_classes + 1, label_width) if num_classes else None
         self.fourier_exponents = options["fourier_features"] or []
         self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(self.fourier_exponents)), base_channels, 3, padding=1)
 
         def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, temb_channels, dropout, norm_groups, use_scale_shift_norm, resample)
 
-        def attention(channels: int) -> AttnBlock:
-            return AttnBlock(channels, norm_groups, attention_heads(channels, num_heads, head_channels))
+        def attention(channels: int) -> nn.Module:
+            heads = attention_heads(channels, num_heads, head_channels)
+            if cross_attention:
+                return SpatialTransformer(channels, norm_groups, heads, self.context_dim, transformer_depth)
+            return AttnBlock(channels, norm_groups, heads)
 
         self.down, skip_channels, resolution = down_path(
             base_channels,
@@ -387,6 +534,8 @@ class UNet(nn.Module):
             head_channels=head_channels,
             use_scale_shift_norm=use_scale_shift_norm,
             resblock_updown=resblock_updown,
+            context_dim=self.context_dim,
+            transformer_depth=transformer_depth,
         )
         ch = skip_channels[-1]
 
@@ -417,21 +566,25 @@ class UNet(nn.Module):
             t = t.expand(x.shape[0])
         # The embedding in the weights' dtype, so a float64 net (exact Hessians in tests) or a bf16 one runs as is.
         temb = self.temb(timestep_embedding(t, self.base_channels).to(self.temb[0].weight.dtype))
+        context = None
         if self.label_emb is not None:
             if y is None:
                 raise ValueError("this UNet is class-conditional (num_classes set): pass labels y")
-            temb = temb + self.label_emb(y)
+            if self.context_dim is None:
+                temb = temb + self.label_emb(y)
+            else:  # one context token per image, (B, 1, context_dim), in the weights' dtype
+                context = self.label_emb(y)[:, None]
         elif y is not None:
             raise ValueError("labels y given to an unconditional UNet (num_classes is None)")
         # Only where activations are kept for a backward pass: sampling and evaluation run as without it.
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
         h = self.conv_in(fourier_features(x, self.fourier_exponents) if self.fourier_exponents else x)
-        skips = [h, *run_down_path(self.down, h, temb, checkpoint)]
+        skips = [h, *run_down_path(self.down, h, temb, checkpoint, context)]
         h = skips[-1]
 
         for layer in self.mid:
-            h = run_layer(layer, h, temb, None, checkpoint)
+            h = run_layer(layer, h, temb, None, checkpoint, context)
 
         for layers in self.up:
             if isinstance(layers[0], Upsample) or getattr(layers[0], "resample", None) == "up":
@@ -440,6 +593,6 @@ class UNet(nn.Module):
                 continue
             h = torch.cat([h, skips.pop()], dim=1)
             for layer in layers:
-                h = run_layer(layer, h, temb, None, checkpoint)
+                h = run_layer(layer, h, temb, None, checkpoint, context)
 
         return self.conv_out(F.silu(self.norm_out(h)))
