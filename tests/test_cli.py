@@ -141,12 +141,13 @@ RECIPES = [[name] for name in CONFIG_FILES] + [
 
 
 @functools.cache
-def _tiny_autoencoder() -> str:
-    """A tiny stand-in for the autoencoder configs/fashion_mnist_latent.yaml reads (28x28x1 -> 7x7x4)."""
+def _tiny_autoencoder(channels: int = 1, levels: int = 3) -> str:
+    """A tiny stand-in for the autoencoder a latent config reads: configs/fashion_mnist_latent.yaml's 28x28x1 ->
+    7x7x4 (f = 4, 3 levels), configs/folder256_latent.yaml's 256x256x3 -> 32x32x4 (f = 8, 4 levels)."""
     from src.models.autoencoder import AutoencoderKL, save_autoencoder
 
     path = Path(tempfile.mkdtemp(prefix="tiny-autoencoder-")) / "autoencoder.pt"
-    return str(save_autoencoder(AutoencoderKL(1, 1, (8, 8, 8), 1, 4, 4, False), path))
+    return str(save_autoencoder(AutoencoderKL(channels, channels, (8,) * levels, 1, 4, 4, False), path))
 
 
 def _parse(*files: str, extra: tuple[str, ...] = ()):
@@ -158,7 +159,8 @@ def _parse(*files: str, extra: tuple[str, ...] = ()):
     model_class = AutoencoderModule if "autoencoder" in files[0] else model_class
     args = [arg for name in files for arg in ("--config", str(REPO / "configs" / name))]
     if "latent" in files[0]:  # its autoencoder file is a run's output: a stand-in here
-        args += ["--model.first_stage.init_args.path", _tiny_autoencoder()]
+        stand_in = _tiny_autoencoder(3, 4) if files[0].startswith("folder") else _tiny_autoencoder()
+        args += ["--model.first_stage.init_args.path", stand_in]
     return cli_main([*args, *extra], run=False, model_class=model_class)
 
 
