@@ -354,13 +354,11 @@ class ImageDataModule(L.LightningDataModule):
             f"{self.dataset}-train-{tensors_digest([('images', images)])}")  # fmt: skip
         root = Path(self.cache_dir) / "latents" if self.cache_dir else None
         device = first_stage.latent_std.device  # the run's device, where the module is by now
-        rank_zero = self.trainer.global_rank == 0
         moments = latent_cache(first_stage.encode_moments, first_stage.autoencoder_digest(), images, images_key,
                                orientations=2 if self.random_flip else 1, dtype=self.latent_cache_dtype,
-                               cache_dir=root, device=device, progress=rank_zero)  # fmt: skip
-        if rank_zero:
-            rank_zero_info(f"Latent cache: {tuple(moments.shape)} {self.latent_cache_dtype} posterior moments of the "
-                           f"training images (--data.latent_cache)")  # fmt: skip
+                               cache_dir=root, device=device, progress=self.trainer.global_rank == 0)  # fmt: skip
+        rank_zero_info(f"Latent cache: {tuple(moments.shape)} {self.latent_cache_dtype} posterior moments of the "
+                       f"training images (--data.latent_cache)")  # fmt: skip
         return CachedLatentDataset(moments, labels, indices)
 
     def reference_images(self, split: Split) -> tuple[Tensor, str]:

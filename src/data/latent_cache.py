@@ -17,7 +17,6 @@ images, memory-maps it and shares the operating system's page cache.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from collections.abc import Callable, Sequence
@@ -31,7 +30,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from src.data.datasets import to_model_range
-from src.data.folder import CACHE_ENV, _locked
+from src.data.folder import CACHE_ENV, _digest, _locked
 
 CACHE_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -64,10 +63,6 @@ class CachedLatents:
             raise ValueError("this latent cache holds no flipped latents; build it with random flips on")
         chosen = torch.where(flip[:, None, None, None, None], self.flipped_moments, self.moments)
         return CachedLatents(chosen)
-
-
-def _digest(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def _open(stem: Path, key: dict) -> np.ndarray | None:

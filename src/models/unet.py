@@ -274,6 +274,16 @@ def feature_resolutions(image_size: int, num_levels: int) -> list[int]:
     return sizes
 
 
+def attention_block(
+    channels: int, norm_groups: int, num_heads: int, context_dim: int | None = None, transformer_depth: int = 1
+) -> nn.Module:
+    """The attention layer of the UNet and its encoder: self-attention (`AttnBlock`), or with `context_dim` a
+    `SpatialTransformer` of `transformer_depth` blocks that also attends to a context."""
+    if context_dim is None:
+        return AttnBlock(channels, norm_groups, num_heads)
+    return SpatialTransformer(channels, norm_groups, num_heads, context_dim, transformer_depth)
+
+
 def down_path(
     base_channels: int,
     channel_mult: Sequence[int],
@@ -309,11 +319,7 @@ def down_path(
             ch = out
             if resolution in attn_resolutions:
                 heads = attention_heads(ch, num_heads, head_channels)
-                layers.append(
-                    AttnBlock(ch, norm_groups, heads)
-                    if context_dim is None
-                    else SpatialTransformer(ch, norm_groups, heads, context_dim, transformer_depth)
-                )
+                layers.append(attention_block(ch, norm_groups, heads, context_dim, transformer_depth))
             down.append(layers)
             skip_channels.append(ch)
         if level != len(channel_mult) - 1:
@@ -505,7 +511,6 @@ class UNet(nn.Module):
         )
         # +1 row for the null label used by classifier-free guidance. With cross-attention this is the class
         # embedder (LDM's ClassEmbedder): its rows are the context tokens, not added to the time embedding.
-        self.conditioning = conditioning
         self.context_dim = (context_dim or temb_channels) if cross_attention else None
         label_width = self.context_dim if cross_attention else temb_channels
         self.label_emb = nn.Embedding(num_classes + 1, label_width) if num_classes else None
@@ -517,9 +522,7 @@ class UNet(nn.Module):
 
         def attention(channels: int) -> nn.Module:
             heads = attention_heads(channels, num_heads, head_channels)
-            if cross_attention:
-                return SpatialTransformer(channels, norm_groups, heads, self.context_dim, transformer_depth)
-            return AttnBlock(channels, norm_groups, heads)
+            return attention_block(channels, norm_groups, heads, self.context_dim, transformer_depth)
 
         self.down, skip_channels, resolution = down_path(
             base_channels,
