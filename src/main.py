@@ -21,6 +21,7 @@ import os
 import re
 import sys
 import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -345,6 +346,19 @@ class DiffusionCLI(LightningCLI):
         architecture = {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if key in hparams}
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
+
+    def instantiate_classes(self) -> None:
+        """A network, first stage or autoencoder whose constructor refuses its arguments (a ValueError raised in the
+        model layer, e.g. num_heads not dividing a width, an unknown conditioning) is bad input: a ConfigError, so
+        the command line prints it as one line. Other errors pass unchanged."""
+        try:
+            super().instantiate_classes()
+        except ValueError as error:
+            frames = traceback.extract_tb(error.__traceback__)
+            raised_in_models = bool(frames) and f"{os.sep}src{os.sep}models{os.sep}" in frames[-1].filename
+            if isinstance(error, UserError) or not raised_in_models:
+                raise
+            raise ConfigError(f"--model: {error}") from error
 
     def before_instantiate_classes(self) -> None:
         self._check_untrained_predict()

@@ -208,6 +208,27 @@ def test_a_bad_value_is_one_line(capsys) -> None:
     assert capsys.readouterr().err.strip().splitlines()[0] == "error: --trainer.max_steps abc: expected int"
 
 
+@pytest.mark.parametrize(
+    ("option", "message"),
+    [
+        (["--model.net.init_args.num_heads", "3"], "error: --model: num_heads=3 does not divide the attention width"),
+        (["--model.net.init_args.conditioning", "concat"], "error: --model: conditioning 'concat' is unknown"),
+    ],
+)
+def test_a_network_that_refuses_its_arguments_is_one_line(option: list[str], message: str, capsys) -> None:
+    """A constructor's ValueError in the model layer becomes a ConfigError: `run` prints one line."""
+    from src.main import run
+
+    argv = ["src.main", "fit", "--config", CONFIG, *option, "--trainer.max_steps", "1"]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sys, "argv", argv)
+        patch.delenv("DIFFUSION_TRACEBACK", raising=False)
+        with pytest.raises(SystemExit) as exit_info:
+            run()
+    assert str(exit_info.value.code).startswith(message), exit_info.value.code
+    assert "\n" not in str(exit_info.value.code)
+
+
 def test_one_line_names_a_list_the_shell_split() -> None:
     from src.errors import one_line
 
