@@ -13,6 +13,8 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 
+from src.signals import finish_before_exit
+
 HEADER_HEIGHT = 12  # pixels of the strip that names a grid's columns (`label_columns`)
 
 
@@ -78,14 +80,16 @@ def save_png(image: Tensor, path: str | os.PathLike) -> Path:
     a half-written file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            to_pil(image).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    # A forced exit on a signal (src/signals.py) waits for the block, so it leaves no temporary file behind either.
+    with finish_before_exit():
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                to_pil(image).save(f, format="PNG")
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
     return path
 
 

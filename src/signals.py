@@ -18,7 +18,8 @@ import signal
 import socket
 import sys
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
 _children: list[Callable[[], Iterable[object]]] = []
@@ -40,6 +41,19 @@ def register_children(get_processes: Callable[[], Iterable[object]]) -> None:
     _children.append(get_processes)
 
 
+# Held while a file is written to a temporary name and renamed into place (src/images.py save_png): a forced exit
+# waits for it (at most FILE_WRITE_WAIT seconds), so that it leaves neither a half-written file nor the temporary one.
+_file_write = threading.Lock()
+FILE_WRITE_WAIT = 5.0
+
+
+@contextmanager
+def finish_before_exit() -> Iterator[None]:
+    """A block (an atomic file write) that a forced exit on a signal lets finish before the process ends."""
+    with _file_write:
+        yield
+
+
 def _force_exit(signum: int) -> None:
     which = "a second termination signal" if _signals_to_exit > 1 else "a termination signal"
     sys.stderr.write(f"\nReceived {which} ({signal.Signals(signum).name}): exiting now\n")
@@ -50,6 +64,7 @@ def _force_exit(signum: int) -> None:
                 process.kill()
             except Exception:  # already gone
                 pass
+    _file_write.acquire(timeout=FILE_WRITE_WAIT)  # an atomic write under way ends first (its rename included)
     os._exit(128 + signum)
 
 
