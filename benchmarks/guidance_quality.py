@@ -13,8 +13,15 @@ features, and the label agreement: how often the same classifier gives a sample 
 Variants are every (scale, threshold, interval) of the lists: a threshold is `none` (clip_denoised false), `static`
 (clip_denoised true) or `P:MAX` / `P` (dynamic thresholding at percentile P, s capped at MAX / uncapped); an interval
 is `none` (guidance at every step, overriding the config's interval) or `LO:HI` in noise levels sigma
-(--model.guidance_interval [LO, HI]); at scale 1 there is no guidance to limit, so only `none` runs there.
-docs/samplers.md describes the options.
+(--model.guidance_interval [LO, HI]); at scale 1 there is no guidance to limit, so only `none` runs there. A guide
+is `cfg` (classifier-free guidance at the scale: away from the same net without the label) or the path of a weaker
+model (autoguidance at the scale, Karras et al. 2024: --model.guidance_model PATH --model.autoguidance_scale s, e.g.
+a `python -m src.posthoc_ema --step N --format ckpt` copy of the same run stopped early; classifier-free guidance
+off unless `--predict-args` turn it on); at scale 1 only the first guide runs. docs/samplers.md describes the
+options.
+
+    python benchmarks/guidance_quality.py --ckpt CKPT --extractor CLASSIFIER --scales 1 1.5 2 3 \
+        --thresholds static --intervals none --guides cfg runs/guides/step_600.ckpt
 """
 
 from __future__ import annotations
@@ -46,13 +53,29 @@ def interval_args(interval: str) -> list[str]:
     return ["--model.guidance_interval", f"[{lo}, {hi}]"]
 
 
-def variants(scales: list[float], thresholds: list[str], intervals: list[str]) -> list[tuple[float, str, str]]:
-    """(scale, threshold, interval) of every combination; an interval only where there is guidance (scale != 1)."""
-    return [(s, th, iv) for s in scales for th in thresholds for iv in intervals if iv == "none" or s != 1.0]
+def variants(
+    scales: list[float], thresholds: list[str], intervals: list[str], guides: list[str] | None = None
+) -> list[tuple[float, str, str, str]]:
+    """(scale, threshold, interval, guide) of every combination; an interval and a guide only where there is
+    guidance (scale != 1): there only no interval and the first guide."""
+    guides = guides or ["cfg"]
+    return [
+        (s, th, iv, g)
+        for s in scales
+        for th in thresholds
+        for iv in intervals
+        for g in guides
+        if s != 1.0 or (iv == "none" and g == guides[0])
+    ]
 
 
-def predict_args(scale: float, threshold: str, interval: str) -> list[str]:
-    return ["--model.guidance_scale", str(float(scale)), *threshold_args(threshold), *interval_args(interval)]
+def predict_args(scale: float, threshold: str, interval: str, guide: str = "cfg") -> list[str]:
+    """The predict options of a variant: the scale is classifier-free guidance's, or with a guide's path
+    autoguidance's (classifier-free guidance then off: scale 1, no interval)."""
+    if guide == "cfg" or scale == 1.0:
+        return ["--model.guidance_scale", str(float(scale)), *threshold_args(threshold), *interval_args(interval)]
+    autoguidance = ["--model.guidance_model", guide, "--model.autoguidance_scale", str(float(scale))]
+    return ["--model.guidance_scale", "1.0", *threshold_args(threshold), *interval_args("none"), *autoguidance]
 
 
 def main() -> None:
@@ -66,6 +89,8 @@ def main() -> None:
     parser.add_argument("--thresholds", nargs="+", default=["static", "0.995:1.5", "0.995:2", "0.995:3"],
                         help="none, static, or P[:MAX] (dynamic thresholding)")  # fmt: skip
     parser.add_argument("--intervals", nargs="+", default=["none"], help="none or LO:HI (guidance interval, sigma)")
+    parser.add_argument("--guides", nargs="+", default=["cfg"],
+                        help="cfg (classifier-free guidance) or a weaker model's checkpoint / export (autoguidance)")  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("--predict-args", default="", help="more predict options, e.g. '--model.sampling_steps 10'")
@@ -73,20 +98,25 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for scale, threshold, interval in variants(args.scales, args.thresholds, args.intervals):
-            out = Path(tmp) / f"s{scale}_{threshold}_{interval}".replace(":", "-")
-            options = [*predict_args(scale, threshold, interval), *shlex.split(args.predict_args)]
+        for i, (scale, threshold, interval, guide) in enumerate(
+            variants(args.scales, args.thresholds, args.intervals, args.guides)
+        ):
+            out = Path(tmp) / f"{i}_s{scale}_{threshold}_{interval}".replace(":", "-")
+            options = [*predict_args(scale, threshold, interval, guide), *shlex.split(args.predict_args)]
             seconds = predict_samples(args.config, args.ckpt, out, args.num_samples, args.batch_size, options)
             fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--prc"])
-            rows.append((scale, threshold, interval, *quality_cells(fd, scores), seconds))
+            guide_name = guide if guide == "cfg" or scale == 1.0 else Path(guide).name
+            rows.append((scale, guide_name if scale != 1.0 else "-", threshold, interval, *quality_cells(fd, scores),
+                         seconds))  # fmt: skip
             print(rows[-1], flush=True)
     print(
-        f"\n| guidance s | x_0 bound | guidance interval | {fd} | precision | recall | label agreement | predict seconds |"
+        f"\n| guidance s | guide | x_0 bound | guidance interval | {fd} | precision | recall | label agreement "
+        "| predict seconds |"
     )
-    print("|---:|---|---|---:|---:|---:|---:|---:|")
-    for scale, threshold, interval, value, precision, recall, accuracy, seconds in rows:
+    print("|---:|---|---|---|---:|---:|---:|---:|---:|")
+    for scale, guide, threshold, interval, value, precision, recall, accuracy, seconds in rows:
         cells = [f"{v:.3f}" if v is not None else "-" for v in (value, precision, recall, accuracy)]
-        print(f"| {scale:g} | {threshold} | {interval} | {' | '.join(cells)} | {seconds:.0f} |")
+        print(f"| {scale:g} | {guide} | {threshold} | {interval} | {' | '.join(cells)} | {seconds:.0f} |")
 
 
 if __name__ == "__main__":

@@ -383,18 +383,43 @@ class DiffusionCLI(LightningCLI):
 
     def _check_guidance(self) -> None:
         """Classifier-free guidance needs a class-conditional net; on an unconditional one the scale would be
-        ignored, so a guidance_scale other than 1 fails in one line instead. So does a guidance interval: with no
-        guidance to limit (an unconditional net, or a scale of 1) it would be ignored too."""
+        ignored, so a guidance_scale other than 1 fails in one line instead. So does a guidance interval with no
+        guidance to limit (a scale of 1), and half an autoguidance (a guide without a scale, or a scale without a
+        guide). The guide is loaded here, so that a missing or unfit file fails at once."""
         if not isinstance(self.model, DiffusionModule):
             return
         scale = self.model.hparams.get("guidance_scale", 1.0)
         interval = self.model.hparams.get("guidance_interval")
+        guidance_model = self.model.hparams.get("guidance_model")
+        autoguidance_scale = self.model.hparams.get("autoguidance_scale", 1.0)
         if interval is not None and scale == 1.0:
             raise ConfigError(
                 f"--model.guidance_interval {list(interval)} limits classifier-free guidance, which is off "
                 "(--model.guidance_scale 1): for no guidance add --model.guidance_interval null (the config may set one), "
                 "else pass a --model.guidance_scale s above 1 (e.g. 3.0)"
             )
+        if autoguidance_scale != 1.0 and not guidance_model:
+            raise ConfigError(
+                f"--model.autoguidance_scale {autoguidance_scale} needs the weaker model to guide with: "
+                "--model.guidance_model PATH (a checkpoint or export; python -m src.posthoc_ema RUN --step N makes one)"
+            )
+        if guidance_model:
+            if autoguidance_scale == 1.0:
+                raise ConfigError(
+                    f"--model.guidance_model {guidance_model} is the weaker model of autoguidance, which is off "
+                    "(--model.autoguidance_scale 1): pass a --model.autoguidance_scale a above 1 (e.g. 2.0), or drop it"
+                )
+            if not Path(guidance_model).exists():
+                raise ConfigError(
+                    f"--model.guidance_model {guidance_model}: no such checkpoint or export folder (make one with "
+                    "python -m src.posthoc_ema RUN --step N, or python -m src.export)"
+                )
+            try:
+                self.model.model.guide()
+            except ConfigError:
+                raise
+            except (ValueError, OSError, RuntimeError) as e:
+                raise ConfigError(f"--model.guidance_model {guidance_model}: {str(e).splitlines()[0]}") from e
         if self.model.conditional:
             return
         if scale != 1.0:
@@ -402,8 +427,9 @@ class DiffusionCLI(LightningCLI):
             source = f"the network of --ckpt_path {ckpt_path}" if ckpt_path else "the network"
             raise ConfigError(
                 f"--model.guidance_scale {scale}: classifier-free guidance needs a class-conditional net, and "
-                f"{source} is unconditional; leave --model.guidance_scale at 1, or train a conditional net "
-                "(--model.net.init_args.num_classes K, e.g. configs/fashion_mnist_cond.yaml)"
+                f"{source} is unconditional; leave --model.guidance_scale at 1, train a conditional net "
+                "(--model.net.init_args.num_classes K, e.g. configs/fashion_mnist_cond.yaml), or guide it by a "
+                "weaker model (autoguidance: --model.guidance_model PATH --model.autoguidance_scale 2)"
             )
 
     def _before_run(self) -> None:

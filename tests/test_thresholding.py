@@ -291,7 +291,15 @@ def test_the_guidance_quality_benchmark_runs_valid_predict_options(monkeypatch: 
     monkeypatch.syspath_prepend(str(REPO / "benchmarks"))  # as python does for a script: it imports common.py
     bench = runpy.run_path(str(REPO / "benchmarks" / "guidance_quality.py"))
     grid = bench["variants"]([1.0, 3.0], ["none", "static", "0.995:1.5", "0.99"], ["none", "0.3:5"])
-    assert len(grid) == 4 + 8 and all(interval == "none" for scale, _, interval in grid if scale == 1.0)
+    assert len(grid) == 4 + 8 and all(interval == "none" for scale, _, interval, _ in grid if scale == 1.0)
+    # Guides multiply the guided variants only: at s = 1 only the first runs.
+    guides = bench["variants"]([1.0, 3.0], ["static"], ["none"], ["cfg", "weak.ckpt", "weaker.ckpt"])
+    assert guides == [(1.0, "static", "none", "cfg")] + [(3.0, "static", "none", g) for g in ("cfg", "weak.ckpt",
+                                                                                             "weaker.ckpt")]  # fmt: skip
+    assert bench["predict_args"](3.0, "static", "none", "weak.ckpt")[-4:] == [
+        "--model.guidance_model", "weak.ckpt", "--model.autoguidance_scale", "3.0"
+    ]  # fmt: skip
+    assert "--model.guidance_model" not in bench["predict_args"](1.0, "static", "none", "weak.ckpt")
     assert bench["predict_args"](3.0, "0.995:1.5", "0.3:5") == [
         "--model.guidance_scale", "3.0", "--model.clip_denoised", "true", "--model.dynamic_threshold_percentile",
         "0.995", "--model.dynamic_threshold_max", "1.5", "--model.guidance_interval", "[0.3, 5.0]",
@@ -302,7 +310,7 @@ def test_the_guidance_quality_benchmark_runs_valid_predict_options(monkeypatch: 
         "0.995:1.5": DynamicThreshold(0.995, 1.5),
         "0.99": DynamicThreshold(0.99),
     }
-    for scale, threshold, interval in grid:
+    for scale, threshold, interval, _ in grid:
         cli = cli_main(["--config", COND, *bench["predict_args"](scale, threshold, interval), "--trainer.logger",
                         "false"], run=False)  # fmt: skip
         model = cli.model.model

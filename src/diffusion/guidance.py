@@ -20,6 +20,13 @@ keeps it where it improves the image. sigma is schedule-independent, EDM's noise
 sigma eps: sigma_t = sqrt((1 - a_t) / a_t) for a DDPM schedule (`timestep_sigma`), the sigma the SDE / ODE samplers
 step through.
 
+Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", eq. 2): the
+negative branch is not the same network without the label but a weaker model D_0 of the same task (smaller,
+trained for less time; conditioned on the same label), D~ = D_0 + s (D_1 - D_0). The two models' errors differ
+mostly where the strong one is better, so extrapolating away from the weak one sharpens the samples without pulling
+them towards a few modes as the unconditional branch does: it improves quality without the loss of variety of
+classifier-free guidance, and it works for unconditional models too (`AutoGuidance`).
+
 Classifier guidance (Dhariwal & Nichol 2021, "Diffusion Models Beat GANs on Image Synthesis", Algorithm 2 and
 eq. 14): with a classifier p_phi(y | x_t, t) trained on noisy
 images, eps^ = eps_theta(x_t, t) - sqrt(1 - a_t) s grad_{x_t} log p_phi(y | x_t, t) (`ClassifierGuidance`).
@@ -119,36 +126,96 @@ class ClassifierFreeGuidance:
         return ((sigma > lo) & (sigma <= hi)).to(t.device)
 
     def __call__(self, x_t: Tensor, t: Tensor) -> Tensor:
-        y = self.labels.to(x_t.device)
-        if y.shape != x_t.shape[:1]:
-            raise ValueError(f"need one label per image: {tuple(y.shape)} labels for {x_t.shape[0]} images")
+        y = self._labels(x_t)
         s = self.guidance_scale
         if s == 1.0:
-            return self.model(x_t, t, y)
+            return self._positive(x_t, t, y)
         if self.interval is not None:
             inside = self.inside(t)
             if not bool(inside.any()):
-                return self.model(x_t, t, y)  # the conditional model alone: one evaluation
+                return self._positive(x_t, t, y)  # the conditional model alone: one evaluation
             if not bool(inside.all()):
                 return self._guide_some(x_t, t, y, inside)
         if s == 0.0:
-            return self.model(x_t, t, torch.full_like(y, self.null_label))
-        out = self.model(torch.cat([x_t, x_t]), torch.cat([t, t]), torch.cat([y, torch.full_like(y, self.null_label)]))
-        cond, uncond = out.chunk(2)
+            return self._negative(x_t, t, y)
+        cond, uncond = self._both(x_t, t, y)
         channels = x_t.shape[1]
         eps = s * cond[:, :channels] + (1.0 - s) * uncond[:, :channels]
         return torch.cat([eps, cond[:, channels:]], dim=1)
 
+    def _labels(self, x_t: Tensor) -> Tensor:
+        y = self.labels.to(x_t.device)
+        if y.shape != x_t.shape[:1]:
+            raise ValueError(f"need one label per image: {tuple(y.shape)} labels for {x_t.shape[0]} images")
+        return y
+
+    # The two branches: the conditional model, and the one guidance extrapolates away from (here the same network
+    # with the null label; `AutoGuidance` overrides these three with a weaker model of its own).
+    def _positive(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.model(x_t, t, y)
+
+    def _negative(self, x_t: Tensor, t: Tensor, y: Tensor) -> Tensor:
+        return self.model(x_t, t, torch.full_like(y, self.null_label))
+
+    def _both(self, x_t: Tensor, t: Tensor, y: Tensor, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The positive branch for every image and the negative one for the images `index` (None: all), from one
+        forward pass on [x; x[index]] with labels [y; null]."""
+        x_n, t_n, y_n = (x_t, t, y) if index is None else (x_t[index], t[index], y[index])
+        out = self.model(
+            torch.cat([x_t, x_n]), torch.cat([t, t_n]), torch.cat([y, torch.full_like(y_n, self.null_label)])
+        )
+        return out[: x_t.shape[0]], out[x_t.shape[0] :]
+
     def _guide_some(self, x_t: Tensor, t: Tensor, y: Tensor, inside: Tensor) -> Tensor:
-        """Guidance for the images `inside` only: one forward pass on [x; x[inside]] with labels [y; null]."""
-        s, channels, batch = self.guidance_scale, x_t.shape[1], x_t.shape[0]
+        """Guidance for the images `inside` only: the negative branch evaluated for those images alone."""
+        s, channels = self.guidance_scale, x_t.shape[1]
         index = inside.nonzero().squeeze(1)
-        null = torch.full_like(y[index], self.null_label)
-        out = self.model(torch.cat([x_t, x_t[index]]), torch.cat([t, t[index]]), torch.cat([y, null]))
-        cond, uncond = out[:batch], out[batch:]
+        cond, uncond = self._both(x_t, t, y, index)
         guided = cond.clone()
         guided[index, :channels] = s * cond[index, :channels] + (1.0 - s) * uncond[:, :channels]
         return guided
+
+
+class AutoGuidance(ClassifierFreeGuidance):
+    """Autoguidance (Karras et al. 2024, eq. 2): `model` extrapolated away from a weaker `guide` of the same task,
+    D~ = D_guide + s (D_model - D_guide) = s D_model + (1 - s) D_guide, as `model(x_t, t)`.
+
+    Both are called with the same `labels` (None: unconditional models, called as `net(x_t, t)`); outputs are mixed
+    in whatever target both predict (eps, x0 or v: the mix is affine, so it commutes with the conversions, given the
+    same schedule). Two networks cannot share a forward pass: every guided step is two evaluations, of the model and
+    of the (usually smaller) guide. `interval` and the scale conventions are ClassifierFreeGuidance's: s = 1 is the
+    model alone, s = 0 the guide alone. Output channels beyond the image's (a learned variance) come from the model.
+    """
+
+    def __init__(
+        self,
+        model: Callable[..., Tensor],
+        guide: Callable[..., Tensor],
+        labels: Tensor | None,
+        guidance_scale: float,
+        interval: Sequence[float] | None = None,
+        schedule: NoiseSchedule | None = None,
+    ) -> None:
+        super().__init__(model, labels, guidance_scale, -1, interval, schedule)
+        self.guide = guide
+
+    def _labels(self, x_t: Tensor) -> Tensor | None:
+        return None if self.labels is None else super()._labels(x_t)
+
+    @staticmethod
+    def _call(net: Callable[..., Tensor], x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return net(x_t, t) if y is None else net(x_t, t, y)
+
+    def _positive(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return self._call(self.model, x_t, t, y)
+
+    def _negative(self, x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:
+        return self._call(self.guide, x_t, t, y)
+
+    def _both(self, x_t: Tensor, t: Tensor, y: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        if index is None:
+            return self._positive(x_t, t, y), self._negative(x_t, t, y)
+        return self._positive(x_t, t, y), self._negative(x_t[index], t[index], None if y is None else y[index])
 
 
 def classifier_free_guidance(

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
-from src.diffusion.guidance import ClassifierGuidance, classifier_free_guidance
+from src.diffusion.guidance import AutoGuidance, ClassifierGuidance, classifier_free_guidance
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.process import DiffusionProcess, DiscreteProcess, as_process
 from src.diffusion.sampler_settings import SamplerSettings
@@ -93,6 +93,13 @@ class DiffusionModel(nn.Module):
         sample_labels: conditional nets: labels of the samples in turn (None: all classes in turn).
         classifier_path: a NoisyClassifier file for classifier guidance (Dhariwal & Nichol 2021).
         classifier_scale: its scale s (0: off).
+        guidance_model: a weaker model of the same task (a checkpoint or export folder `DiffusionModel.load` reads:
+            a smaller net, or the same one trained for less time) for autoguidance (Karras et al. 2024,
+            guidance.py's `AutoGuidance`): D_guide + a (D - D_guide) at every step, with `autoguidance_scale` a,
+            for conditional and unconditional nets; on a conditional net D is the classifier-free guided model when
+            `guidance_scale` is not 1 too. It must share this model's schedule, prediction target, latent shape and
+            classes. Loaded on first use and kept out of the state dict, like the classifier.
+        autoguidance_scale: a of autoguidance (1: off, the model alone; 0: the guide alone).
         sample_seed: the default seed of `sample_indices`.
         first_stage: an encoder/decoder around the diffusion (`src.models.first_stage.FirstStage`: `encode`,
             `decode`); the net then works on its latents, and `sample` decodes them. None: pixel space. It is
@@ -113,6 +120,8 @@ class DiffusionModel(nn.Module):
         classifier_scale: float = 0.0,
         sample_seed: int = 0,
         first_stage: nn.Module | None = None,
+        guidance_model: str | None = None,
+        autoguidance_scale: float = 1.0,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -144,9 +153,13 @@ class DiffusionModel(nn.Module):
         self.classifier_path = classifier_path
         self.classifier_scale = classifier_scale
         self.sample_seed = sample_seed
-        # The guidance classifier is loaded on first use and kept out of the state dict (it is not part of the
-        # model's weights, and a checkpoint must load without its file): a plain dict is not registered.
+        self.guidance_model = guidance_model
+        self.autoguidance_scale = autoguidance_scale
+        # The guidance classifier and the autoguidance model are loaded on first use and kept out of the state dict
+        # (they are not part of the model's weights, and a checkpoint must load without their files): a plain dict
+        # is not registered.
         self._classifier: dict[str, nn.Module] = {}
+        self._guide: dict[str, DiffusionModel] = {}
 
     # ------------------------------------------------------------------ what the net is
     @property
@@ -213,6 +226,38 @@ class DiffusionModel(nn.Module):
                 self._classifier["model"] = model.to(self.device)
         return self._classifier["model"]
 
+    def guide(self) -> DiffusionModel | None:
+        """The autoguidance model of `guidance_model` (loaded once, frozen, on this model's device), or None."""
+        if not self.guidance_model:
+            return None
+        model = self._guide.get("model")
+        if model is None:
+            model = DiffusionModel.load(self.guidance_model).requires_grad_(False)
+            self._check_guide(model)
+        if model.device != self.device:
+            model = model.to(self.device)
+        self._guide["model"] = model
+        return model
+
+    def _check_guide(self, guide: DiffusionModel) -> None:
+        """A ConfigError in one line unless `guide` predicts the same target of the same noise on the same classes."""
+        flag = f"--model.guidance_model {self.guidance_model}"
+        mine, its = self.schedule.alphas_cumprod, guide.schedule.alphas_cumprod
+        differences = [
+            f"{what}: {a} here, {b} there"
+            for what, a, b in (
+                ("latent shape", self.latent_shape, guide.latent_shape),
+                ("prediction", self.prediction, guide.prediction),
+                ("classes", getattr(self.net, "num_classes", None), getattr(guide.net, "num_classes", None)),
+                ("timesteps", mine.numel(), its.numel()),
+            )
+            if a != b
+        ]
+        if not differences and not torch.allclose(mine.cpu(), its.cpu(), rtol=0.0, atol=1e-9):
+            differences.append("noise schedule: the alphas_cumprod differ")
+        if differences:
+            raise ConfigError(f"{flag} cannot guide this model: its {'; '.join(differences)}")
+
     def label_choices(self) -> list[int] | None:
         """The labels samples take in turn (sample i gets `choices[i % len(choices)]`): `sample_labels`, or every
         class; None when neither the net is conditional nor classifier guidance is on. A grid with one column per
@@ -239,22 +284,29 @@ class DiffusionModel(nn.Module):
         classifier-free guidance scale s = 1 + w (guidance.py; only in `guidance_interval` where one is set), the
         learned-variance channels dropped unless `keep_variance` (the "learned" DDPM variance reads them), and with
         `classifier_scale` != 0 classifier guidance on top (guidance.py's ClassifierGuidance)."""
-        model = self.net if self.prediction == "eps" else EpsPredictor(self.net, self.schedule, self.prediction)
-        return self._guided(model, labels, guidance_scale, keep_variance, self.classifier_scale != 0.0)
+        return self._guided(self._as_eps, labels, guidance_scale, keep_variance, self.classifier_scale != 0.0)
+
+    def _as_eps(self, net: nn.Module):
+        return net if self.prediction == "eps" else EpsPredictor(net, self.schedule, self.prediction)
 
     def output_model(self, labels: Tensor | None = None, guidance_scale: float | None = None):
         """Like `eps_model` but the net's own output (eps, x0 or v: `prediction`), guided, without classifier guidance.
         For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
         `continuous.DiscreteVPDenoiser`), which converts it with the continuous sigma itself. The guided combination
         u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
-        return self._guided(self.net, labels, guidance_scale, False, False)
+        return self._guided(lambda net: net, labels, guidance_scale, False, False)
 
-    def _guided(self, model, labels: Tensor | None, guidance_scale: float | None, keep_variance: bool,
-                use_classifier: bool):  # fmt: skip
+    def _guided(self, wrap: Callable[[nn.Module], Callable], labels: Tensor | None, guidance_scale: float | None,
+                keep_variance: bool, use_classifier: bool):  # fmt: skip
+        """The net, wrapped by `wrap` (to eps, or as it is), guided: classifier-free guidance (conditional nets), then
+        autoguidance away from the guide (wrapped the same way), then classifier guidance, each where it is on."""
+        model = wrap(self.net)
         channels = self.net.in_channels if self.learned_variance and not keep_variance else None
-        if not self.conditional and channels is None and not use_classifier:
-            return model
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
+        autoguided = self.guidance_model and self.autoguidance_scale != 1.0
+        guide = wrap(self.guide().net) if autoguided else None
+        if not self.conditional and channels is None and not use_classifier and guide is None:
+            return model
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
             y = labels if labels is not None else self.labels_for(torch.arange(x_t.shape[0]))
@@ -262,6 +314,11 @@ class DiffusionModel(nn.Module):
             if self.conditional:
                 guided = classifier_free_guidance(model, y, scale, self.net.num_classes,
                                                   interval=self.guidance_interval, schedule=self.schedule)  # fmt: skip
+            if guide is not None:
+                # AutoGuidance evaluates its model on the whole batch with these labels: the guided one fits.
+                positive = guided if self.conditional else model
+                guided = AutoGuidance(lambda x, t_, *_: positive(x, t_), guide, y if self.conditional else None,
+                                      self.autoguidance_scale)  # fmt: skip
             if use_classifier:
                 guided = ClassifierGuidance(guided, self.guidance_classifier(), y, self.classifier_scale, self.schedule)
             out = guided(x_t, t)
@@ -492,6 +549,8 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
         sample_labels=hparams.get("sample_labels"),
         sample_seed=hparams.get("sample_seed", 0),
         first_stage=parts.get("first_stage"),
+        guidance_model=hparams.get("guidance_model"),
+        autoguidance_scale=hparams.get("autoguidance_scale", 1.0),
     )
 
 
