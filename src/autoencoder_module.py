@@ -40,7 +40,7 @@ from src.errors import ConfigError
 from src.images import make_grid, save_png, to_uint8
 from src.metrics.features import build_feature_extractor
 from src.metrics.fid import FeatureStatistics, frechet_distance
-from src.models.autoencoder import AutoencoderKL, VQModel, save_autoencoder
+from src.models.autoencoder import AutoencoderKL, VQModel, load_autoencoder, save_autoencoder
 
 ADAPTIVE_WEIGHT_MAX = 1e4  # LDM's clamp of the adaptive weight
 
@@ -162,6 +162,10 @@ class AutoencoderModule(L.LightningModule):
             fd_classifier's, or "standin"; null: none).
         grid_images: images in the validation grid (the first batch's, over their reconstructions); 0: no grid.
         export_path: where fit saves the autoencoder (default `<run dir>/autoencoder.pt`).
+        init_from: an autoencoder file (`autoencoder.pt`, as fit writes it) whose weights a new fit starts from, of the
+            same architecture as `net`: fine-tuning, e.g. LDM's schedule of reconstruction first and the
+            discriminator once it has converged, as a second run with `--model.disc_start 0`. The discriminator and
+            the output log-variance start afresh. A resumed run (`--ckpt_path`) takes the checkpoint's weights.
     """
 
     image_size_option = "model.image_size"  # what --data.image_size follows (src/main.py links it)
@@ -185,6 +189,7 @@ class AutoencoderModule(L.LightningModule):
         fd_extractor: str | None = None,
         grid_images: int = 32,
         export_path: str | None = None,
+        init_from: str | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(net, (AutoencoderKL, VQModel)):
@@ -393,6 +398,9 @@ class AutoencoderModule(L.LightningModule):
         return optimizers
 
     def setup(self, stage: str) -> None:
+        if stage == "fit" and self.hparams.init_from:
+            # Before Lightning restores a --ckpt_path, which then replaces these weights (resume wins).
+            self._load_initial_weights(self.hparams.init_from)
         # Under DDP every backward must account for every parameter: the autoencoder's backward leaves the
         # discriminator unused before disc_start and the discriminator's leaves the autoencoder unused, so DDP must
         # look for unused parameters (Lightning's "ddp_find_unused_parameters_true"). The strategy wraps the module
@@ -400,6 +408,26 @@ class AutoencoderModule(L.LightningModule):
         ddp_kwargs = getattr(self.trainer.strategy, "_ddp_kwargs", None)
         if isinstance(ddp_kwargs, dict):
             ddp_kwargs["find_unused_parameters"] = True
+
+    def _load_initial_weights(self, path: str) -> None:
+        """The net's weights from the autoencoder file `path`; a ConfigError in one line unless it holds the same
+        architecture."""
+        flag = f"--model.init_from {path}"
+        try:
+            source = load_autoencoder(path)
+        except (FileNotFoundError, ValueError) as e:
+            raise ConfigError(f"{flag}: {str(e).splitlines()[0]}") from e
+        if type(source) is not type(self.net) or dict(source.config) != dict(self.net.config):
+            differing = sorted(
+                k for k in set(source.config) | set(self.net.config)
+                if source.config.get(k) != self.net.config.get(k)
+            )  # fmt: skip
+            raise ConfigError(
+                f"{flag} holds a {type(source).__name__} that differs from --model.net in "
+                f"{', '.join(differing) or 'its class'}: give the same --model.net.init_args, or another file"
+            )
+        self.net.load_state_dict(source.state_dict())
+        rank_zero_info(f"Started the autoencoder from {path}")
 
     def on_validation_start(self) -> None:
         self._move_frozen()

@@ -166,3 +166,31 @@ def test_cli_fit_then_test_with_the_shipped_config(tmp_path: Path) -> None:
                    "--model.fd_extractor", "standin", cwd=ROOT)  # fmt: skip
     assert test.returncode == 0, test.stderr[-3000:]
     assert "test/psnr" in test.stdout and "test/fd_standin" in test.stdout
+
+
+@needs_fashion_mnist
+def test_fit_starts_from_an_autoencoder_file(tmp_path: Path) -> None:
+    """--model.init_from: a second fit (here with the discriminator from step 0, LDM's schedule as two runs) starts
+    from a saved autoencoder's weights; at learning rate 0 they come out unchanged. Another architecture's file is a
+    one-line error."""
+    net = AutoencoderKL(**{**TINY, "latent_channels": 4, "block_out_channels": [8, 16, 16]})
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    source = save_autoencoder(net, tmp_path / "source.pt")
+    config = str(ROOT / "configs" / "fashion_mnist_autoencoder.yaml")
+    common = ["fit", "--config", config, "--logger_backend", "csv", "--trainer.max_steps", "2",
+              "--trainer.limit_val_batches", "0", "--data.batch_size", "8", "--model.init_from", str(source),
+              *(f"--model.net.init_args.{k}={v}" for k, v in
+                {"block_out_channels": "[8, 16, 16]", "layers_per_block": 1, "norm_num_groups": 4}.items())]  # fmt: skip
+    fit = run_cli(*common, "--trainer.default_root_dir", str(tmp_path / "a"), "--model.lr", "0",
+                  "--model.disc_start", "0", "--model.disc_layers", "2", cwd=ROOT)  # fmt: skip
+    assert fit.returncode == 0, fit.stderr[-3000:]
+    (saved,) = (tmp_path / "a").rglob("autoencoder.pt")
+    after = load_autoencoder(saved).state_dict()
+    assert all(torch.equal(after[k], v) for k, v in net.state_dict().items())
+    bad = run_cli(*common, "--trainer.default_root_dir", str(tmp_path / "b"), "--model.net.init_args.latent_channels",
+                  "3", cwd=ROOT)  # fmt: skip
+    assert bad.returncode != 0
+    (line,) = [x for x in bad.stderr.splitlines() if x.startswith("error:")]
+    assert "--model.init_from" in line and "differs from --model.net in latent_channels" in line
