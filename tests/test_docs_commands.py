@@ -21,8 +21,8 @@ Each command is checked as deeply as is cheap (the whole file takes well under a
 
 Everything runs in a sandbox folder that looks like a checkout after `make train`: links to the repository's
 folders and a tiny `runs/fashion_mnist_cond/version_0/checkpoints/last.ckpt` trained for 2 steps, plus a small
-folder of images (`my_images/`), a folder of samples and a diffusers-format folder (`ddpm-cifar10-32/`, a tiny
-UNet standing in for the published one), so the documents' own paths resolve. Placeholders in capitals stand for
+folder of images (`my_images/`), a folder of samples, an autoguidance guide (`runs/guides/`) and a diffusers-format
+folder (`ddpm-cifar10-32/`, a tiny UNet standing in for the published one), so the documents' own paths resolve. Placeholders in capitals stand for
 such files: CKPT (a checkpoint), DIR (a folder of images), SAMPLES (a folder of samples).
 
 A block that cannot run here (it installs packages, needs a network or a GPU) starts with the line
@@ -40,6 +40,7 @@ import py_compile
 import re
 import runpy
 import shlex
+import shutil
 import subprocess
 import sys
 import warnings
@@ -200,6 +201,10 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     save_autoencoder(AutoencoderKL(1, 1, (8, 8, 8), 1, 4, 4, False),
                      root / "runs" / "fashion_mnist_autoencoder" / "version_0" / "autoencoder.pt")  # fmt: skip
     NoiseSchedule.from_diffusers(root / "ddpm-cifar10-32")
+    # What `python -m src.posthoc_ema RUN --step N --format ckpt --out_dir runs/guides` writes (an autoguidance guide
+    # for the run): a checkpoint of the same network.
+    (root / "runs" / "guides").mkdir()
+    shutil.copy(root / PLACEHOLDERS["CKPT"], root / "runs" / "guides" / "sigma_rel_0.050.ckpt")
     return root
 
 
