@@ -36,7 +36,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.image import PeakSignalNoiseRatio
 
-from src.errors import ConfigError
+from src.errors import ConfigError, first_line
 from src.images import make_grid, save_png, to_uint8
 from src.metrics.features import build_feature_extractor
 from src.metrics.fid import FeatureStatistics, frechet_distance
@@ -416,7 +416,7 @@ class AutoencoderModule(L.LightningModule):
         try:
             source = load_autoencoder(path)
         except (FileNotFoundError, ValueError) as e:
-            raise ConfigError(f"{flag}: {str(e).splitlines()[0]}") from e
+            raise ConfigError(f"{flag}: {first_line(e)}") from e
         if type(source) is not type(self.net) or dict(source.config) != dict(self.net.config):
             differing = sorted(
                 k for k in set(source.config) | set(self.net.config)

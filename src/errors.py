@@ -175,6 +175,13 @@ def check_image_shape(data_shape: tuple[int, ...], net: object, dataset: str, fi
         )
 
 
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message (its type's name when the message is empty), for one-line errors that
+    wrap another."""
+    message = str(error).strip()
+    return message.splitlines()[0] if message else type(error).__name__
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """torch.load a checkpoint (memory-mapped: the tensors stay on disk), or raise CheckpointError in one line."""
     path = str(path)
@@ -183,9 +190,8 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as error:  # truncated zip, pickle garbage, not a torch file at all
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise CheckpointError(
-            f"--ckpt_path {path} is corrupt or not a checkpoint ({reason}); use another one, e.g. an earlier "
+            f"--ckpt_path {path} is corrupt or not a checkpoint ({first_line(error)}); use another one, e.g. an earlier "
             "checkpoint of the same run"
         ) from None
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("state_dict"), dict):

@@ -48,6 +48,7 @@ from src.errors import (
     check_checkpoint,
     check_image_shape,
     did_you_mean,
+    first_line,
     names_a_given_path,
     one_line,
     read_checkpoint,
@@ -419,7 +420,7 @@ class DiffusionCLI(LightningCLI):
             except ConfigError:
                 raise
             except (ValueError, OSError, RuntimeError) as e:
-                raise ConfigError(f"--model.guidance_model {guidance_model}: {str(e).splitlines()[0]}") from e
+                raise ConfigError(f"--model.guidance_model {guidance_model}: {first_line(e)}") from e
         if self.model.conditional:
             return
         if scale != 1.0:

@@ -213,9 +213,8 @@ class AutoGuidance(ClassifierFreeGuidance):
         return self._call(self.guide, x_t, t, y)
 
     def _both(self, x_t: Tensor, t: Tensor, y: Tensor | None, index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        if index is None:
-            return self._positive(x_t, t, y), self._negative(x_t, t, y)
-        return self._positive(x_t, t, y), self._negative(x_t[index], t[index], None if y is None else y[index])
+        x_n, t_n, y_n = (x_t, t, y) if index is None else (x_t[index], t[index], None if y is None else y[index])
+        return self._positive(x_t, t, y), self._negative(x_n, t_n, y_n)
 
 
 def classifier_free_guidance(
