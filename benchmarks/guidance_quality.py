@@ -57,16 +57,18 @@ def variants(
     scales: list[float], thresholds: list[str], intervals: list[str], guides: list[str] | None = None
 ) -> list[tuple[float, str, str, str]]:
     """(scale, threshold, interval, guide) of every combination; an interval and a guide only where there is
-    guidance (scale != 1): there only no interval and the first guide."""
+    guidance (scale != 1): there only no interval and the first guide. A guide's path runs without classifier-free
+    guidance, so without an interval: once per scale and threshold, not once per interval."""
     guides = guides or ["cfg"]
-    return [
-        (s, th, iv, g)
+    combinations = [
+        (s, th, iv if g == "cfg" else "none", g)
         for s in scales
         for th in thresholds
         for iv in intervals
         for g in guides
         if s != 1.0 or (iv == "none" and g == guides[0])
     ]
+    return list(dict.fromkeys(combinations))
 
 
 def predict_args(scale: float, threshold: str, interval: str, guide: str = "cfg") -> list[str]:
@@ -105,8 +107,8 @@ def main() -> None:
             options = [*predict_args(scale, threshold, interval, guide), *shlex.split(args.predict_args)]
             seconds = predict_samples(args.config, args.ckpt, out, args.num_samples, args.batch_size, options)
             fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--prc"])
-            guide_name = guide if guide == "cfg" or scale == 1.0 else Path(guide).name
-            rows.append((scale, guide_name if scale != 1.0 else "-", threshold, interval, *quality_cells(fd, scores),
+            # The guide's path as given: src.posthoc_ema names every file sigma_rel_<value>.ckpt, only folders differ.
+            rows.append((scale, guide if scale != 1.0 else "-", threshold, interval, *quality_cells(fd, scores),
                          seconds))  # fmt: skip
             print(rows[-1], flush=True)
     print(

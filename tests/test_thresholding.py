@@ -296,6 +296,10 @@ def test_the_guidance_quality_benchmark_runs_valid_predict_options(monkeypatch: 
     guides = bench["variants"]([1.0, 3.0], ["static"], ["none"], ["cfg", "weak.ckpt", "weaker.ckpt"])
     assert guides == [(1.0, "static", "none", "cfg")] + [(3.0, "static", "none", g) for g in ("cfg", "weak.ckpt",
                                                                                              "weaker.ckpt")]  # fmt: skip
+    # A guide runs without classifier-free guidance, so a list of intervals does not multiply its runs.
+    assert bench["variants"]([3.0], ["static"], ["none", "0.3:5"], ["cfg", "weak.ckpt"]) == [
+        (3.0, "static", "none", "cfg"), (3.0, "static", "none", "weak.ckpt"), (3.0, "static", "0.3:5", "cfg")
+    ]  # fmt: skip
     assert bench["predict_args"](3.0, "static", "none", "weak.ckpt")[-4:] == [
         "--model.guidance_model", "weak.ckpt", "--model.autoguidance_scale", "3.0"
     ]  # fmt: skip
