@@ -6,9 +6,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import lightning as L
 import pytest
 import torch
+from test_guidance import each_is_one_line, perturbed, tiny_checkpoint
 
 from src.diffusion.continuous import vp_sigmas
 from src.diffusion.guidance import AutoGuidance, timestep_sigma
@@ -18,7 +18,6 @@ from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.models.diffusion import DiffusionModel
 from src.models.unet import UNet
-from src.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 SCHEDULE = NoiseSchedule.linear(1000, 1e-4, 0.02)
@@ -80,14 +79,11 @@ def test_autoguidance_in_an_interval_evaluates_the_guide_only_inside() -> None:
 
 
 def _net(seed: int, **extra) -> UNet:
-    """A tiny UNet whose output is not zero (an untrained one's zero output convolution would hide guidance)."""
+    """A tiny 8x8 UNet with perturbed weights."""
     torch.manual_seed(seed)
     net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=(1, 2), num_res_blocks=1,
                attn_resolutions=(), mid_attention=False, norm_groups=4, dropout=0.0, **extra)  # fmt: skip
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net.eval()
+    return perturbed(net).eval()
 
 
 @pytest.mark.parametrize("sampler", ["ddim", "heun"])
@@ -151,20 +147,6 @@ def test_a_guide_of_another_task_is_one_line(tmp_path: Path) -> None:
             model.guide()
 
 
-def _checkpoint(path: Path, seed: int) -> Path:
-    from test_sample import TINY_NET
-
-    torch.manual_seed(seed)
-    module = DiffusionModule(UNet(in_channels=1, image_size=28, num_res_blocks=1, dropout=0.0, **TINY_NET),
-                             prediction="v")  # fmt: skip
-    with torch.no_grad():
-        for p in module.model.net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
-    return path
-
-
 def test_autoguidance_through_the_command_line(tmp_path: Path) -> None:
     """An unconditional checkpoint guided by another (the weaker model) with predict: other images than unguided;
     options that cannot work are one-line errors that write nothing."""
@@ -172,7 +154,8 @@ def test_autoguidance_through_the_command_line(tmp_path: Path) -> None:
 
     from src.main import cli_main
 
-    ckpt, weak = _checkpoint(tmp_path / "model.ckpt", 0), _checkpoint(tmp_path / "weak.ckpt", 1)
+    ckpt = tiny_checkpoint(tmp_path / "model.ckpt", 0, "v")
+    weak = tiny_checkpoint(tmp_path / "weak.ckpt", 1, "v")
 
     def predict(out: str, *extra: str) -> list[bytes]:
         cli_main(["predict", "--config", str(REPO / "configs" / "fashion_mnist.yaml"), *TINY,
@@ -194,8 +177,4 @@ def test_autoguidance_through_the_command_line(tmp_path: Path) -> None:
          r"nothing.ckpt: no such checkpoint or export folder"),
         (["--model.guidance_scale", "2"], r"classifier-free guidance needs a class-conditional net.*--model.guidance_model"),
     ]  # fmt: skip
-    for extra, message in bad:
-        with pytest.raises(ConfigError, match=message) as error:
-            predict("bad", *extra)
-        assert "\n" not in str(error.value)
-    assert not (tmp_path / "bad").exists()
+    each_is_one_line(predict, bad, tmp_path / "bad")

@@ -372,22 +372,12 @@ def test_bad_intervals_raise() -> None:
 def test_guidance_interval_through_the_command_line(tmp_path: Path) -> None:
     """predict with --model.guidance_interval: covering all noise levels it writes the same images as guidance at
     every step; a narrow one writes others; values or combinations that mean nothing are one-line errors."""
-    from test_sample import TINY, TINY_NET
+    from test_sample import TINY
 
-    from src.errors import ConfigError
     from src.main import cli_main
-    from src.models.unet import UNet
 
-    # A tiny conditional net whose output depends on the label (an untrained one's zero output conv hides it).
-    torch.manual_seed(0)
-    module = DiffusionModule(UNet(in_channels=1, image_size=28, num_res_blocks=1, dropout=0.0, num_classes=10,
-                                  **TINY_NET), prediction="eps")  # fmt: skip
-    with torch.no_grad():
-        for p in module.model.net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ckpt = tmp_path / "conditional.ckpt"
-    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
-                "pytorch-lightning_version": L.__version__}, ckpt)  # fmt: skip
+    # A tiny conditional net whose output depends on the label.
+    ckpt = tiny_checkpoint(tmp_path / "conditional.ckpt", num_classes=10)
 
     def predict(out: str, *extra: str) -> list[bytes]:
         cli_main(["predict", "--config", str(REPO / "configs" / "fashion_mnist_cond.yaml"), *TINY,
@@ -406,8 +396,41 @@ def test_guidance_interval_through_the_command_line(tmp_path: Path) -> None:
         (["--model.guidance_scale", "1"],  # the quickstart config's own interval: the message says how to drop it
          r"off \(--model.guidance_scale 1\): for no guidance add --model.guidance_interval null"),
     ]  # fmt: skip
+    each_is_one_line(predict, bad, tmp_path / "bad")
+
+
+def perturbed(net: torch.nn.Module) -> torch.nn.Module:
+    """`net` with every weight moved off its initialisation (by the global RNG, after the caller's seed): an
+    untrained UNet's zero output convolution would hide what labels and guidance change."""
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return net
+
+
+def tiny_checkpoint(path: Path, seed: int = 0, prediction: str = "eps", num_classes: int | None = None) -> Path:
+    """A DiffusionModule checkpoint of a tiny 28x28 UNet (test_sample's TINY_NET) with perturbed weights, as
+    `--ckpt_path` reads it."""
+    from test_sample import TINY_NET
+
+    from src.models.unet import UNet
+
+    torch.manual_seed(seed)
+    net = UNet(in_channels=1, image_size=28, num_res_blocks=1, dropout=0.0, num_classes=num_classes, **TINY_NET)
+    module = DiffusionModule(net, prediction=prediction)
+    perturbed(module.model.net)
+    torch.save({"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams),
+                "pytorch-lightning_version": L.__version__}, path)  # fmt: skip
+    return path
+
+
+def each_is_one_line(predict, bad: list[tuple[list[str], str]], out: Path) -> None:
+    """Each (options, message) of `bad` makes `predict(out.name, *options)` raise a one-line ConfigError matching the
+    message, and nothing is written to `out`."""
+    from src.errors import ConfigError
+
     for extra, message in bad:
         with pytest.raises(ConfigError, match=message) as error:
-            predict("bad", *extra)
+            predict(out.name, *extra)
         assert "\n" not in str(error.value)
-    assert not (tmp_path / "bad").exists()
+    assert not out.exists()
