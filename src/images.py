@@ -58,7 +58,8 @@ def label_columns(
         while text and draw.textlength(text, font=font) > cell_width:
             text = text[:-1]
         draw.text((padding + column * (cell_width + padding), 0), text, fill=ink, font=font)
-    header = torch.from_numpy(np.array(strip)).expand(channels, -1, -1)
+    # On the grid's device: a grid of samples made on a GPU stays there until it is saved.
+    header = torch.from_numpy(np.array(strip)).to(grid.device).expand(channels, -1, -1)
     return torch.cat([header, grid], dim=1)
 
 

@@ -190,3 +190,6 @@ def test_label_columns_keeps_the_grid_and_writes_inside_each_column() -> None:
     header = labelled[0, :HEADER_HEIGHT].numpy()
     assert (header[:, 2:30] < 128).any() and (header[:, 32:60] < 128).any()  # ink above both columns
     assert (header[:, 30:32] == 255).all()  # none in the gap between them
+    # A grid of samples made on a GPU stays there: the header joins it on its device (the "meta" device stands in
+    # for CUDA on a CPU machine; a CPU header would not concatenate with it).
+    assert label_columns(grid.to("meta"), ["a", "b"], cell_width=28).device.type == "meta"
