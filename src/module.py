@@ -122,6 +122,11 @@ class DiffusionModule(L.LightningModule):
         ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
             2021, appendix D; adaptive RK45 with a Hutchinson divergence, uniform dequantisation), on this many
             test batches (0: off; each image costs some hundreds of network calls with gradients).
+        condition: for a net with conditioning "concat": the function of the clean images that makes the condition it
+            reads beside x_t (`src/diffusion/conditioning.py`; {name: low_resolution, factor: 4}: super-resolution,
+            learning p(x | x reduced 4x)). Training makes it from each batch; samples are conditioned on
+            `condition_split`'s images, sample i on image i (mod their number).
+        condition_split: the data's split whose images samples are conditioned on ("test" or "train").
     """
 
     def __init__(
@@ -165,6 +170,8 @@ class DiffusionModule(L.LightningModule):
         process: DiffusionProcess | None = None,
         first_stage: FirstStage | None = None,
         timestep_sampling: str = "uniform",
+        condition: dict | None = None,
+        condition_split: str = "test",
     ) -> None:
         super().__init__()
         # The parts are modules or callables, not hyperparameters: the networks' specs are recorded below, and the
@@ -173,6 +180,8 @@ class DiffusionModule(L.LightningModule):
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
+        if condition_split not in ("train", "test"):
+            raise ConfigError(f"--model.condition_split is train or test, got {condition_split!r}")
         if timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ConfigError(
                 f"--model.timestep_sampling {timestep_sampling!r} is unknown; choose one of {', '.join(TIMESTEP_SAMPLINGS)}"
@@ -209,6 +218,7 @@ class DiffusionModule(L.LightningModule):
             autoguidance_scale=autoguidance_scale,
             sample_seed=sample_seed,
             first_stage=first_stage,
+            condition=condition,
         )
         self.objective = self._check_objective(objective, loss_weighting, from_checkpoint)
         self.objective_fn = objective_function(self.objective)
@@ -291,6 +301,30 @@ class DiffusionModule(L.LightningModule):
         self.model.eval()
         return self
 
+    def setup(self, stage: str) -> None:
+        if self.model.concat and self.model.condition_images is None:
+            # The images samples are conditioned on (sample i on image i % N): grids, FID and predict alike.
+            datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            if not hasattr(datamodule, "reference_images"):
+                raise ConfigError("a model with --model.condition takes the images it is conditioned on from --data")
+            split = self.hparams.get("condition_split", "test")
+            self.model.condition_images = datamodule.reference_images(split)[0]
+            y = self.model.conditions_for(torch.arange(1))
+            if y.shape[1] != self.net.cond_channels:
+                raise ConfigError(
+                    f"--model.condition makes {y.shape[1]}-channel conditions of these images; the net concatenates "
+                    f"{self.net.cond_channels} (--model.net.init_args.cond_channels)"
+                )
+
+    def net_y(self, batch: tuple) -> Tensor | None:
+        """The net's y for a batch of clean images: their condition (concat nets), their labels (class-conditional
+        nets), else None."""
+        if self.model.concat:
+            if isinstance(batch[0], CachedLatents):
+                raise ConfigError("--model.condition is made from the images; --data.latent_cache holds latents only")
+            return self.model.condition_input(batch[0])
+        return batch[1] if self.conditional and len(batch) > 1 else None
+
     def on_fit_start(self) -> None:
         if self.hparams.channels_last:
             self.net.to(memory_format=torch.channels_last)
@@ -350,6 +384,8 @@ class DiffusionModule(L.LightningModule):
         if self.conditional:
             # Classifier-free guidance training: the null label with probability p_uncond (Ho & Salimans, Alg. 1).
             kwargs["y"] = drop_labels(batch[1], self.hparams.p_uncond, self.net.num_classes)
+        elif self.model.concat:  # the condition of the clean images (p_uncond drops labels only)
+            kwargs["y"] = self.net_y(batch)
         prediction = self.model.prediction
         if self.objective == "simple":
             loss = l_simple(self.train_net, images, self.process, t=self.last_t, prediction=prediction,
@@ -446,23 +482,23 @@ class DiffusionModule(L.LightningModule):
         }
 
     # ------------------------------------------------------------------ evaluation: EMA loss on fixed noise
-    def _fixed_noise_loss(self, images: Tensor, batch_idx: int, labels: Tensor | None = None) -> Tensor:
+    def _fixed_noise_loss(self, images: Tensor, batch_idx: int, y: Tensor | None = None) -> Tensor:
         # The same t and noise for the same batch at every evaluation, so successive values are comparable.
         images = self.model.encode(images)
         generator = torch.Generator().manual_seed(10_000 + batch_idx)
         t = torch.randint(0, self.schedule.num_timesteps, (images.shape[0],), generator=generator)
         noise = torch.randn(images.shape, generator=generator, dtype=images.dtype)
-        # Conditional nets are evaluated with the true labels (the conditional model's loss).
-        kwargs = {"y": labels} if self.conditional and labels is not None else {}
+        # Conditional nets are evaluated with the true labels or conditions (the conditional model's loss).
+        kwargs = {"y": y} if y is not None else {}
         return l_simple(self.model.net, images, self.model.process, t.to(self.device), noise.to(self.device),
                         prediction=self.model.prediction, **kwargs).mean()  # fmt: skip
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        loss = self._fixed_noise_loss(batch[0], batch_idx, batch[1] if len(batch) > 1 else None)
+        loss = self._fixed_noise_loss(batch[0], batch_idx, self.net_y(batch))
         self.log("val/loss", loss, prog_bar=True, sync_dist=True)
 
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
-        labels = batch[1] if len(batch) > 1 else None
+        labels = self.net_y(batch)  # labels, or a concat net's conditions
         self.log("test/loss", self._fixed_noise_loss(batch[0], batch_idx, labels), sync_dist=True)
         hp = self.hparams
         if self.model.first_stage is not None and (hp.bpd_timesteps != 0 or hp.get("ode_bpd_batches", 0)):
@@ -472,7 +508,7 @@ class DiffusionModule(L.LightningModule):
             return
         if self.vdm and hp.bpd_timesteps != 0:
             # VDM's own bound (prior, categorical decoder, diffusion term at bpd_timesteps stratified times).
-            kwargs = {"y": labels} if self.conditional and labels is not None else {}
+            kwargs = {"y": labels} if labels is not None else {}
             generator = torch.Generator().manual_seed(20_000 + batch_idx)
             terms = vdm_bits_per_dim(self.model.net, batch[0], self.model.process, hp.bpd_timesteps,
                                      self.model.prediction, self.vdm_steps, generator, **kwargs)  # fmt: skip

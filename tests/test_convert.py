@@ -339,3 +339,20 @@ def test_large_image_option_refusals():
     assert unet_args_from_diffusers(dict(OPTIONS_32, **RESNET_UPDOWN, downsample_padding=1))["resblock_updown"]
     with pytest.raises(DiffusersConversionError, match="downsample_padding=1"):
         unet_args_from_diffusers(dict(OPTIONS_32, downsample_padding=1))
+
+
+def test_concat_conditioning_from_and_to_diffusers(tmp_path):
+    """More inputs than outputs (LDMSuperResolutionPipeline's UNet2DModel, 6 in and 3 out): our conditioning
+    'concat' with the extra inputs as cond_channels, both ways; diffusers is fed [x, y] as that pipeline does."""
+    ref = perturbed_diffusers(dict(SMALL_28, in_channels=2, out_channels=1))
+    ref.save_pretrained(tmp_path / "diffusers")
+    net = load_diffusers_unet(tmp_path / "diffusers")
+    assert (net.in_channels, net.cond_channels, net.config["conditioning"]) == (1, 1, "concat")
+    g = torch.Generator().manual_seed(4)
+    x, y, t = torch.randn(2, 1, 28, 28, generator=g), torch.randn(2, 1, 28, 28, generator=g), torch.tensor([0, 977])
+    with torch.no_grad():
+        assert (ref(torch.cat([x, y], 1), t).sample - net(x, t, y)).abs().max() < 1e-5
+        save_diffusers_unet(net, tmp_path / "ours")
+        back = diffusers.UNet2DModel.from_pretrained(tmp_path / "ours").eval()
+        assert back.config.in_channels == 2 and back.config.out_channels == 1
+        assert (back(torch.cat([x, y], 1), t).sample - net(x, t, y)).abs().max() < 1e-5

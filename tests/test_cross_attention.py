@@ -75,7 +75,7 @@ def test_cross_attention_options_are_recorded_checked_and_rebuilt() -> None:
     with pytest.raises(ValueError, match="has none"):
         UNet(**{**CROSS, "attn_resolutions": (), "mid_attention": False})
     with pytest.raises(ValueError, match="unknown"):
-        UNet(**{**CROSS, "conditioning": "concat"})
+        UNet(**{**CROSS, "conditioning": "gated"})
     with pytest.raises(DiffusersConversionError, match="cross-attention"):
         diffusers_config_from_unet(net)
 

@@ -68,8 +68,13 @@ class SampleGrid(Callback):
         names = column_names(trainer, pl_module)
         # A class-conditional grid fills its last row (64 samples, 10 classes: 70), so every column is one class.
         num_samples = -(-self.num_samples // len(names)) * len(names) if names else self.num_samples
+        if getattr(pl_module.model, "condition", None) is not None:  # whole rows of 8 (`condition_grid`)
+            num_samples = -(-num_samples // 8) * 8
         images = pl_module.model.sample_indices(torch.arange(num_samples), seed=self.seed, **overrides)
-        grid = labelled_grid(to_uint8(images), names)
+        if getattr(pl_module.model, "condition", None) is not None:
+            grid = condition_grid(pl_module.model, torch.arange(num_samples), images)
+        else:
+            grid = labelled_grid(to_uint8(images), names)
         self.last_path = save_png(grid, folder / f"step_{step:07d}.png")
         rank_zero_info(f"Saved sample grid {self.last_path} ({time.perf_counter() - start:.1f}s)")
         for logger in trainer.loggers:
@@ -110,6 +115,18 @@ def labelled_grid(images: torch.Tensor, names: list[str] | None) -> torch.Tensor
     class-conditional model's samples cycle through the classes, so each column is one class); else near-square."""
     grid = make_grid(images, nrow=len(names) if names else None)
     return label_columns(grid, names, cell_width=images.shape[-1]) if names else grid
+
+
+def condition_grid(model, indices: torch.Tensor, samples: torch.Tensor, columns: int = 8) -> torch.Tensor:
+    """The samples of a model conditioned on images (`DiffusionModel.condition`) beside what they were made from:
+    for each `columns` samples, a row of their conditions as a person sees them (the condition's `visible`, e.g. the
+    low-resolution pixels enlarged; left out for a condition without one), the row of samples, and the row of the
+    clean images the conditions were made from."""
+    originals = model.source_images(indices).to(samples.device)
+    visible = getattr(model.condition, "visible", None)
+    rows = ([visible(originals)] if callable(visible) else []) + [samples, originals]
+    blocks = [torch.cat([row[i : i + columns] for row in rows]) for i in range(0, len(samples), columns)]
+    return make_grid(to_uint8(torch.cat(blocks)), nrow=min(columns, len(samples)))
 
 
 def _log_image(logger, key: str, grid: torch.Tensor, step: int) -> None:

@@ -200,7 +200,13 @@ class AutoGuidance(ClassifierFreeGuidance):
         self.guide = guide
 
     def _labels(self, x_t: Tensor) -> Tensor | None:
-        return None if self.labels is None else super()._labels(x_t)
+        # Labels (B,), or the image a concat-conditioned net reads beside x_t (B, C, H, W): one per image either way.
+        if self.labels is None:
+            return None
+        y = self.labels.to(x_t.device)
+        if y.shape[0] != x_t.shape[0]:
+            raise ValueError(f"need one label or condition per image: {tuple(y.shape)} for {x_t.shape[0]} images")
+        return y
 
     @staticmethod
     def _call(net: Callable[..., Tensor], x_t: Tensor, t: Tensor, y: Tensor | None) -> Tensor:

@@ -227,8 +227,17 @@ def unet_args_from_diffusers(config: dict) -> dict:
         raise DiffusersConversionError(
             "this diffusers UNet2DModel config has no equivalent in our UNet:\n  " + "\n  ".join(problems)
         )
+    # More input than output channels: the extra inputs are a concatenated condition (LDMSuperResolutionPipeline's
+    # UNet2DModel: 6 in, 3 out); a learned variance is the other way round (out = 2 in).
+    in_channels, out_channels = int(config.get("in_channels", 3)), int(config.get("out_channels", 3))
+    concat = in_channels > out_channels
+    if concat and num_class_embeds is not None:
+        raise DiffusersConversionError(
+            f"in_channels {in_channels} > out_channels {out_channels} (a concatenated condition) with class "
+            "embeddings: ours takes either labels or a concatenated image, not both"
+        )
     return dict(
-        in_channels=int(config.get("in_channels", 3)),
+        in_channels=out_channels if concat else in_channels,
         base_channels=base,
         channel_mult=mult,
         num_res_blocks=int(config.get("layers_per_block", 2)),
@@ -238,12 +247,13 @@ def unet_args_from_diffusers(config: dict) -> dict:
         # Our table has one more row than there are classes, the null label of classifier-free guidance: a
         # diffusers model with N class embeddings becomes num_classes = N - 1 (label N - 1 acts as "null").
         num_classes=None if num_class_embeds is None else int(num_class_embeds) - 1,
-        out_channels=int(config.get("out_channels", 3)),
+        out_channels=out_channels,
         norm_groups=int(groups) if groups is not None else 32,
         mid_attention=add_attention,
         **_nondefault(
             head_channels=head_channels, use_scale_shift_norm=scale_shift, resblock_updown=kinds == {"resnet"}
         ),
+        **({"conditioning": "concat", "cond_channels": in_channels - out_channels} if concat else {}),
     )
 
 
@@ -269,10 +279,10 @@ def diffusers_config_from_unet(net: UNet) -> dict:
         raise DiffusersConversionError(
             f"fourier_features {args['fourier_features']}: diffusers' UNet2DModel has no Fourier input features"
         )
-    if args["conditioning"] != "embedding":
+    if args["conditioning"] == "cross_attention":
         raise DiffusersConversionError(
             f"conditioning {args['conditioning']!r}: diffusers' UNet2DModel has no cross-attention (its "
-            "UNet2DConditionModel does, with another layout); use conditioning 'embedding' to convert"
+            "UNet2DConditionModel does, with another layout); use conditioning 'embedding' or 'concat' to convert"
         )
     mult, size = list(args["channel_mult"]), int(args["image_size"])
     levels = len(mult)
@@ -308,7 +318,9 @@ def diffusers_config_from_unet(net: UNet) -> dict:
         "_class_name": "UNet2DModel",
         "_diffusers_version": _diffusers_version(),
         "sample_size": size,
-        "in_channels": net.in_channels,
+        # A concat-conditioned net's first convolution reads x and y together: diffusers' UNet2DModel of
+        # LDMSuperResolutionPipeline (in_channels 6, out_channels 3), whose caller concatenates them the same way.
+        "in_channels": net.in_channels + net.cond_channels,
         "out_channels": net.out_channels,
         "center_input_sample": False,
         "time_embedding_type": "positional",

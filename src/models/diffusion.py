@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from src.diffusion.conditioning import build_condition, condition_spec
 from src.diffusion.guidance import AutoGuidance, ClassifierGuidance, classifier_free_guidance
 from src.diffusion.parameterization import PREDICTIONS, EpsPredictor
 from src.diffusion.process import DiffusionProcess, DiscreteProcess, as_process
@@ -104,6 +105,10 @@ class DiffusionModel(nn.Module):
         first_stage: an encoder/decoder around the diffusion (`src.models.first_stage.FirstStage`: `encode`,
             `decode`); the net then works on its latents, and `sample` decodes them. None: pixel space. It is
             frozen and kept in eval mode.
+        condition: for a net that concatenates a spatially aligned condition (`UNet(conditioning="concat")`), the
+            function of a clean image that makes it (`src.diffusion.conditioning.build_condition`'s spec, e.g.
+            {"name": "low_resolution", "factor": 4}: super-resolution). Sample i is conditioned on
+            `condition_images[i % N]` (set them before `sample_indices`), or `sample` takes y itself.
     """
 
     def __init__(
@@ -122,6 +127,7 @@ class DiffusionModel(nn.Module):
         first_stage: nn.Module | None = None,
         guidance_model: str | None = None,
         autoguidance_scale: float = 1.0,
+        condition: dict | None = None,
     ) -> None:
         super().__init__()
         if prediction not in PREDICTIONS:
@@ -155,6 +161,20 @@ class DiffusionModel(nn.Module):
         self.sample_seed = sample_seed
         self.guidance_model = guidance_model
         self.autoguidance_scale = autoguidance_scale
+        try:
+            self.condition = build_condition(condition)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
+        if bool(self.condition) != self.concat:
+            raise ConfigError(
+                "--model.condition and a net with conditioning 'concat' go together: the net concatenates "
+                f"{getattr(net, 'cond_channels', 0) or 'no'} condition channels, --model.condition is {condition}"
+            )
+        if self.concat and classifier_scale != 0.0:
+            raise ConfigError("--model.classifier_scale guides towards class labels; this net is conditioned on images")
+        # The clean images (uint8 or [-1, 1], (N, C, H, W)) that sample i is conditioned on, i % N; set by the caller
+        # (DiffusionModule: --model.condition_split of the data), never saved.
+        self.condition_images: Tensor | None = None
         # The guidance classifier and the autoguidance model are loaded on first use and kept out of the state dict
         # (they are not part of the model's weights, and a checkpoint must load without their files): a plain dict
         # is not registered.
@@ -196,6 +216,36 @@ class DiffusionModel(nn.Module):
     def conditional(self) -> bool:
         """Whether the net is class-conditional (takes labels y; classifier-free guidance applies)."""
         return bool(getattr(self.net, "num_classes", None))
+
+    @property
+    def concat(self) -> bool:
+        """Whether the net concatenates a spatially aligned condition y to its input (`condition` makes y)."""
+        return bool(getattr(self.net, "cond_channels", 0))
+
+    def condition_input(self, images: Tensor) -> Tensor:
+        """The net's y for clean images in [-1, 1] (B, C, H, W): `condition` of them at the size the net diffuses."""
+        return self.condition(images.to(self.device, torch.float32), self.latent_shape[-2:])
+
+    def conditions_for(self, indices: Tensor) -> Tensor | None:
+        """y of each sample index: the condition of `condition_images[i % N]`; None for nets without a condition.
+        Like the noise and the labels, it depends only on the index."""
+        if self.condition is None:
+            return None
+        return self.condition_input(self.source_images(indices))
+
+    def source_images(self, indices: Tensor) -> Tensor:
+        """`condition_images[i % N]` of each sample index, float in [-1, 1]."""
+        if self.condition_images is None:
+            raise ConfigError(
+                "this model is conditioned on images (--model.condition): set its condition_images (the CLI takes them "
+                "from --model.condition_split of --data)"
+            )
+        images = self.condition_images[indices.cpu().long() % len(self.condition_images)]
+        return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
+
+    def labels_or_conditions(self, indices: Tensor) -> Tensor | None:
+        """The net's y of each sample index: its condition (concat nets), else its label (`labels_for`)."""
+        return self.conditions_for(indices) if self.concat else self.labels_for(indices)
 
     @property
     def learned_variance(self) -> bool:
@@ -249,6 +299,7 @@ class DiffusionModel(nn.Module):
                 ("latent shape", self.latent_shape, guide.latent_shape),
                 ("prediction", self.prediction, guide.prediction),
                 ("classes", getattr(self.net, "num_classes", None), getattr(guide.net, "num_classes", None)),
+                ("condition", condition_spec(self.condition), condition_spec(guide.condition)),
                 ("timesteps", mine.numel(), its.numel()),
             )
             if a != b
@@ -305,20 +356,24 @@ class DiffusionModel(nn.Module):
         scale = self.guidance_scale if guidance_scale is None else guidance_scale
         autoguided = self.guidance_model and self.autoguidance_scale != 1.0
         guide = wrap(self.guide().net) if autoguided else None
-        if not self.conditional and channels is None and not use_classifier and guide is None:
+        if self.concat and labels is None:
+            raise ValueError("this net is conditioned on images: pass its y (labels=model.condition_input(images))")
+        if not self.conditional and not self.concat and channels is None and not use_classifier and guide is None:
             return model
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
             y = labels if labels is not None else self.labels_for(torch.arange(x_t.shape[0]))
             guided = model
+            if self.concat:  # the condition is part of the input, for the net and its guide alike
+                guided = lambda x, t_, *_: model(x, t_, y)  # noqa: E731
             if self.conditional:
                 guided = classifier_free_guidance(model, y, scale, self.net.num_classes,
                                                   interval=self.guidance_interval, schedule=self.schedule)  # fmt: skip
             if guide is not None:
                 # AutoGuidance evaluates its model on the whole batch with these labels: the guided one fits.
-                positive = guided if self.conditional else model
-                guided = AutoGuidance(lambda x, t_, *_: positive(x, t_), guide, y if self.conditional else None,
-                                      self.autoguidance_scale)  # fmt: skip
+                positive = guided if self.conditional or self.concat else model
+                guided = AutoGuidance(lambda x, t_, *_: positive(x, t_), guide, y if self.conditional or self.concat
+                                      else None, self.autoguidance_scale)  # fmt: skip
             if use_classifier:
                 guided = ClassifierGuidance(guided, self.guidance_classifier(), y, self.classifier_scale, self.schedule)
             out = guided(x_t, t)
@@ -344,7 +399,8 @@ class DiffusionModel(nn.Module):
         indices = torch.as_tensor(indices)
         generators = sample_generators(self.sample_seed if seed is None else seed, indices)
         x_T = self._noise_from(generators)
-        return self.sample(x_T, generator=generators, labels=self.labels_for(indices), progress=progress, **overrides)
+        y = self.labels_or_conditions(indices)
+        return self.sample(x_T, generator=generators, labels=y, progress=progress, **overrides)
 
     @torch.no_grad()
     def sample(
@@ -361,7 +417,8 @@ class DiffusionModel(nn.Module):
         the configured sampler; keyword `overrides` replace settings
         (SamplerSettings fields: sampler, steps, eta, skip, variance, clip_x0 (False, True or a
         `parameterization.DynamicThreshold`), options). Conditional nets: `labels`
-        (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w. `callback(dict)`
+        (B,) (default: all classes in turn, `labels_for(0..B-1)`) and `guidance_scale` s = 1 + w; nets with a
+        `condition`: `labels` is their y, `condition_input(images)` (required). `callback(dict)`
         sees every step of the sampler (`samplers.sample`), in the space the net diffuses."""
         settings = self.settings.replace(**overrides) if overrides else self.settings
         kwargs = settings.kwargs()
@@ -401,6 +458,7 @@ class DiffusionModel(nn.Module):
             raise ValueError(f"{type(self.net).__name__} records no constructor arguments (`config`); cannot export it")
         recipe = self.schedule_recipe or {"betas": self.schedule.betas.cpu().tolist()}
         meta = {
+            **({"condition": condition_spec(self.condition)} if self.condition is not None else {}),
             "format": EXPORT_FORMAT,
             "version": EXPORT_VERSION,
             "net": spec,
@@ -498,6 +556,7 @@ def _from_export(folder: Path) -> DiffusionModel:
         settings,
         None if "betas" in recipe else recipe,
         first_stage=parts.get("first_stage"),
+        condition=meta.get("condition"),
     )
 
 
@@ -551,6 +610,7 @@ def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> Dif
         first_stage=parts.get("first_stage"),
         guidance_model=hparams.get("guidance_model"),
         autoguidance_scale=hparams.get("autoguidance_scale", 1.0),
+        condition=hparams.get("condition"),
     )
 
 

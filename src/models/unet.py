@@ -385,8 +385,9 @@ OPTION_DEFAULTS = dict(
     conditioning="embedding",
     context_dim=None,
     transformer_depth=1,
+    cond_channels=None,
 )
-CONDITIONINGS = ("embedding", "cross_attention")
+CONDITIONINGS = ("embedding", "cross_attention", "concat")
 
 
 def fourier_features(x: Tensor, exponents: Sequence[int]) -> Tensor:
@@ -429,7 +430,11 @@ class UNet(nn.Module):
             to the time embedding, as ADM) or "cross_attention" (LDM, Rombach et al. 2022 section 3.3: a class
             embedder gives the context, one `context_dim` token per label, and every attention layer, at
             `attn_resolutions` and in the middle block, becomes a `SpatialTransformer` whose cross-attention reads
-            it; the null label's learned row is the unconditional context of classifier-free guidance).
+            it; the null label's learned row is the unconditional context of classifier-free guidance). "concat": y
+            is not a label but an image (B, cond_channels, H, W), spatially aligned with x, concatenated to its
+            channels before the first convolution (LDM section 3.3 and 4.4 for super-resolution and inpainting;
+            SR3, Saharia et al. 2021; `src/diffusion/conditioning.py` makes such y from images); no num_classes.
+        cond_channels: channels of the concatenated y ("concat" only).
         context_dim: width of the context tokens (default: 4 * base_channels, the time embedding's width).
         transformer_depth: transformer blocks per SpatialTransformer (LDM: 1).
     """
@@ -456,10 +461,19 @@ class UNet(nn.Module):
         conditioning: str = "embedding",
         context_dim: int | None = None,
         transformer_depth: int = 1,
+        cond_channels: int | None = None,
     ) -> None:
         super().__init__()
         if conditioning not in CONDITIONINGS:
             raise ValueError(f"conditioning {conditioning!r} is unknown; choose one of {', '.join(CONDITIONINGS)}")
+        concat = conditioning == "concat"
+        if concat and (not cond_channels or cond_channels < 1 or num_classes):
+            raise ValueError(
+                "conditioning 'concat' takes an image y of cond_channels channels instead of labels: set cond_channels "
+                f"(got {cond_channels}) and leave num_classes unset (got {num_classes})"
+            )
+        if cond_channels and not concat:
+            raise ValueError(f"cond_channels {cond_channels} is for conditioning 'concat', not {conditioning!r}")
         cross_attention = conditioning == "cross_attention"
         if cross_attention and not num_classes:
             raise ValueError("conditioning 'cross_attention' needs labels: set num_classes")
@@ -496,12 +510,14 @@ class UNet(nn.Module):
             conditioning=conditioning,
             context_dim=context_dim if cross_attention else None,
             transformer_depth=transformer_depth if cross_attention else 1,
+            cond_channels=int(cond_channels) if concat else None,
         )
         self.config.update({k: v for k, v in options.items() if v != OPTION_DEFAULTS[k]})
         self.in_channels = in_channels
         self.out_channels = out_channels or in_channels
         self.image_size = image_size
         self.num_classes = num_classes
+        self.cond_channels = options["cond_channels"] or 0
         self.base_channels = base_channels
         self.gradient_checkpointing = gradient_checkpointing
         temb_channels = 4 * base_channels
@@ -515,7 +531,8 @@ class UNet(nn.Module):
         label_width = self.context_dim if cross_attention else temb_channels
         self.label_emb = nn.Embedding(num_classes + 1, label_width) if num_classes else None
         self.fourier_exponents = options["fourier_features"] or []
-        self.conv_in = nn.Conv2d(in_channels * (1 + 2 * len(self.fourier_exponents)), base_channels, 3, padding=1)
+        input_channels = in_channels * (1 + 2 * len(self.fourier_exponents)) + self.cond_channels
+        self.conv_in = nn.Conv2d(input_channels, base_channels, 3, padding=1)
 
         def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, temb_channels, dropout, norm_groups, use_scale_shift_norm, resample)
@@ -577,12 +594,20 @@ class UNet(nn.Module):
                 temb = temb + self.label_emb(y)
             else:  # one context token per image, (B, 1, context_dim), in the weights' dtype
                 context = self.label_emb(y)[:, None]
+        elif self.cond_channels:
+            if y is None or y.ndim != 4 or y.shape[1] != self.cond_channels or y.shape[-2:] != x.shape[-2:]:
+                shape = None if y is None else tuple(y.shape)
+                raise ValueError(
+                    f"this UNet concatenates a condition y of shape (B, {self.cond_channels}, {x.shape[-2]}, "
+                    f"{x.shape[-1]}) to x; got {shape}"
+                )
         elif y is not None:
             raise ValueError("labels y given to an unconditional UNet (num_classes is None)")
         # Only where activations are kept for a backward pass: sampling and evaluation run as without it.
         checkpoint = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
 
-        h = self.conv_in(fourier_features(x, self.fourier_exponents) if self.fourier_exponents else x)
+        h = fourier_features(x, self.fourier_exponents) if self.fourier_exponents else x
+        h = self.conv_in(torch.cat([h, y.to(h.dtype)], dim=1) if self.cond_channels else h)
         skips = [h, *run_down_path(self.down, h, temb, checkpoint, context)]
         h = skips[-1]
 
