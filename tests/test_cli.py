@@ -135,7 +135,8 @@ OVERLAYS = sorted(f"overlays/{p.name}" for p in (REPO / "configs" / "overlays").
 RECIPES = [[name] for name in CONFIG_FILES] + [
     [name, overlay]
     for name in CONFIG_FILES
-    if not any(kind in name for kind in ("classifier", "_cond", "autoencoder"))
+    # A concat-conditioned net takes an image, not labels: the cond overlay does not apply to super-resolution.
+    if not any(kind in name for kind in ("classifier", "_cond", "autoencoder", "super_resolution"))
     for overlay in OVERLAYS
 ]
 

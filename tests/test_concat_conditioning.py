@@ -171,3 +171,29 @@ def test_super_resolution_through_the_command_line(tmp_path: Path) -> None:
         cli_main(["fit", *config, "--trainer.default_root_dir", str(tmp_path / "bad"),
                   "--model.net.init_args.cond_channels", "3", "--trainer.max_steps", "1"])  # fmt: skip
     assert "\n" not in str(e.value) and not list((tmp_path / "bad").rglob("*.ckpt"))
+
+
+def test_in_latent_space_the_condition_has_the_latents_size(tmp_path: Path, tiny_module) -> None:
+    """With a first stage, y is made at the latent's size (7x7 for 28x28 images, f = 4) and samples are decoded to
+    images; a latent-cache batch (latents only, no images to make y from) is a one-line error."""
+    from test_latent_diffusion import TINY_AE
+
+    from src.data.latent_cache import CachedLatents
+    from src.models.autoencoder import AutoencoderKL, save_autoencoder
+    from src.models.first_stage import LatentFirstStage
+
+    torch.manual_seed(0)
+    path = save_autoencoder(AutoencoderKL(**TINY_AE), tmp_path / "autoencoder.pt")
+    stage = LatentFirstStage(str(path), sample_posterior=False)
+    images = torch.rand(2, 1, 28, 28, generator=torch.Generator().manual_seed(3)) * 2 - 1
+    stage.calibrate(images)
+    net = UNet(in_channels=4, image_size=7, base_channels=8, channel_mult=[1], num_res_blocks=1, attn_resolutions=[],
+               dropout=0.0, norm_groups=4, conditioning="concat", cond_channels=1)  # fmt: skip
+    model = _model(net, first_stage=stage)
+    model.settings = model.settings.replace(sampler="ddim", steps=2)
+    torch.testing.assert_close(model.condition_input(images), LowResolution(4)(images, (7, 7)))
+    model.condition_images = images
+    assert model.sample_indices(torch.arange(2)).shape == (2, 1, 28, 28)
+    module = tiny_module(net, condition={"name": "low_resolution", "factor": 4}, first_stage=stage)
+    with pytest.raises(ConfigError, match="--data.latent_cache holds latents only"):
+        module.net_y((CachedLatents(torch.zeros(2, 2, 4, 7, 7)), torch.zeros(2)))
