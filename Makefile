@@ -10,6 +10,12 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # ROOT), never another run's (a classifier's, another recipe's); CKPT=path: that file.
 CKPT ?=
 NUM_SAMPLES ?= 64
+# `make sample`'s guidance for the quickstart (configs/fashion_mnist_cond.yaml): autoguidance (Karras et al. 2024) by
+# the run's own EMA at a quarter of its steps, made from its post-hoc EMA snapshots, on top of classifier-free
+# guidance at s = 3, in 10 steps: 43% closer to the real images than the config's own guidance, in 3/4 of its time
+# (docs/quality.md). GUIDANCE= (empty) samples as the config says; other configs get nothing added.
+GUIDANCE ?= $(if $(filter %configs/fashion_mnist_cond.yaml,$(CONFIG)),--model.guidance_model posthoc_ema@0.25 \
+	--model.autoguidance_scale 2.5 --model.guidance_scale 3 --model.sampling_steps 10)
 # bf16 autocast for `make train` where the CPU computes bf16 natively (AVX-512 BF16 or AMX: 1.4x more steps per
 # minute); fp32 elsewhere, where emulated bf16 would be slower than fp32. Override: make train PRECISION=32-true.
 PRECISION ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16-mixed || echo 32-true)
@@ -51,7 +57,7 @@ train: install data
 sample: install
 	$(BIN)/python -m src.main predict --config $(CONFIG) --ckpt_path $(or $(CKPT),last) \
 		--data.num_samples $(NUM_SAMPLES) --output_dir $(OUT) --grid_path $(patsubst %/,%,$(OUT)).png \
-		--trainer.default_root_dir $(ROOT) $(ARGS)
+		--trainer.default_root_dir $(ROOT) $(GUIDANCE) $(ARGS)
 
 test: install
 	$(BIN)/python -m pytest -q

@@ -31,7 +31,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.accelerators import CPUAccelerator
 from lightning.pytorch.callbacks import LearningRateMonitor, ProgressBar, Timer
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_only
 
 from src.callbacks.faults import NonFiniteGuard, SignalCheckpoint
 from src.callbacks.fid import FIDCallback
@@ -58,6 +58,7 @@ from src.loggers import Backend, DiscardUnusedLogFolder, auto_logger
 from src.models.diffusion import build_net
 from src.models.unet import feature_resolutions
 from src.module import DiffusionModule
+from src.posthoc_ema import early_ema_guide, parse_early_ema
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
 
 # The EMA copy is kept in eval mode on purpose (no dropout in the averaged weights).
@@ -410,7 +411,10 @@ class DiffusionCLI(LightningCLI):
                     f"--model.guidance_model {guidance_model} is the weaker model of autoguidance, which is off "
                     "(--model.autoguidance_scale 1): pass a --model.autoguidance_scale a above 1 (e.g. 2.0), or drop it"
                 )
-            if not Path(guidance_model).exists():
+            early_ema = parse_early_ema(guidance_model)
+            if early_ema is not None:
+                self._resolve_early_ema_guide(guidance_model, *early_ema)
+            elif not Path(guidance_model).exists():
                 raise ConfigError(
                     f"--model.guidance_model {guidance_model}: no such checkpoint or export folder (make one with "
                     "python -m src.posthoc_ema RUN --step N, or python -m src.export)"
@@ -444,6 +448,29 @@ class DiffusionCLI(LightningCLI):
         self._check_checkpoint()
         if hasattr(self.datamodule, "check_num_classes"):  # a folder's classes, before it is decoded
             self.datamodule.check_num_classes(getattr(getattr(self.model, "net", None), "num_classes", None))
+
+    def _resolve_early_ema_guide(self, spec: str, fraction: float, sigma_rel: float) -> None:
+        """`--model.guidance_model posthoc_ema@<fraction>[,<sigma_rel>]`: the guide is reconstructed from the snapshots
+        of the run of --ckpt_path, at `fraction` of its steps (src.posthoc_ema.early_ema_guide), and handed to the
+        model, which then never looks for a file of that name."""
+        if self.subcommand == "fit":
+            raise ConfigError(
+                f"--model.guidance_model {spec} guides a trained run's sampling (predict, validate or test with "
+                "--ckpt_path); for fit, name a guide file or leave autoguidance off"
+            )
+        options = self.config[self.subcommand]
+        ckpt = options.get("ckpt_path")
+        if ckpt == "last":
+            ckpt = latest_checkpoint(options.get("trainer.default_root_dir") or "runs", options["run_name"])
+        if not ckpt or not Path(ckpt).is_file():
+            raise ConfigError(f"--model.guidance_model {spec} is made from the run of --ckpt_path: pass a checkpoint")
+        guide, summary = early_ema_guide(ckpt, fraction, sigma_rel)
+        self.model.model.set_guide(guide)
+        rank_zero_info(
+            f"Autoguidance: the guide is this run's EMA (sigma_rel {sigma_rel}) at step {summary['step']} of "
+            f"{summary['of_steps']}, from {summary['snapshots']} post-hoc EMA snapshots (profile error "
+            f"{summary['profile_error']:.1%})"
+        )
 
     def _check_time_left(self) -> None:
         """Continuing a run whose time budget is spent fails here in one line, before config.yaml or a log is

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -104,6 +105,49 @@ def write_checkpoint(ckpt_path: Path, state: dict, summary: dict, out: Path) -> 
     checkpoint["posthoc_ema"] = summary | {"checkpoint": str(ckpt_path)}
     save_atomically(checkpoint, out)
     return out
+
+
+# `--model.guidance_model posthoc_ema@<fraction>[,<sigma_rel>]`: autoguidance by the run's own early EMA.
+EARLY_EMA = re.compile(r"^posthoc_ema@(?P<fraction>[0-9]*\.?[0-9]+)(?:,(?P<sigma_rel>[0-9]*\.?[0-9]+))?$")
+
+
+def parse_early_ema(spec: str | None) -> tuple[float, float] | None:
+    """(fraction, sigma_rel) of a `posthoc_ema@<fraction>[,<sigma_rel>]` guide (sigma_rel 0.05 by default); None
+    for anything else (a guide file's path). A fraction outside (0, 1) is a one-line ConfigError."""
+    match = EARLY_EMA.match(str(spec or ""))
+    if match is None:
+        return None
+    fraction, sigma_rel = float(match["fraction"]), float(match["sigma_rel"] or 0.05)
+    if not 0.0 < fraction < 1.0 or sigma_rel <= 0.0:
+        raise ConfigError(f"--model.guidance_model {spec}: the fraction of the run is in (0, 1) and sigma_rel > 0")
+    return fraction, sigma_rel
+
+
+def early_ema_guide(
+    ckpt_path: str | os.PathLike, fraction: float, sigma_rel: float = 0.05
+) -> tuple[DiffusionModel, dict]:
+    """Autoguidance's weaker model (Karras et al. 2024, section 3: the same network trained shorter) made from the
+    run's own post-hoc EMA snapshots: the EMA of length `sigma_rel` at the snapshot step nearest to `fraction` of the
+    checkpoint's steps, reconstructed as `python -m src.posthoc_ema RUN --step N` would. The run folder is the
+    checkpoint's (`<run>/checkpoints/<file>.ckpt`). Returns the model (eval, frozen) and the reconstruction summary."""
+    ckpt = Path(ckpt_path)
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    try:
+        files = snapshot_files(run)
+    except ConfigError:
+        raise ConfigError(
+            f"--model.guidance_model posthoc_ema@{fraction}: no post-hoc EMA snapshots in {run / SNAPSHOT_DIR} (the "
+            "PostHocEMA callback writes them during fit); name a guide file instead, or sample without autoguidance "
+            "(--model.guidance_model null --model.autoguidance_scale 1; make sample GUIDANCE=)"
+        ) from None
+    headers = read_headers(files)
+    total = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))
+    step = min((h["step"] for h in headers if h["step"] <= max(total, headers[0]["step"])),
+               key=lambda s: abs(s - fraction * total))  # fmt: skip
+    state, summary = reconstruct(headers, sigma_rel, step)
+    model = DiffusionModel.load(ckpt)
+    model.net.load_state_dict(state)
+    return model.requires_grad_(False), summary | {"of_steps": total}
 
 
 def main(argv: list[str] | None = None) -> None:

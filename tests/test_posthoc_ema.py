@@ -18,6 +18,7 @@ from test_resume import SyntheticData
 
 from src.callbacks.posthoc_ema import PostHocEMA
 from src.callbacks.rng_state import RNGStateCallback
+from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.main import cli_main
 from src.models.diffusion import CHECKPOINT_EMA_PREFIX, DiffusionModel
@@ -33,8 +34,9 @@ from src.models.posthoc_ema import (
     update_power_ema,
     warmup_ema_weights,
 )
+from src.models.unet import UNet
+from src.posthoc_ema import early_ema_guide, parse_early_ema, read_headers, reconstruct, snapshot_files
 from src.posthoc_ema import main as posthoc_main
-from src.posthoc_ema import read_headers, reconstruct, snapshot_files
 
 
 def test_sigma_rel_gamma_round_trip() -> None:
@@ -159,7 +161,7 @@ POSTHOC = [
 ]  # fmt: skip
 
 
-def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, capsys) -> None:
+def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, capsys, caplog) -> None:
     root = tmp_path / "runs"
     data = ["--data.data_dir", str(write_fake_fashion_mnist(tmp_path / "data", n_train=24, n_test=8))]
     cli_main(["fit", *TINY_CLI, *data, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "7",
@@ -198,6 +200,49 @@ def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, c
         posthoc_main([str(run), "--sigma_rel", "0.07", "--out_dir", str(out)])
     with pytest.raises(SystemExit, match="no post-hoc EMA snapshots"):
         posthoc_main([str(tmp_path), "--sigma_rel", "0.07", "--out_dir", str(out)])
+
+    # Autoguidance by the run's own early EMA (--model.guidance_model posthoc_ema@<fraction>): the snapshot step
+    # nearest to the fraction of the run's 7 steps (0.5: 4, not 2), sigma_rel 0.05, reconstructed as the command does;
+    # guided by it alone (a = 0), predict writes exactly what that guide's own checkpoint writes.
+    last = run / "checkpoints" / "last.ckpt"
+    guide, summary = early_ema_guide(last, 0.5)
+    assert (summary["step"], summary["of_steps"], summary["sigma_rel"]) == (4, 7, 0.05)
+    expected = reconstruct(headers, 0.05, step=4)[0]
+    assert all(torch.equal(value, expected[key].float()) for key, value in guide.net.state_dict().items())
+    posthoc_main([str(run), "--sigma_rel", "0.05", "--step", "4", "--out_dir", str(out), "--format", "ckpt"])
+
+    def predict(name: str, ckpt: Path, *extra: str) -> list[bytes]:
+        cli_main(["predict", *TINY_CLI, *data, "--ckpt_path", str(ckpt), "--trainer.default_root_dir", str(root),
+                  "--data.num_samples", "2", "--output_dir", str(tmp_path / name), *extra])  # fmt: skip
+        return [p.read_bytes() for p in sorted((tmp_path / name).iterdir())]
+
+    early = ["--model.guidance_model", "posthoc_ema@0.5", "--model.autoguidance_scale"]
+    assert predict("guide_alone", last, *early, "0") == predict("guide_file", out / "sigma_rel_0.050.ckpt")
+    assert predict("guided", last, *early, "2") != predict("unguided", last)
+    assert "this run's EMA (sigma_rel 0.05) at step 4 of 7" in caplog.text
+    for command, ckpt, message in [
+        ("predict", ckpt, r"no post-hoc EMA snapshots in \S+phema/posthoc_ema .* make sample GUIDANCE="),
+        ("fit", None, r"posthoc_ema@0.5 guides a trained run's sampling \(predict, validate or test"),
+    ]:
+        more = ["--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "bad")] if ckpt else []
+        with pytest.raises(ConfigError, match=message) as error:
+            cli_main(
+                [command, *TINY_CLI, *data, "--trainer.default_root_dir", str(tmp_path / "bad"), *more, *early, "2"]
+            )
+        assert "\n" not in str(error.value) and not (tmp_path / "bad").exists()
+
+
+def test_early_ema_guide_names() -> None:
+    assert parse_early_ema("posthoc_ema@0.25") == (0.25, 0.05)
+    assert parse_early_ema("posthoc_ema@.3,0.1") == (0.3, 0.1)
+    assert parse_early_ema("runs/guides/sigma_rel_0.050.ckpt") is None and parse_early_ema(None) is None
+    with pytest.raises(ConfigError, match=r"the fraction of the run is in \(0, 1\)"):
+        parse_early_ema("posthoc_ema@1.5")
+    net = UNet(in_channels=1, image_size=8, base_channels=8, channel_mult=[1], num_res_blocks=1, attn_resolutions=[],
+               dropout=0.0, norm_groups=4)  # fmt: skip
+    model = DiffusionModel(net, NoiseSchedule.linear(100), guidance_model="posthoc_ema@0.25", autoguidance_scale=2.0)
+    with pytest.raises(ConfigError, match=r"in Python, pass it with set_guide\(src.posthoc_ema.early_ema_guide"):
+        model.guide()
 
 
 def test_bad_options_are_one_line_errors() -> None:

@@ -72,9 +72,11 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
         {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 0, "num_samples": 12}},
+        # make sample's autoguidance reconstructs its guide from these (GUIDANCE in the Makefile).
+        {"class_path": "src.callbacks.posthoc_ema.PostHocEMA", "init_args": {"every_n_steps": 1}},
     ]
     cli_main(["fit", "--config", COND, *TINY, "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
-              "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0", "--data.batch_size", "8",
+              "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--data.batch_size", "8",
               "--data.val_size", "8", "--trainer.callbacks", json.dumps(callbacks)])  # fmt: skip
     # The fit-time grid of a class-conditional model: one column per class as well.
     (fit_grid,) = root.glob("fashion_mnist_cond/version_0/samples/step_*.png")
@@ -93,6 +95,7 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
             "NUM_SAMPLES=12", "ARGS=--model.sampling_steps 2 --trainer.enable_progress_bar false"]  # fmt: skip
     result = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
+    assert "Autoguidance: the guide is this run's EMA (sigma_rel 0.05) at step 1 of 2" in result.stdout + result.stderr
     # Labelled file names: the conditional run's checkpoint, not the newer unconditional one.
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{i % 10}_{i}.png" for i in range(12))
     grid = root / "samples" / "first.png"

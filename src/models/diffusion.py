@@ -281,6 +281,11 @@ class DiffusionModel(nn.Module):
         if not self.guidance_model:
             return None
         model = self._guide.get("model")
+        if model is None and str(self.guidance_model).startswith("posthoc_ema@"):
+            raise ConfigError(
+                f"--model.guidance_model {self.guidance_model} names a run's early EMA, made from its snapshots by the "
+                "command line; in Python, pass it with set_guide(src.posthoc_ema.early_ema_guide(ckpt, fraction)[0])"
+            )
         if model is None:
             model = DiffusionModel.load(self.guidance_model).requires_grad_(False)
             self._check_guide(model)
@@ -288,6 +293,13 @@ class DiffusionModel(nn.Module):
             model = model.to(self.device)
         self._guide["model"] = model
         return model
+
+    def set_guide(self, guide: DiffusionModel) -> None:
+        """Use `guide` as the autoguidance model (checked like a loaded one), e.g. one made in memory from the run's
+        own post-hoc EMA snapshots (`src.posthoc_ema.early_ema_guide`, which the CLI resolves
+        `--model.guidance_model posthoc_ema@<fraction>` with)."""
+        self._check_guide(guide)
+        self._guide["model"] = guide.eval().requires_grad_(False)
 
     def _check_guide(self, guide: DiffusionModel) -> None:
         """A ConfigError in one line unless `guide` predicts the same target of the same noise on the same classes."""
