@@ -20,7 +20,8 @@ Each command is checked as deeply as is cheap (the whole file takes well under a
   session.
 
 Everything runs in a sandbox folder that looks like a checkout after `make train`: links to the repository's
-folders and a tiny `runs/fashion_mnist_cond/version_0/checkpoints/last.ckpt` trained for 2 steps, plus a small
+folders and a tiny `runs/fashion_mnist_cond/version_0/checkpoints/last.ckpt` trained for 2 steps (with its post-hoc
+EMA snapshots, for `make sample`'s autoguidance), plus a small
 folder of images (`my_images/`), a folder of samples, an autoguidance guide (`runs/guides/`) and a diffusers-format
 folder (`ddpm-cifar10-32/`, a tiny UNet standing in for the published one), so the documents' own paths resolve. Placeholders in capitals stand for
 such files: CKPT (a checkpoint), DIR (a folder of images), SAMPLES (a folder of samples).
@@ -152,6 +153,10 @@ CHECKPOINT_ONLY = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                    "init_args": {"save_last": True, "save_top_k": 0}}  # fmt: skip
 
 
+# Its post-hoc EMA snapshots, from which `make sample` makes its autoguidance guide (posthoc_ema@0.25).
+POSTHOC_EVERY_STEP = {"class_path": "src.callbacks.posthoc_ema.PostHocEMA", "init_args": {"every_n_steps": 1}}
+
+
 @pytest.fixture(scope="session")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A folder that looks like a checkout after `make train` (see the module docstring)."""
@@ -174,7 +179,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
                   "--model.sampling_steps", "3", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                   "--data.batch_size", "8", "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
                   "--trainer.enable_model_summary", "false",
-                  "--trainer.callbacks", json.dumps([CHECKPOINT_ONLY])])  # fmt: skip
+                  "--trainer.callbacks", json.dumps([CHECKPOINT_ONLY, POSTHOC_EVERY_STEP])])  # fmt: skip
     finally:
         os.chdir(cwd)
     assert (root / PLACEHOLDERS["CKPT"]).is_file()

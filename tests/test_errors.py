@@ -212,7 +212,7 @@ def test_a_bad_value_is_one_line(capsys) -> None:
     ("option", "message"),
     [
         (["--model.net.init_args.num_heads", "3"], "error: --model: num_heads=3 does not divide the attention width"),
-        (["--model.net.init_args.conditioning", "concat"], "error: --model: conditioning 'concat' is unknown"),
+        (["--model.net.init_args.conditioning", "concat"], "error: --model: conditioning 'concat' takes an image y"),
     ],
 )
 def test_a_network_that_refuses_its_arguments_is_one_line(option: list[str], message: str, capsys) -> None:
