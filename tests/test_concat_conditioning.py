@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
+from src.data.builtin import load_dataset
 from src.diffusion.conditioning import LowResolution, build_condition, condition_spec
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
@@ -164,7 +166,13 @@ def test_super_resolution_through_the_command_line(tmp_path: Path) -> None:
         assert all(Image.open(p).size == (28, 28) for p in files)
         return [p.read_bytes() for p in files]
 
-    test_images = predict("test")
+    test_images = predict("test", "--grid_path", str(tmp_path / "test.png"))
+    # 3 samples: one block of 3 columns, the 7x7 inputs enlarged, the samples, the originals (test images 0..2).
+    grid = np.asarray(Image.open(tmp_path / "test.png"))
+    assert grid.shape == _grid_size(3, 3)[::-1]
+    originals = load_dataset("fashion_mnist", "test", None)[0][:3, 0].numpy()
+    assert all(np.array_equal(grid[2 + 2 * 30 : 30 + 2 * 30, 2 + c * 30 : 30 + c * 30], originals[c]) for c in range(3))
+    assert np.array_equal(grid[32:60, 2:30], np.asarray(Image.open(tmp_path / "test" / "0.png")))
     assert predict("again") == test_images
     assert predict("train", "--model.condition_split", "train") != test_images
     with pytest.raises(ConfigError, match="makes 1-channel conditions of these images; the net concatenates 3") as e:

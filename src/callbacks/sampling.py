@@ -125,8 +125,14 @@ def condition_grid(model, indices: torch.Tensor, samples: torch.Tensor, columns:
     originals = model.source_images(indices).to(samples.device)
     visible = getattr(model.condition, "visible", None)
     rows = ([visible(originals)] if callable(visible) else []) + [samples, originals]
-    blocks = [torch.cat([row[i : i + columns] for row in rows]) for i in range(0, len(samples), columns)]
-    return make_grid(to_uint8(torch.cat(blocks)), nrow=min(columns, len(samples)))
+    columns = min(columns, len(samples))
+
+    def part(row: torch.Tensor, start: int) -> torch.Tensor:  # a last, shorter block is padded with white cells
+        chunk = row[start : start + columns]
+        return torch.cat([chunk, chunk.new_ones((columns - len(chunk), *chunk.shape[1:]))])
+
+    blocks = [torch.cat([part(row, i) for row in rows]) for i in range(0, len(samples), columns)]
+    return make_grid(to_uint8(torch.cat(blocks)), nrow=columns)
 
 
 def _log_image(logger, key: str, grid: torch.Tensor, step: int) -> None:
@@ -142,7 +148,8 @@ class PNGWriter(BasePredictionWriter):
     """Writes every predicted image as `<output_dir>/<index>.png` (`<label>_<index>.png` when the batch
     carries labels), one file per sample, each written atomically; with `grid_path`, also one PNG grid of all of
     them in index order, `grid_columns` per row (None: near-square), with a header naming each column's class when
-    the samples are labelled (`column_names`).
+    the samples are labelled (`column_names`); for a model conditioned on images, the grid of `condition_grid`
+    (per 8 samples: their inputs, the samples, the originals).
 
     Refuses to write into a folder that already holds files, or over an existing grid file, unless `overwrite` is
     set, so earlier samples are never silently replaced.
@@ -218,7 +225,11 @@ class PNGWriter(BasePredictionWriter):
             images = [read_png(self.output_dir / self._name(i, label)) for i, label in enumerate(labels) if label > -2]
             if images:
                 names = column_names(trainer, pl_module) if self.grid_columns else None
-                if names is not None and len(names) == self.grid_columns:
+                model = getattr(pl_module, "model", None)
+                if getattr(model, "condition", None) is not None:  # inputs, samples and originals, 8 at a time
+                    indices = torch.tensor([i for i, label in enumerate(labels) if label > -2])
+                    grid = condition_grid(model, indices, torch.stack(images).float() / 127.5 - 1.0)
+                elif names is not None and len(names) == self.grid_columns:
                     grid = labelled_grid(torch.stack(images), names)
                 else:
                     grid = make_grid(torch.stack(images), nrow=self.grid_columns)
