@@ -130,6 +130,15 @@ def config_of_run(run_name: str) -> str | None:
     return None
 
 
+def checkpoint_file(options: Namespace) -> str | Path | None:
+    """A subcommand's --ckpt_path with `last` resolved to the configured run's newest last.ckpt (what
+    instantiate_trainer resolves); None without one. `latest_checkpoint`'s RunNotFoundError when there is none."""
+    ckpt_path = options.get("ckpt_path")
+    if ckpt_path == "last":
+        return latest_checkpoint(options.get("trainer.default_root_dir") or "runs", options["run_name"])
+    return ckpt_path
+
+
 def latest_checkpoint(root: str, run_name: str) -> Path:
     """The newest `<root>/<run_name>/<version>/checkpoints/last.ckpt`, for `--ckpt_path last`; a RunNotFoundError
     (one line, naming the runs under `root` that have one and their configs) when there is none."""
@@ -333,15 +342,14 @@ class DiffusionCLI(LightningCLI):
         # Lightning's own version replaces *every* model option with the checkpoint's, which would silently
         # ignore `predict --model.sampling_steps 10`; we take only the architecture from the checkpoint.
         subcommand = self.config.get("subcommand")
-        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
-        if ckpt_path == "last":
-            # The configured run's newest last.ckpt (what instantiate_trainer resolves), so that `make sample` and
-            # `--ckpt_path last` take the architecture from the checkpoint as an explicit path does.
-            options = self.config[subcommand]
-            try:
-                ckpt_path = latest_checkpoint(options.get("trainer.default_root_dir") or "runs", options["run_name"])
-            except FileNotFoundError:
-                return  # reported by instantiate_trainer
+        if not subcommand:
+            return
+        try:
+            # `--ckpt_path last` resolved, so that `make sample` and `--ckpt_path last` take the architecture from the
+            # checkpoint as an explicit path does.
+            ckpt_path = checkpoint_file(self.config[subcommand])
+        except FileNotFoundError:
+            return  # reported by instantiate_trainer
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
         hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
@@ -458,10 +466,7 @@ class DiffusionCLI(LightningCLI):
                 f"--model.guidance_model {spec} guides a trained run's sampling (predict, validate or test with "
                 "--ckpt_path); for fit, name a guide file or leave autoguidance off"
             )
-        options = self.config[self.subcommand]
-        ckpt = options.get("ckpt_path")
-        if ckpt == "last":
-            ckpt = latest_checkpoint(options.get("trainer.default_root_dir") or "runs", options["run_name"])
+        ckpt = checkpoint_file(self.config[self.subcommand])
         if not ckpt or not Path(ckpt).is_file():
             raise ConfigError(f"--model.guidance_model {spec} is made from the run of --ckpt_path: pass a checkpoint")
         guide, summary = early_ema_guide(ckpt, fraction, sigma_rel)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,9 +30,10 @@ from src.atomic import save_atomically
 from src.callbacks.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT
 from src.errors import ConfigError
 from src.models.diffusion import CHECKPOINT_EMA_PREFIX, DiffusionModel
-from src.models.posthoc_ema import (
+from src.models.posthoc_ema import (  # noqa: F401  (parse_early_ema: re-exported)
     combine_state_dicts,
     gamma_to_sigma_rel,
+    parse_early_ema,
     posthoc_coefficients,
     profile_error,
     sigma_rel_to_gamma,
@@ -105,22 +105,6 @@ def write_checkpoint(ckpt_path: Path, state: dict, summary: dict, out: Path) -> 
     checkpoint["posthoc_ema"] = summary | {"checkpoint": str(ckpt_path)}
     save_atomically(checkpoint, out)
     return out
-
-
-# `--model.guidance_model posthoc_ema@<fraction>[,<sigma_rel>]`: autoguidance by the run's own early EMA.
-EARLY_EMA = re.compile(r"^posthoc_ema@(?P<fraction>[0-9]*\.?[0-9]+)(?:,(?P<sigma_rel>[0-9]*\.?[0-9]+))?$")
-
-
-def parse_early_ema(spec: str | None) -> tuple[float, float] | None:
-    """(fraction, sigma_rel) of a `posthoc_ema@<fraction>[,<sigma_rel>]` guide (sigma_rel 0.05 by default); None
-    for anything else (a guide file's path). A fraction outside (0, 1) is a one-line ConfigError."""
-    match = EARLY_EMA.match(str(spec or ""))
-    if match is None:
-        return None
-    fraction, sigma_rel = float(match["fraction"]), float(match["sigma_rel"] or 0.05)
-    if not 0.0 < fraction < 1.0 or sigma_rel <= 0.0:
-        raise ConfigError(f"--model.guidance_model {spec}: the fraction of the run is in (0, 1) and sigma_rel > 0")
-    return fraction, sigma_rel
 
 
 def early_ema_guide(

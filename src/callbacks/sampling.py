@@ -68,10 +68,11 @@ class SampleGrid(Callback):
         names = column_names(trainer, pl_module)
         # A class-conditional grid fills its last row (64 samples, 10 classes: 70), so every column is one class.
         num_samples = -(-self.num_samples // len(names)) * len(names) if names else self.num_samples
-        if getattr(pl_module.model, "condition", None) is not None:  # whole rows of 8 (`condition_grid`)
+        conditioned = getattr(pl_module.model, "condition", None) is not None
+        if conditioned:  # whole rows of 8 (`condition_grid`)
             num_samples = -(-num_samples // 8) * 8
         images = pl_module.model.sample_indices(torch.arange(num_samples), seed=self.seed, **overrides)
-        if getattr(pl_module.model, "condition", None) is not None:
+        if conditioned:
             grid = condition_grid(pl_module.model, torch.arange(num_samples), images)
         else:
             grid = labelled_grid(to_uint8(images), names)
@@ -222,12 +223,13 @@ class PNGWriter(BasePredictionWriter):
             labels[index] = label
         labels = strategy.reduce(labels.to(pl_module.device), reduce_op="max").cpu().tolist()
         if trainer.is_global_zero:
-            images = [read_png(self.output_dir / self._name(i, label)) for i, label in enumerate(labels) if label > -2]
+            written = [(i, label) for i, label in enumerate(labels) if label > -2]
+            images = [read_png(self.output_dir / self._name(i, label)) for i, label in written]
             if images:
                 names = column_names(trainer, pl_module) if self.grid_columns else None
                 model = getattr(pl_module, "model", None)
                 if getattr(model, "condition", None) is not None:  # inputs, samples and originals, 8 at a time
-                    indices = torch.tensor([i for i, label in enumerate(labels) if label > -2])
+                    indices = torch.tensor([i for i, _ in written])
                     grid = condition_grid(model, indices, torch.stack(images).float() / 127.5 - 1.0)
                 elif names is not None and len(names) == self.grid_columns:
                     grid = labelled_grid(torch.stack(images), names)

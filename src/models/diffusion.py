@@ -28,6 +28,7 @@ from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.samplers import is_continuous, sample
 from src.diffusion.schedule import NoiseSchedule, schedule_recipe  # noqa: F401  (schedule_recipe: re-exported)
 from src.errors import ConfigError
+from src.models.posthoc_ema import parse_early_ema
 from src.seeding import sample_generators
 
 EXPORT_FORMAT = "ddim-lightning-export"
@@ -281,7 +282,7 @@ class DiffusionModel(nn.Module):
         if not self.guidance_model:
             return None
         model = self._guide.get("model")
-        if model is None and str(self.guidance_model).startswith("posthoc_ema@"):
+        if model is None and parse_early_ema(self.guidance_model) is not None:
             raise ConfigError(
                 f"--model.guidance_model {self.guidance_model} names a run's early EMA, made from its snapshots by the "
                 "command line; in Python, pass it with set_guide(src.posthoc_ema.early_ema_guide(ckpt, fraction)[0])"
@@ -370,7 +371,8 @@ class DiffusionModel(nn.Module):
         guide = wrap(self.guide().net) if autoguided else None
         if self.concat and labels is None:
             raise ValueError("this net is conditioned on images: pass its y (labels=model.condition_input(images))")
-        if not self.conditional and not self.concat and channels is None and not use_classifier and guide is None:
+        takes_y = self.conditional or self.concat  # labels, or a concatenated condition
+        if not takes_y and channels is None and not use_classifier and guide is None:
             return model
 
         def denoiser(x_t: Tensor, t: Tensor) -> Tensor:
@@ -383,9 +385,9 @@ class DiffusionModel(nn.Module):
                                                   interval=self.guidance_interval, schedule=self.schedule)  # fmt: skip
             if guide is not None:
                 # AutoGuidance evaluates its model on the whole batch with these labels: the guided one fits.
-                positive = guided if self.conditional or self.concat else model
-                guided = AutoGuidance(lambda x, t_, *_: positive(x, t_), guide, y if self.conditional or self.concat
-                                      else None, self.autoguidance_scale)  # fmt: skip
+                positive = guided if takes_y else model
+                guided = AutoGuidance(lambda x, t_, *_: positive(x, t_), guide, y if takes_y else None,
+                                      self.autoguidance_scale)  # fmt: skip
             if use_classifier:
                 guided = ClassifierGuidance(guided, self.guidance_classifier(), y, self.classifier_scale, self.schedule)
             out = guided(x_t, t)

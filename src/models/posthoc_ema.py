@@ -32,10 +32,13 @@ src/callbacks/posthoc_ema.py, the command that reconstructs is src/posthoc_ema.p
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Iterable, Mapping
 
 import torch
 from torch import Tensor
+
+from src.errors import ConfigError
 
 Float64 = torch.float64
 
@@ -165,3 +168,19 @@ def combine_state_dicts(weighted: Iterable[tuple[float, Mapping[str, Tensor]]]) 
             else:
                 total[key] = value.double() * float(coefficient)
     return {k: v.float() if v.is_floating_point() else v for k, v in total.items()}
+
+
+# `--model.guidance_model posthoc_ema@<fraction>[,<sigma_rel>]`: autoguidance by the run's own early EMA.
+EARLY_EMA = re.compile(r"^posthoc_ema@(?P<fraction>[0-9]*\.?[0-9]+)(?:,(?P<sigma_rel>[0-9]*\.?[0-9]+))?$")
+
+
+def parse_early_ema(spec: str | None) -> tuple[float, float] | None:
+    """(fraction, sigma_rel) of a `posthoc_ema@<fraction>[,<sigma_rel>]` guide (sigma_rel 0.05 by default); None
+    for anything else (a guide file's path). A fraction outside (0, 1) is a one-line ConfigError."""
+    match = EARLY_EMA.match(str(spec or ""))
+    if match is None:
+        return None
+    fraction, sigma_rel = float(match["fraction"]), float(match["sigma_rel"] or 0.05)
+    if not 0.0 < fraction < 1.0 or sigma_rel <= 0.0:
+        raise ConfigError(f"--model.guidance_model {spec}: the fraction of the run is in (0, 1) and sigma_rel > 0")
+    return fraction, sigma_rel
