@@ -149,7 +149,7 @@ class DiffusionModule(L.LightningModule):
         clip_denoised: bool = False,
         dynamic_threshold_percentile: float | None = None,
         dynamic_threshold_max: float | None = None,
-        sampler_options: dict[str, float] | None = None,
+        sampler_options: dict[str, bool | int | float] | None = None,
         sample_seed: int = 0,
         p_uncond: float = 0.1,
         guidance_scale: float = 1.0,

@@ -86,5 +86,5 @@ def test_continuous_samplers_call_a_guided_v_model_at_fractional_timesteps(tmp_p
     _predict(ckpt, tmp_path / "runs", tmp_path / "heun", *guided)
     assert seen and any(t != round(t) for t in seen), "heun called the network at integer timesteps only"
     seen.clear()
-    _predict(ckpt, tmp_path / "runs", tmp_path / "quantized", *guided, "--model.sampler_options", "{quantize: 1}")
+    _predict(ckpt, tmp_path / "runs", tmp_path / "quantized", *guided, "--model.sampler_options", "{quantize: true}")
     assert seen and all(t == round(t) for t in seen)

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from src.diffusion.k_samplers import CONTINUOUS_OPTIONS
 from src.diffusion.sampler_settings import FLAGS, SamplerSettings
-from src.diffusion.samplers import sample
+from src.diffusion.samplers import OPTION_TYPES, sample
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
 from src.module import DiffusionModule
@@ -60,11 +61,28 @@ def test_from_options_reads_the_module_names() -> None:
         ({"sampler": "ddim", "options": {"rho": 7}}, "--model.sampler ddim does not read --model.sampler_options rho"),
         ({"sampler": "ddim", "options": {"rhoo": 7}}, "--model.sampler_options: unknown rhoo"),
         ({"sampler": "heun", "options": {"rhoo": 7}}, "--model.sampler_options: unknown rhoo"),
+        ({"sampler": "unipc", "options": {"solver_order": 2.5}}, "solver_order: 2.5 is not a whole number"),
+        ({"sampler": "heun", "options": {"quantize": 2}}, "quantize: 2 is not true or false"),
+        ({"sampler": "heun", "options": {"churn": True}}, "churn: True is not a number"),
+        ({"sampler": "pc", "options": {"corrector_steps": "one"}}, "corrector_steps: 'one' is not a whole number"),
     ],
 )
 def test_bad_settings_name_the_flag(changes: dict, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         SamplerSettings(**changes)
+
+
+def test_options_are_read_as_their_types() -> None:
+    """A switch is a bool, a count an int, the rest floats, whichever way YAML wrote them (`{quantize: 1}` was the
+    only spelling that parsed before options were typed, so it still means true)."""
+    settings = SamplerSettings(sampler="heun", options={"quantize": 1, "churn": 2, "rho": 5})
+    assert settings.options == {"quantize": True, "churn": 2.0, "rho": 5.0}
+    assert [type(v) for v in settings.options.values()] == [bool, float, float]
+    settings = SamplerSettings(sampler="unipc", options={"solver_order": 3.0, "quantize": False})
+    assert settings.options == {"solver_order": 3, "quantize": False} and type(settings.options["solver_order"]) is int
+    assert set(CONTINUOUS_OPTIONS) <= set(OPTION_TYPES)  # every option a continuous sampler reads has a type
+    own = SamplerSettings(sampler="my_extensions.denoise_once", options={"anything": 0.5})  # a sampler of one's own
+    assert own.options == {"anything": 0.5}
 
 
 def test_replace_and_steps_check() -> None:
@@ -131,8 +149,8 @@ def test_what_each_sampler_reads_is_accepted() -> None:
     values = {"steps": 20, "eta": 0.5, "skip": "logsnr"}
     for sampler, arguments in SAMPLER_ARGUMENTS.items():
         SamplerSettings(sampler=sampler, clip_x0=True, **{k: v for k, v in values.items() if k in arguments})
-        for name in SAMPLER_OPTIONS.get(sampler, ()):
-            SamplerSettings(sampler=sampler, options={name: 2})
+        for name in SAMPLER_OPTIONS.get(sampler, ()):  # a value of the option's type (a bool for a switch)
+            SamplerSettings(sampler=sampler, options={name: True if OPTION_TYPES[name] is bool else 2})
     # Defaults are never "set": every sampler accepts the default settings, whatever it reads.
     for sampler in SAMPLERS:
         SamplerSettings(sampler=sampler, steps=50, eta=0.0, skip="uniform")

@@ -21,6 +21,7 @@ from src.diffusion.samplers import (
     SKIP_TYPES,
     check_sampler,
     option_readers,
+    option_value,
 )
 from src.errors import ConfigError
 
@@ -81,8 +82,9 @@ class SamplerSettings:
         variance: the DDPM variance, "fixed_small", "fixed_large" or "learned" (a net with 2 x channels outputs).
         clip_x0: how the predicted x_0 is bounded at every step: False (not at all), True (clamped to [-1, 1]) or a
             `DynamicThreshold` (Imagen's dynamic thresholding; a {"percentile", "max_value"} dict is read as one).
-        options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize) and of
-            the DDPM samplers (variance_gamma: Imagen Video's interpolated variance, `samplers.ddpm_sample`).
+        options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize), of
+            the DDPM samplers (variance_gamma: Imagen Video's interpolated variance, `samplers.ddpm_sample`) and of
+            langevin; each value is read as its type (`samplers.OPTION_TYPES`: counts int, switches bool).
 
     Each built-in sampler reads only some of these (`samplers.BUILTIN_SAMPLERS`: its arguments and options):
     `steps`, `eta` or `skip` set to a value other than the default, or an option given, that the sampler does not
@@ -97,7 +99,7 @@ class SamplerSettings:
     skip: str = "uniform"
     variance: str = "fixed_small"
     clip_x0: X0Clip = False
-    options: dict[str, float] = field(default_factory=dict)
+    options: dict[str, float | int | bool] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "options", dict(self.options or {}))
@@ -111,6 +113,9 @@ class SamplerSettings:
                 raise ConfigError(
                     f"{FLAGS['options']}: unknown {', '.join(unknown)}; choose from {', '.join(OPTION_NAMES)}"
                 )
+            # Each value as the type it is read as ({quantize: true}, {solver_order: 3}); a sampler of one's own
+            # gets its options as given.
+            object.__setattr__(self, "options", {k: option_value(k, v) for k, v in self.options.items()})
         if self.skip not in SKIP_TYPES:
             raise ConfigError(f"{FLAGS['skip']} {self.skip!r} is unknown; choose one of {', '.join(SKIP_TYPES)}")
         if self.variance not in DDPM_VARIANCES + ("learned",):

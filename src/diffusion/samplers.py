@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from src.diffusion.k_samplers import CONTINUOUS_OPTIONS, CONTINUOUS_SAMPLERS, SAMPLER_OPTIONS, continuous_sample
 from src.diffusion.likelihood import interpolated_log_variance
 from src.diffusion.parameterization import EpsPredictor, X0Clip, eps_from_x0, threshold_x0, x0_from_eps
-from src.diffusion.registry import import_function
+from src.diffusion.registry import config_error, import_function
 from src.diffusion.schedule import NoiseSchedule
 from src.diffusion.score import annealed_langevin_sample
 from src.seeding import randn_like
@@ -459,8 +459,30 @@ SAMPLERS = tuple(BUILTIN_SAMPLERS)
 # `sampler_options`. `SamplerSettings` refuses a value other than the default for an argument the chosen sampler
 # does not read, so no setting is silently ignored.
 SAMPLER_ARGUMENTS: dict[str, tuple[str, ...]] = {name: entry.arguments for name, entry in BUILTIN_SAMPLERS.items()}
-# Every `sampler_options` name some built-in sampler reads, and which ones read each.
-OPTION_NAMES: tuple[str, ...] = (*CONTINUOUS_OPTIONS, "variance_gamma", "langevin_steps", "step_lr", "final_denoise")
+# Every `sampler_options` name some built-in sampler reads, with the type its value is read as: a count is an int, a
+# switch a bool, the rest floats (`option_value` checks a given value against it).
+OPTION_TYPES: dict[str, type] = {
+    "rho": float, "churn": float, "snr": float, "corrector_steps": int, "solver_order": int, "quantize": bool,
+    "variance_gamma": float, "langevin_steps": int, "step_lr": float, "final_denoise": bool,
+}  # fmt: skip
+OPTION_NAMES: tuple[str, ...] = tuple(OPTION_TYPES)
+_WANTED = {bool: ("true or false", "true"), int: ("a whole number", "2"), float: ("a number", "7.0")}
+
+
+def option_value(name: str, value: object) -> float | int | bool:
+    """`value` of the sampler option `name` as the type it is read as (`OPTION_TYPES`), or a one-line ValueError: a
+    bool takes true / false (or 1 / 0), an int a whole number (3 or 3.0, not 2.5), a float any number, and no
+    option takes a bool in place of a number or a string."""
+    kind = OPTION_TYPES[name]
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind is bool and (isinstance(value, bool) or (number and value in (0, 1))):
+        return bool(value)
+    if kind is int and number and float(value).is_integer():
+        return int(value)
+    if kind is float and number:
+        return float(value)
+    wanted, example = _WANTED[kind]
+    raise config_error(f"--model.sampler_options {name}: {value!r} is not {wanted}; e.g. {{{name}: {example}}}")
 
 
 def option_readers(option: str) -> list[str]:
