@@ -15,6 +15,7 @@ import torch
 from PIL import Image
 
 from src.data import DATASETS
+from src.errors import ConfigError
 from src.main import cli_main
 
 REPO = Path(__file__).resolve().parents[1]
@@ -138,6 +139,8 @@ RECIPES = [[name] for name in CONFIG_FILES] + [
     # A concat-conditioned net takes an image, not labels: the cond overlay does not apply to super-resolution.
     if not any(kind in name for kind in ("classifier", "_cond", "autoencoder", "super_resolution"))
     for overlay in OVERLAYS
+    # DPM-Solver does not read a learned DDPM variance: refused in one line (the overlay's comment, tested below).
+    if not (overlay == "overlays/dpm_solver.yaml" and name == "folder64.yaml")
 ]
 
 
@@ -201,6 +204,23 @@ def test_the_cond_files_are_their_data_set_file_plus_the_cond_overlay() -> None:
     )
     # `make train`: guidance at s = 5 limited to sigma in (0.2, 2.0] (its comment; docs/quality.md)
     assert quickstart == {"run_name", "model.guidance_scale", "model.guidance_interval"}
+
+
+def test_the_gpu_folder_recipes_are_the_cifar10_recipe_plus_their_differences() -> None:
+    """folder64.yaml and folder256.yaml read cifar10.yaml (`config:`) and override only what differs: the trainer,
+    callbacks, EMA and FID blocks are written once. The dpm_solver overlay swaps the sampler and nothing else."""
+    cifar10 = _parse("cifar10.yaml")
+    assert {key.split(".")[0] for key in _differing_options(cifar10, _parse("folder256.yaml"))} == {
+        "run_name", "trainer", "model", "data", "fid"
+    }  # fmt: skip
+    folder64 = _parse("folder64.yaml")
+    assert folder64.model.hparams.objective == "hybrid" and folder64.model.net.out_channels == 6
+    assert folder64.trainer.callbacks[0].__class__.__name__ == "TQDMProgressBar"  # cifar10.yaml's
+    fast = _differing_options(cifar10, _parse("cifar10.yaml", "overlays/dpm_solver.yaml"))
+    assert fast == {"model.sampler", "model.sampling_steps", "model.skip"}
+    with pytest.raises(ConfigError, match="dpmpp_2m does not read --model.ddpm_variance learned"):
+        _parse("folder64.yaml", "overlays/dpm_solver.yaml")
+    _parse("folder64.yaml", "overlays/dpm_solver.yaml", extra=("--model.ddpm_variance", "fixed_small"))
 
 
 def test_bad_sampler_option_is_one_clear_error() -> None:
