@@ -27,9 +27,9 @@ import numpy as np
 import torch
 
 from src.atomic import save_atomically
-from src.callbacks.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT
+from src.callbacks.posthoc_ema import SNAPSHOT_DIR, SNAPSHOT_FORMAT, split_state
 from src.errors import ConfigError
-from src.models.diffusion import CHECKPOINT_EMA_PREFIX, DiffusionModel
+from src.models.diffusion import CHECKPOINT_EMA_PREFIX, CHECKPOINT_PROCESS_PREFIX, DiffusionModel
 from src.models.posthoc_ema import (  # noqa: F401  (parse_early_ema: re-exported)
     combine_state_dicts,
     gamma_to_sigma_rel,
@@ -91,15 +91,28 @@ def reconstruct(headers: list[dict], sigma_rel: float, step: int | None = None) 
     return combine_state_dicts(weighted()), summary
 
 
+def load_reconstruction(model: DiffusionModel, state: dict) -> DiffusionModel:
+    """`model` with a reconstructed state: its network, and its learned process when the snapshots hold one."""
+    net_state, process_state = split_state(state)
+    model.net.load_state_dict(net_state)
+    if process_state:
+        model.process.load_state_dict(process_state)
+    return model
+
+
 def write_checkpoint(ckpt_path: Path, state: dict, summary: dict, out: Path) -> Path:
-    """A copy of the checkpoint with `state` as its EMA (sampling) weights, without optimizer and callback state."""
+    """A copy of the checkpoint with `state` as its EMA (sampling) weights (the network's and a learned process's),
+    without optimizer and callback state."""
     checkpoint = torch.load(ckpt_path, map_location="cpu", weights_only=True)
     weights = checkpoint["state_dict"]
+    net_state, process_state = split_state(state)
     ema_keys = [k for k in weights if k.startswith(CHECKPOINT_EMA_PREFIX)]
-    if sorted(k[len(CHECKPOINT_EMA_PREFIX) :] for k in ema_keys) != sorted(state):
+    if sorted(k[len(CHECKPOINT_EMA_PREFIX) :] for k in ema_keys) != sorted(net_state):
         raise ConfigError(f"{ckpt_path}: its network's weights are not the ones in the snapshots (another run?)")
     for key in ema_keys:
-        weights[key] = state[key[len(CHECKPOINT_EMA_PREFIX) :]].to(weights[key].dtype)
+        weights[key] = net_state[key[len(CHECKPOINT_EMA_PREFIX) :]].to(weights[key].dtype)
+    for key, value in process_state.items():  # the sampling copy of the learned process (DiffusionModule's model)
+        weights[CHECKPOINT_PROCESS_PREFIX + key] = value.to(weights[CHECKPOINT_PROCESS_PREFIX + key].dtype)
     for key in ("optimizer_states", "lr_schedulers", "callbacks"):
         checkpoint.pop(key, None)
     checkpoint["posthoc_ema"] = summary | {"checkpoint": str(ckpt_path)}
@@ -129,8 +142,7 @@ def early_ema_guide(
     step = min((h["step"] for h in headers if h["step"] <= max(total, headers[0]["step"])),
                key=lambda s: abs(s - fraction * total))  # fmt: skip
     state, summary = reconstruct(headers, sigma_rel, step)
-    model = DiffusionModel.load(ckpt)
-    model.net.load_state_dict(state)
+    model = load_reconstruction(DiffusionModel.load(ckpt), state)
     return model.requires_grad_(False), summary | {"of_steps": total}
 
 
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             if args.format == "ckpt":
                 write_checkpoint(ckpt, state, summary, out)
             else:
-                model.net.load_state_dict(state)
+                load_reconstruction(model, state)
                 model.save(out, overwrite=True, source={"checkpoint": str(ckpt), "weights": "posthoc_ema"} | summary)
             x = np.asarray(summary["coefficients"])
             print(f"sigma_rel {sigma_rel:.3f} (gamma {summary['gamma']:.2f}) at step {summary['step']}: "

@@ -16,7 +16,7 @@ from scipy import integrate
 from test_faults import TINY_CLI, write_fake_fashion_mnist
 from test_resume import SyntheticData
 
-from src.callbacks.posthoc_ema import PostHocEMA
+from src.callbacks.posthoc_ema import PROCESS_PREFIX, PostHocEMA
 from src.callbacks.rng_state import RNGStateCallback
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
@@ -230,6 +230,39 @@ def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, c
                 [command, *TINY_CLI, *data, "--trainer.default_root_dir", str(tmp_path / "bad"), *more, *early, "2"]
             )
         assert "\n" not in str(error.value) and not (tmp_path / "bad").exists()
+
+
+def test_a_learned_process_is_averaged_and_reconstructed_with_the_network(tmp_path: Path) -> None:
+    """A learned schedule (tests/my_extensions.py's LearnedLinearLogSNR) is trained beside the network, so its post-hoc
+    average belongs in the snapshots: the export, the .ckpt copy and the early-EMA guide get the network and the
+    schedule of the same average, not the reconstructed network with the run's own EMA of the schedule."""
+    root = tmp_path / "runs"
+    data = ["--data.data_dir", str(write_fake_fashion_mnist(tmp_path / "data", n_train=24, n_test=8))]
+    cli_main(["fit", *TINY_CLI, *data, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4",
+              "--trainer.limit_val_batches", "0", "--trainer.callbacks", json.dumps(POSTHOC),
+              "--model.process", "my_extensions.LearnedLinearLogSNR", "--model.bpd_timesteps", "0"])  # fmt: skip
+    (run,) = root.glob("*/version_*")
+    files = snapshot_files(run)
+    snapshot = torch.load(files[-1], weights_only=True)["averages"][1]  # sigma_rel 0.10 at the last step
+    assert sorted(k for k in snapshot if "::" in k) == [PROCESS_PREFIX + "endpoints"]
+    endpoints = snapshot[PROCESS_PREFIX + "endpoints"]
+    last = run / "checkpoints" / "last.ckpt"
+    weights = torch.load(last, weights_only=True)["state_dict"]
+    assert not torch.equal(endpoints, weights["model.process.endpoints"])  # not the run's own EMA
+    assert not torch.equal(endpoints, torch.tensor([9.0, -10.0]))  # trained
+
+    out = tmp_path / "phema"
+    posthoc_main([str(run), "--sigma_rel", "0.1", "--out_dir", str(out)])
+    posthoc_main([str(run), "--sigma_rel", "0.1", "--out_dir", str(out), "--format", "ckpt"])
+    exported = DiffusionModel.load(out / "sigma_rel_0.100")
+    torch.testing.assert_close(exported.process.endpoints, endpoints, rtol=1e-5, atol=1e-6)
+    copied = torch.load(out / "sigma_rel_0.100.ckpt", weights_only=True)["state_dict"]
+    torch.testing.assert_close(copied["model.process.endpoints"], endpoints, rtol=1e-5, atol=1e-6)
+    assert torch.equal(copied["process.endpoints"], weights["process.endpoints"])  # the trained one, untouched
+    guide, summary = early_ema_guide(last, 0.5)
+    assert summary["step"] == 2
+    expected = reconstruct(read_headers(files), 0.05, step=2)[0]
+    assert torch.equal(guide.process.endpoints.detach(), expected[PROCESS_PREFIX + "endpoints"])
 
 
 def test_early_ema_guide_names() -> None:

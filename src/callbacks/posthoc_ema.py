@@ -11,8 +11,10 @@ Snapshots are `<run dir>/posthoc_ema/step_<N>.pt`, one file per snapshot step ho
 written atomically the moment it is taken and never held in memory afterwards: memory stays at one copy of the
 network per sigma_rel however many snapshots a run takes. The running averages live beside the network (same
 device, float32) and are in every checkpoint (this callback's state), so a resumed run continues them exactly.
-The averages are of `pl_module.net`, the weights the optimizer trains; the model's own EMA (`--model.ema_decay`,
-what sampling uses) is unchanged.
+The averages are of what the optimizer trains: `pl_module.net`, and a learned diffusion process's parameters
+(`--model.process` with parameters, e.g. VDM's noise schedule) under keys prefixed `PROCESS_PREFIX`, so that a
+reconstruction pairs the network with the schedule of the same average (`trained_state`). The model's own EMA
+(`--model.ema_decay`, what sampling uses) is unchanged.
 """
 
 from __future__ import annotations
@@ -34,6 +36,25 @@ from src.models.posthoc_ema import sigma_rel_to_gamma, update_power_ema
 SNAPSHOT_FORMAT = "ddim-lightning-posthoc-ema"
 SNAPSHOT_DIR = "posthoc_ema"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+# The snapshot keys of a learned process's state (the network's keys are its own state-dict keys, as they always were;
+# a state-dict key never contains "::").
+PROCESS_PREFIX = "process::"
+
+
+def trained_state(pl_module: L.LightningModule) -> dict[str, Tensor]:
+    """The state that post-hoc EMA averages: the network's, plus a learned process's under `PROCESS_PREFIX` (a fixed
+    schedule has no parameters and adds nothing, so snapshots of such runs are as before)."""
+    state = dict(pl_module.net.state_dict())
+    process = getattr(pl_module, "process", None)
+    if process is not None and getattr(process, "has_parameters", lambda: False)():
+        state.update({PROCESS_PREFIX + k: v for k, v in process.state_dict().items()})
+    return state
+
+
+def split_state(state: dict[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(the network's state, the learned process's state: empty for a fixed schedule) of a `trained_state`."""
+    net = {k: v for k, v in state.items() if not k.startswith(PROCESS_PREFIX)}
+    return net, {k[len(PROCESS_PREFIX) :]: v for k, v in state.items() if k.startswith(PROCESS_PREFIX)}
 
 
 class PostHocEMA(Callback):
@@ -89,7 +110,7 @@ class PostHocEMA(Callback):
         if not trainer.is_global_zero:
             return  # the weights are the same on every rank; one copy of the averages is enough
         restored, self._restored = self._restored, None
-        net_state = pl_module.net.state_dict()
+        net_state = trained_state(pl_module)
         if restored:
             if [float(s) for s in restored["sigma_rels"]] != self.sigma_rels:
                 raise ConfigError(
@@ -98,6 +119,9 @@ class PostHocEMA(Callback):
                 )
             self.step = int(restored["step"])
             self.averages = [{k: v.to(net_state[k].device) for k, v in avg.items()} for avg in restored["averages"]]
+            for average in self.averages:  # a checkpoint from before learned processes were averaged: start them now
+                for key in net_state.keys() - average.keys():
+                    average[key] = net_state[key].detach().clone()
             self._last_snapshot = self.step
         else:
             self.averages = [{k: v.detach().clone() for k, v in net_state.items()} for _ in self.sigma_rels]
@@ -117,7 +141,7 @@ class PostHocEMA(Callback):
         if self.averages is None or trainer.global_step == self.step:
             return
         self.step = trainer.global_step
-        net_state = pl_module.net.state_dict()
+        net_state = trained_state(pl_module)
         for average, gamma in zip(self.averages, self.gammas, strict=True):
             keys = self._float_keys
             update_power_ema([average[k] for k in keys], [net_state[k] for k in keys], self.step, gamma)
