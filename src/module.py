@@ -20,7 +20,15 @@ from torch import Tensor, nn
 from src.data.latent_cache import CachedLatents
 from src.diffusion.guidance import drop_labels
 from src.diffusion.likelihood import nll_bits_per_dim
-from src.diffusion.losses import TIMESTEP_SAMPLINGS, l_hybrid, l_simple, l_vlb, objective_function, sample_timesteps
+from src.diffusion.losses import (
+    TIMESTEP_SAMPLINGS,
+    TimestepDistribution,
+    l_hybrid,
+    l_simple,
+    l_vlb,
+    objective_function,
+    sample_timesteps,
+)
 from src.diffusion.losses import loss_weighting as resolve_loss_weighting
 from src.diffusion.ode_likelihood import ode_nll_bits_per_dim
 from src.diffusion.process import DiffusionProcess, DiscreteProcess
@@ -55,6 +63,9 @@ class DiffusionModule(L.LightningModule):
         timestep_sampling: how a batch draws its timesteps, for every objective (`losses.unit_times`): "uniform"
             (i.i.d., DDPM), "antithetic" (t paired with T - 1 - t), "low_discrepancy" (u_i = (u_0 + i / B) mod 1,
             VDM's) or "stratified" (one draw in each of B strata). Each example's t stays uniform.
+        timestep_distribution: where the timesteps fall (`losses.TimestepDistribution`, as class_path / init_args,
+            e.g. `src.diffusion.losses.LogNormal`, EDM's training noise levels); each example's u of
+            timestep_sampling is mapped through it. None: uniform over the T steps (DDPM). Not with the vdm objectives.
         schedule: noise schedule name, "linear" (DDPM) or "cosine" (improved DDPM).
         timesteps: number of diffusion steps T.
         beta_start: first beta of the linear schedule.
@@ -170,13 +181,16 @@ class DiffusionModule(L.LightningModule):
         process: DiffusionProcess | None = None,
         first_stage: FirstStage | None = None,
         timestep_sampling: str = "uniform",
+        timestep_distribution: TimestepDistribution | None = None,
         condition: dict | None = None,
         condition_split: str = "test",
     ) -> None:
         super().__init__()
         # The parts are modules or callables, not hyperparameters: the networks' specs are recorded below, and the
         # optimizer's in the CLI's config.yaml.
-        self.save_hyperparameters(ignore=["net", "process", "first_stage", "optimizer", "lr_scheduler"])
+        self.save_hyperparameters(
+            ignore=["net", "process", "first_stage", "optimizer", "lr_scheduler", "timestep_distribution"]
+        )
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
         if not 0.0 <= p_uncond <= 1.0:
             raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
@@ -187,14 +201,18 @@ class DiffusionModule(L.LightningModule):
                 f"--model.timestep_sampling {timestep_sampling!r} is unknown; choose one of {', '.join(TIMESTEP_SAMPLINGS)}"
             )
         # load_from_checkpoint passes the recorded {"class_path", "init_args"} of each part.
-        net, process, first_stage = (build_net(p) if isinstance(p, dict) else p for p in (net, process, first_stage))
-        for name, part in (("net", net), ("process", process), ("first_stage", first_stage)):
+        net, process, first_stage, timestep_distribution = (
+            build_net(p) if isinstance(p, dict) else p for p in (net, process, first_stage, timestep_distribution)
+        )
+        parts = {"net": net, "process": process, "first_stage": first_stage}
+        for name, part in (*parts.items(), ("timestep_distribution", timestep_distribution)):
             if part is not None and net_spec(part) is not None:
                 # Record each part's class and constructor arguments, so that a checkpoint alone rebuilds the model
                 # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the modules are no hparams.
                 self.hparams[name] = net_spec(part)
         self.net = net
         self.loss_weight = resolve_loss_weighting(loss_weighting, min_snr_gamma)
+        self.timestep_distribution = timestep_distribution
         recipe = schedule_recipe(schedule, timesteps, beta_start, beta_end)
         # The process training reads (its parameters, if any, are optimized); the sampling model holds its average.
         self.process = process if process is not None else DiscreteProcess.from_name(**recipe)
@@ -263,6 +281,11 @@ class DiffusionModule(L.LightningModule):
                     f"--model.objective {objective} is a likelihood of 8-bit pixels (its decoder is a categorical over "
                     "the 256 values): drop --model.first_stage, or use --model.objective simple"
                 )
+        if objective in ("vdm", "vdm_discrete") and self.timestep_distribution is not None:
+            raise ConfigError(
+                f"--model.objective {objective} draws its own continuous t (an unbiased bound needs it uniform): drop "
+                "--model.timestep_distribution, or use --model.objective simple"
+            )
         if objective in ("hybrid", "vlb") and self.process.has_parameters():
             raise ConfigError(
                 f"--model.objective {objective} reads a fixed schedule's posterior tables, not a learned process: "
@@ -378,6 +401,9 @@ class DiffusionModule(L.LightningModule):
         T, method = self.process.num_timesteps, self.hparams.get("timestep_sampling", "uniform")
         if self.vdm:  # continuous t in [0, T - 1] (vdm), or the grid's t = 1..T-1 (vdm_discrete)
             self.last_t = vdm_times(unit_times(images.shape[0], method, images.device), T, self.vdm_steps)
+        elif self.timestep_distribution is not None:  # e.g. EDM's log-normal noise levels
+            u = unit_times(images.shape[0], method, images.device)
+            self.last_t = self.timestep_distribution(u, self.process.schedule)
         else:
             self.last_t = sample_timesteps(images.shape[0], T, images.device, method=method)
         kwargs = {}

@@ -3,12 +3,15 @@ training-script formula and against its definition as one x0-space loss; "none" 
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
+from test_cli import _fit, needs_fashion_mnist
 
-from src.diffusion.losses import LOSS_WEIGHTINGS, l_simple, loss_weighting, min_snr_weight
+from src.diffusion.losses import LOSS_WEIGHTINGS, LogNormal, l_simple, loss_weighting, min_snr_weight
 from src.diffusion.parameterization import training_target, x0_from_prediction
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
@@ -102,3 +105,58 @@ def test_bad_weightings_are_one_clear_line() -> None:
         loss_weighting("min_snr", 0.0)
     with pytest.raises(ConfigError, match=r"cannot import no_such_package"):
         loss_weighting("no_such_package.weights.fn")
+
+
+# ---------------------------------------------------------------------------------------------- where t falls
+def test_lognormal_levels_are_edm_s_distribution_on_the_schedule() -> None:
+    """LogNormal maps u to the timestep of nearest log sigma_t: the same t as a brute-force search, and over a fine
+    grid of u each t gets the probability scipy's normal gives ln sigma between the midpoints of its neighbours."""
+    from scipy import stats
+
+    schedule = NoiseSchedule.linear(1000, 1e-4, 0.02)
+    dist = LogNormal(-1.2, 1.2)
+    u = (torch.arange(200_000, dtype=torch.float64) + 0.5) / 200_000
+    t = dist(u, schedule)
+    log_sigma = 0.5 * torch.log((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod)
+    drawn = -1.2 + 1.2 * torch.special.ndtri(u)
+    assert torch.equal(t[::97], (log_sigma[None, :] - drawn[::97, None]).abs().argmin(dim=1))
+    edges = np.concatenate([[-np.inf], ((log_sigma[1:] + log_sigma[:-1]) / 2).numpy(), [np.inf]])
+    expected = np.diff(stats.norm.cdf(edges, loc=-1.2, scale=1.2))
+    counts = np.bincount(t.numpy(), minlength=1000) / len(u)
+    np.testing.assert_allclose(counts, expected, atol=2e-5)
+    assert t.dtype == torch.int64 and 80 <= int(t.median()) <= 95  # half the steps below sigma = exp(-1.2) = 0.30
+    with pytest.raises(ConfigError, match="std must be > 0"):
+        LogNormal(std=0)
+
+
+@pytest.mark.slow
+@needs_fashion_mnist
+def test_a_timestep_distribution_trains_through_the_cli(tmp_path: Path, monkeypatch) -> None:
+    """--model.timestep_distribution src.diffusion.losses.LogNormal: the training steps draw their t from it (seen by
+    the network), the checkpoint records it and rebuilds it; with a vdm objective it is one line naming the fix."""
+    from src.module import DiffusionModule
+
+    seen: list[torch.Tensor] = []
+    step = DiffusionModule.training_step
+
+    def recording(self, batch, batch_idx):
+        loss = step(self, batch, batch_idx)
+        seen.append(self.last_t.clone())
+        return loss
+
+    monkeypatch.setattr(DiffusionModule, "training_step", recording)
+    edm = ["--model.timestep_distribution", "src.diffusion.losses.LogNormal", "--model.timestep_distribution.std", "1"]
+    ckpt = _fit(tmp_path / "edm", 3, *edm)
+    drawn = torch.cat(seen)
+    schedule = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").process.schedule
+    sigmas = ((1 - schedule.alphas_cumprod) / schedule.alphas_cumprod).sqrt()[drawn]
+    assert len(drawn) == 24 and float(sigmas.log().mean()) == pytest.approx(-1.2, abs=0.6)  # 24 draws of N(-1.2, 1)
+    hparams = torch.load(ckpt, weights_only=True)["hyper_parameters"]
+    assert hparams["timestep_distribution"] == {
+        "class_path": "src.diffusion.losses.LogNormal", "init_args": {"mean": -1.2, "std": 1.0}
+    }  # fmt: skip
+    rebuilt = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").timestep_distribution
+    assert isinstance(rebuilt, LogNormal) and (rebuilt.mean, rebuilt.std) == (-1.2, 1.0)
+    with pytest.raises(ConfigError, match="objective vdm draws its own continuous t") as error:
+        _fit(tmp_path / "vdm", 1, *edm, "--model.objective", "vdm")
+    assert "\n" not in str(error.value)

@@ -87,6 +87,46 @@ def sample_timesteps(
     return torch.randint(0, num_timesteps, (batch_size,), device=generator.device, generator=generator).to(device)
 
 
+class TimestepDistribution:
+    """Where training puts its noise levels: each example's u in [0, 1) (`unit_times`, so the batch's variance
+    reduction applies as before) mapped to a timestep of `schedule`. Without one (`--model.timestep_distribution
+    null`) t is uniform over the T steps, DDPM's Algorithm 1. A subclass of one's own is chosen by class path.
+
+    Drawing t from p(t) with an unweighted loss trains the objective weighted by T p(t), with a lower variance than
+    drawing t uniformly and weighting by T p(t) (importance sampling; EDM section 5, "Loss weighting and sampling").
+    """
+
+    def __call__(self, u: Tensor, schedule: NoiseSchedule) -> Tensor:
+        raise NotImplementedError
+
+
+class LogNormal(TimestepDistribution):
+    """EDM's training noise levels (Karras et al. 2022, Table 1): ln sigma ~ N(mean, std^2), -1.2 and 1.2 there, in
+    the variance-exploding sigma_t = sqrt((1 - a_t) / a_t) of x_t / sqrt(a_t), each drawn level mapped to the
+    timestep whose log sigma_t is nearest (levels beyond the schedule's ends go to its first or last step).
+
+    It concentrates training where samples take shape (sigma about 0.1 to 2, where guidance intervals act too) instead
+    of DDPM's uniform t, which spends half of a linear T = 1000 schedule's steps above sigma = 3.7. With v-prediction
+    and no loss weighting (`--model.loss_weighting none`), the loss is EDM's lambda(sigma) ||D(x) - x_0||^2 with
+    sigma_data = 1: the v-error is the x_0-error times sqrt(1 + sigma^2) / sigma, i.e. EDM's 1 / c_out(sigma).
+    """
+
+    def __init__(self, mean: float = -1.2, std: float = 1.2) -> None:
+        if not std > 0:
+            raise config_error(f"LogNormal std must be > 0 (1.2 in EDM), got {std}")
+        self.mean, self.std = float(mean), float(std)
+        self.config = {"mean": self.mean, "std": self.std}  # recorded in checkpoints (module.net_spec)
+
+    def __call__(self, u: Tensor, schedule: NoiseSchedule) -> Tensor:
+        log_sigma = self.mean + self.std * torch.special.ndtri(u.double().clamp(1e-12, 1.0 - 1e-12))
+        a = schedule.alphas_cumprod.to(u.device)
+        table = 0.5 * (torch.log1p(-a) - torch.log(a))  # log sigma_t, increasing in t
+        above = torch.searchsorted(table, log_sigma).clamp(max=len(table) - 1)  # first t with log sigma_t >= level
+        below = (above - 1).clamp(min=0)
+        nearer_below = (log_sigma - table[below]).abs() <= (table[above] - log_sigma).abs()
+        return torch.where(nearer_below, below, above)
+
+
 def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
     """Min-SNR-gamma weights (Hang et al. 2023, "Efficient Diffusion Training via Min-SNR Weighting Strategy") for
     the squared error of each prediction target, from snr = SNR(t) = alpha-bar_t / (1 - alpha-bar_t):
