@@ -10,12 +10,10 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 # ROOT), never another run's (a classifier's, another recipe's); CKPT=path: that file.
 CKPT ?=
 NUM_SAMPLES ?= 64
-# `make sample`'s guidance for the quickstart (configs/fashion_mnist_cond.yaml): autoguidance (Karras et al. 2024) by
-# the run's own EMA at a quarter of its steps, made from its post-hoc EMA snapshots, on top of classifier-free
-# guidance at s = 3, in 10 steps: over 40% closer to the real images than the config's own guidance, in less time
-# (docs/quality.md). GUIDANCE= (empty) samples as the config says; other configs get nothing added.
-GUIDANCE ?= $(if $(filter %configs/fashion_mnist_cond.yaml,$(CONFIG)),--model.guidance_model posthoc_ema@0.25 \
-	--model.autoguidance_scale 2.5 --model.guidance_scale 3 --model.sampling_steps 10)
+# Extra sampling options for `make sample` (empty: the config's own sampler and guidance), e.g. autoguidance by the
+# run's own early EMA: GUIDANCE="--model.guidance_model posthoc_ema@0.25 --model.autoguidance_scale 1.5"
+# (docs/samplers.md#autoguidance; docs/quality.md measures it on the quickstart).
+GUIDANCE ?=
 # bf16 autocast for `make train` where the CPU computes bf16 natively (AVX-512 BF16 or AMX: 1.4x more steps per
 # minute); fp32 elsewhere, where emulated bf16 would be slower than fp32. Override: make train PRECISION=32-true.
 PRECISION ?= $(shell grep -qsE 'avx512_bf16|amx_bf16' /proc/cpuinfo && echo bf16-mixed || echo 32-true)
