@@ -135,7 +135,7 @@ def early_ema_guide(
         raise ConfigError(
             f"--model.guidance_model posthoc_ema@{fraction}: no post-hoc EMA snapshots in {run / SNAPSHOT_DIR} (the "
             "PostHocEMA callback writes them during fit); name a guide file instead, or sample without autoguidance "
-            "(--model.guidance_model null --model.autoguidance_scale 1; make sample GUIDANCE=)"
+            "(--model.guidance_model null --model.autoguidance_scale 1)"
         ) from None
     headers = read_headers(files)
     total = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))

@@ -21,7 +21,7 @@ Each command is checked as deeply as is cheap (the whole file takes well under a
 
 Everything runs in a sandbox folder that looks like a checkout after `make train`: links to the repository's
 folders and a tiny `runs/fashion_mnist_cond/version_0/checkpoints/last.ckpt` trained for 2 steps (with its post-hoc
-EMA snapshots, for `make sample`'s autoguidance), plus a small
+EMA snapshots, for the docs' autoguidance commands), plus a small
 folder of images (`my_images/`), a folder of samples, an autoguidance guide (`runs/guides/`) and a diffusers-format
 folder (`ddpm-cifar10-32/`, a tiny UNet standing in for the published one), so the documents' own paths resolve. Placeholders in capitals stand for
 such files: CKPT (a checkpoint), DIR (a folder of images), SAMPLES (a folder of samples).
@@ -153,7 +153,7 @@ CHECKPOINT_ONLY = {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
                    "init_args": {"save_last": True, "save_top_k": 0}}  # fmt: skip
 
 
-# Its post-hoc EMA snapshots, from which `make sample` makes its autoguidance guide (posthoc_ema@0.25).
+# Its post-hoc EMA snapshots, from which the docs' autoguidance commands make their guide (posthoc_ema@0.25).
 POSTHOC_EVERY_STEP = {"class_path": "src.callbacks.posthoc_ema.PostHocEMA", "init_args": {"every_n_steps": 1}}
 
 

@@ -221,7 +221,7 @@ def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, c
     assert predict("guided", last, *early, "2") != predict("unguided", last)
     assert "this run's EMA (sigma_rel 0.05) at step 4 of 7" in caplog.text
     for command, ckpt, message in [
-        ("predict", ckpt, r"no post-hoc EMA snapshots in \S+phema/posthoc_ema .* make sample GUIDANCE="),
+        ("predict", ckpt, r"no post-hoc EMA snapshots in \S+phema/posthoc_ema .* --model.autoguidance_scale 1\)"),
         ("fit", None, r"posthoc_ema@0.5 guides a trained run's sampling \(predict, validate or test"),
     ]:
         more = ["--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "bad")] if ckpt else []

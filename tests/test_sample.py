@@ -72,7 +72,7 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
     callbacks = [
         {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": True}},
         {"class_path": "src.callbacks.sampling.SampleGrid", "init_args": {"every_n_steps": 0, "num_samples": 12}},
-        # make sample's autoguidance reconstructs its guide from these (GUIDANCE in the Makefile).
+        # The autoguidance GUIDANCE passes below reconstructs its guide from these.
         {"class_path": "src.callbacks.posthoc_ema.PostHocEMA", "init_args": {"every_n_steps": 1}},
     ]
     cli_main(["fit", "--config", COND, *TINY, "--data.data_dir", str(data), "--trainer.default_root_dir", str(root),
@@ -92,7 +92,8 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
     (bin_dir / "python").chmod(0o755)
     out = root / "samples" / "first"
     make = ["make", "-o", "install", "sample", f"BIN={bin_dir}", f"CONFIG={COND}", f"ROOT={root}", f"OUT={out}",
-            "NUM_SAMPLES=12", "ARGS=--model.sampling_steps 2 --trainer.enable_progress_bar false"]  # fmt: skip
+            "NUM_SAMPLES=12", "ARGS=--model.sampling_steps 2 --trainer.enable_progress_bar false",
+            "GUIDANCE=--model.guidance_model posthoc_ema@0.25 --model.autoguidance_scale 1.5"]  # fmt: skip
     result = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "Autoguidance: the guide is this run's EMA (sigma_rel 0.05) at step 1 of 2" in result.stdout + result.stderr
