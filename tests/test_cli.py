@@ -204,8 +204,9 @@ def test_the_cond_files_are_their_data_set_file_plus_the_cond_overlay() -> None:
     )
     # `make train`: guidance at s = 5 limited to sigma in (0.2, 2.0] in 10 steps, EDM's log-normal noise levels with
     # the loss unweighted (its comment; docs/quality.md)
+    distribution = {f"model.timestep_distribution.{key}" for key in ("class_path", "init_args.mean", "init_args.std")}
     assert quickstart == {"run_name", "model.guidance_scale", "model.guidance_interval", "model.sampling_steps",
-                          "model.timestep_distribution", "model.loss_weighting"}  # fmt: skip
+                          "model.loss_weighting", *distribution}  # fmt: skip
 
 
 def test_the_gpu_folder_recipes_are_the_cifar10_recipe_plus_their_differences() -> None:
