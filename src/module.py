@@ -204,8 +204,13 @@ class DiffusionModule(L.LightningModule):
         net, process, first_stage, timestep_distribution = (
             build_net(p) if isinstance(p, dict) else p for p in (net, process, first_stage, timestep_distribution)
         )
-        parts = {"net": net, "process": process, "first_stage": first_stage}
-        for name, part in (*parts.items(), ("timestep_distribution", timestep_distribution)):
+        parts = {
+            "net": net,
+            "process": process,
+            "first_stage": first_stage,
+            "timestep_distribution": timestep_distribution,
+        }
+        for name, part in parts.items():
             if part is not None and net_spec(part) is not None:
                 # Record each part's class and constructor arguments, so that a checkpoint alone rebuilds the model
                 # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the modules are no hparams.

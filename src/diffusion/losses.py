@@ -119,8 +119,7 @@ class LogNormal(TimestepDistribution):
 
     def __call__(self, u: Tensor, schedule: NoiseSchedule) -> Tensor:
         log_sigma = self.mean + self.std * torch.special.ndtri(u.double().clamp(1e-12, 1.0 - 1e-12))
-        a = schedule.alphas_cumprod.to(u.device)
-        table = 0.5 * (torch.log1p(-a) - torch.log(a))  # log sigma_t, increasing in t
+        table = (-0.5 * schedule.log_snr).to(u.device)  # log sigma_t = -log SNR(t) / 2, increasing in t
         above = torch.searchsorted(table, log_sigma).clamp(max=len(table) - 1)  # first t with log sigma_t >= level
         below = (above - 1).clamp(min=0)
         nearer_below = (log_sigma - table[below]).abs() <= (table[above] - log_sigma).abs()
