@@ -360,10 +360,16 @@ class DiffusionCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """A network, first stage or autoencoder whose constructor refuses its arguments (a ValueError raised in the
         model layer, e.g. num_heads not dividing a width, an unknown conditioning) is bad input: a ConfigError, so
-        the command line prints it as one line. Other errors pass unchanged."""
+        the command line prints it as one line. So is a part's own ConfigError that jsonargparse wrapped while
+        instantiating a typed option (e.g. `--model.timestep_distribution.std 0`). Other errors pass unchanged."""
         try:
             super().instantiate_classes()
         except ValueError as error:
+            cause = error.__cause__
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__
+            if cause is not None and not isinstance(error, UserError):
+                raise cause from error
             frames = traceback.extract_tb(error.__traceback__)
             raised_in_models = bool(frames) and f"{os.sep}src{os.sep}models{os.sep}" in frames[-1].filename
             if isinstance(error, UserError) or not raised_in_models:

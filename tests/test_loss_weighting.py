@@ -160,3 +160,8 @@ def test_a_timestep_distribution_trains_through_the_cli(tmp_path: Path, monkeypa
     with pytest.raises(ConfigError, match="objective vdm draws its own continuous t") as error:
         _fit(tmp_path / "vdm", 1, *edm, "--model.objective", "vdm")
     assert "\n" not in str(error.value)
+    # The part's own refusal, raised while jsonargparse instantiates it, reaches the user as that one line.
+    with pytest.raises(ConfigError, match="--model.timestep_distribution LogNormal std must be > 0") as error:
+        _fit(tmp_path / "bad", 1, "--model.timestep_distribution", "src.diffusion.losses.LogNormal",
+             "--model.timestep_distribution.std", "0")  # fmt: skip
+    assert "\n" not in str(error.value)

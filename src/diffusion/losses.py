@@ -113,7 +113,7 @@ class LogNormal(TimestepDistribution):
 
     def __init__(self, mean: float = -1.2, std: float = 1.2) -> None:
         if not std > 0:
-            raise config_error(f"LogNormal std must be > 0 (1.2 in EDM), got {std}")
+            raise config_error(f"--model.timestep_distribution LogNormal std must be > 0 (1.2 in EDM), got {std}")
         self.mean, self.std = float(mean), float(std)
         self.config = {"mean": self.mean, "std": self.std}  # recorded in checkpoints (module.net_spec)
 
