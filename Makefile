@@ -11,7 +11,7 @@ FASHION_MNIST_DIR := /usr/share/datasets/fashion-mnist
 CKPT ?=
 NUM_SAMPLES ?= 64
 # Extra sampling options for `make sample` (empty: the config's own sampler and guidance), e.g. autoguidance by the
-# run's own early EMA: GUIDANCE="--model.guidance_model posthoc_ema@0.25 --model.autoguidance_scale 1.5"
+# run's own early EMA: GUIDANCE="--model.guidance.model posthoc_ema@0.25 --model.guidance.autoguidance_scale 1.5"
 # (docs/samplers.md#autoguidance; docs/quality.md measures it on the quickstart).
 GUIDANCE ?=
 # bf16 autocast for `make train` where the CPU computes bf16 natively (AVX-512 BF16 or AMX: 1.4x more steps per

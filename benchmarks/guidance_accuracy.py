@@ -8,7 +8,7 @@ Inception Score; accuracy is its label-aware analogue for Fashion-MNIST / MNIST 
 1. The classifier: a `NoisyClassifier` trained on the clean training set (t = 0 only; independent of the diffusion
    model), cached at --classifier (trained and saved there when the file does not exist); its test accuracy is
    printed, the ceiling for the samples' accuracy.
-2. For each w, sample i gets label i % num_classes and guidance scale s = 1 + w (--model.guidance_scale); the table
+2. For each w, sample i gets label i % num_classes and guidance scale s = 1 + w (--model.guidance.scale); the table
    lists the classifier's accuracy on the samples against their labels and its mean confidence. w = -1 is the
    unconditional model (accuracy ~ 1 / num_classes expected), w = 0 the plain conditional one.
 """

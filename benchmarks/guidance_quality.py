@@ -13,9 +13,9 @@ features, and the label agreement: how often the same classifier gives a sample 
 Variants are every (scale, threshold, interval) of the lists: a threshold is `none` (clip_denoised false), `static`
 (clip_denoised true) or `P:MAX` / `P` (dynamic thresholding at percentile P, s capped at MAX / uncapped); an interval
 is `none` (guidance at every step, overriding the config's interval) or `LO:HI` in noise levels sigma
-(--model.guidance_interval [LO, HI]); at scale 1 there is no guidance to limit, so only `none` runs there. A guide
+(--model.guidance.interval [LO, HI]); at scale 1 there is no guidance to limit, so only `none` runs there. A guide
 is `cfg` (classifier-free guidance at the scale: away from the same net without the label) or the path of a weaker
-model (autoguidance at the scale, Karras et al. 2024: --model.guidance_model PATH --model.autoguidance_scale s, e.g.
+model (autoguidance at the scale, Karras et al. 2024: --model.guidance.model PATH --model.guidance.autoguidance_scale s, e.g.
 a `python -m src.posthoc_ema --step N --format ckpt` copy of the same run stopped early; classifier-free guidance
 off unless `--predict-args` turn it on); at scale 1 only the first guide runs. docs/samplers.md describes the
 options.
@@ -37,20 +37,25 @@ from common import evaluate_samples, predict_samples, quality_cells
 def threshold_args(threshold: str) -> list[str]:
     """The predict options of a threshold name: none, static, P or P:MAX."""
     if threshold == "none":
-        return ["--model.clip_denoised", "false"]
+        return ["--model.sampling.clip_denoised", "false"]
     if threshold == "static":
-        return ["--model.clip_denoised", "true"]
+        return ["--model.sampling.clip_denoised", "true"]
     percentile, _, max_value = threshold.partition(":")
-    args = ["--model.clip_denoised", "true", "--model.dynamic_threshold_percentile", str(float(percentile))]
-    return args + (["--model.dynamic_threshold_max", str(float(max_value))] if max_value else [])
+    args = [
+        "--model.sampling.clip_denoised",
+        "true",
+        "--model.sampling.dynamic_threshold_percentile",
+        str(float(percentile)),
+    ]
+    return args + (["--model.sampling.dynamic_threshold_max", str(float(max_value))] if max_value else [])
 
 
 def interval_args(interval: str) -> list[str]:
     """The predict options of an interval name: none (guidance at every step, whatever the config sets) or LO:HI."""
     if interval == "none":
-        return ["--model.guidance_interval", "null"]
+        return ["--model.guidance.interval", "null"]
     lo, hi = (float(v) for v in interval.split(":"))
-    return ["--model.guidance_interval", f"[{lo}, {hi}]"]
+    return ["--model.guidance.interval", f"[{lo}, {hi}]"]
 
 
 def variants(
@@ -75,9 +80,9 @@ def predict_args(scale: float, threshold: str, interval: str, guide: str = "cfg"
     """The predict options of a variant: the scale is classifier-free guidance's, or with a guide's path
     autoguidance's (classifier-free guidance then off: scale 1, no interval)."""
     if guide == "cfg" or scale == 1.0:
-        return ["--model.guidance_scale", str(float(scale)), *threshold_args(threshold), *interval_args(interval)]
-    autoguidance = ["--model.guidance_model", guide, "--model.autoguidance_scale", str(float(scale))]
-    return ["--model.guidance_scale", "1.0", *threshold_args(threshold), *interval_args("none"), *autoguidance]
+        return ["--model.guidance.scale", str(float(scale)), *threshold_args(threshold), *interval_args(interval)]
+    autoguidance = ["--model.guidance.model", guide, "--model.guidance.autoguidance_scale", str(float(scale))]
+    return ["--model.guidance.scale", "1.0", *threshold_args(threshold), *interval_args("none"), *autoguidance]
 
 
 def main() -> None:
@@ -95,7 +100,7 @@ def main() -> None:
                         help="cfg (classifier-free guidance) or a weaker model's checkpoint / export (autoguidance)")  # fmt: skip
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--predict-args", default="", help="more predict options, e.g. '--model.sampling_steps 10'")
+    parser.add_argument("--predict-args", default="", help="more predict options, e.g. '--model.sampling.steps 10'")
     args = parser.parse_args()
 
     rows = []

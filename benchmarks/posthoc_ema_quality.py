@@ -1,14 +1,14 @@
 """Sample quality against the EMA length, chosen after training (post-hoc EMA, Karras et al. 2024): for each
 sigma_rel, `python -m src.posthoc_ema` reconstructs the average from the run's PostHocEMA snapshots into a .ckpt,
 `python -m src.main predict` writes `--num-samples` PNG files from it (the same sample indices, so the same noise, for
-every length) and `python -m src.evaluate` scores them; the run's own sampling EMA (`--model.ema_decay`, its
+every length) and `python -m src.evaluate` scores them; the run's own sampling EMA (`--model.training.ema_decay`, its
 last.ckpt) is the first row. With a classifier file as `--extractor` the scores are `fd_classifier` (docs/quality.md;
 NOT an FID), precision, recall and label agreement.
 
     python benchmarks/posthoc_ema_quality.py --run runs/fashion_mnist_cond/version_0 \
         --extractor runs/fashion_mnist_fd_classifier/version_0/classifier.pt --sigma-rels 0.03 0.05 0.09 0.15 0.25
 
-`--predict-args` adds predict options to every row (e.g. '--model.guidance_scale 2'): EDM2 found that the best
+`--predict-args` adds predict options to every row (e.g. '--model.guidance.scale 2'): EDM2 found that the best
 length moves with the guidance scale, so sweep it at the scale you sample with.
 """
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--sigma-rels", type=float, nargs="+", default=[0.03, 0.05, 0.09, 0.15, 0.25])
     parser.add_argument("--num-samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=250)
-    parser.add_argument("--predict-args", default="", help="more predict options, e.g. '--model.guidance_scale 2'")
+    parser.add_argument("--predict-args", default="", help="more predict options, e.g. '--model.guidance.scale 2'")
     args = parser.parse_args()
 
     options = shlex.split(args.predict_args)

@@ -19,11 +19,11 @@ from pathlib import Path
 from common import evaluate_samples, predict_samples
 
 # sampler -> (extra predict options, evaluations per step). The SDE / ODE samplers run on Karras noise levels and
-# do not read --model.skip, so they reset the config's (logsnr in fashion_mnist.yaml) to the default.
-KARRAS = ["--model.skip", "uniform"]
+# do not read --model.sampling.skip, so they reset the config's (logsnr in fashion_mnist.yaml) to the default.
+KARRAS = ["--model.sampling.skip", "uniform"]
 SAMPLERS = {
     "ddim": ([], 1),
-    "dpmpp_2m": (["--model.skip", "logsnr"], 1),
+    "dpmpp_2m": (["--model.sampling.skip", "logsnr"], 1),
     "euler_maruyama": (KARRAS, 1),
     "pc": (KARRAS, 2),
     "heun": (KARRAS, 2),
@@ -51,7 +51,7 @@ def main() -> None:
             extra, per_step = SAMPLERS[name]
             steps = args.nfe if per_step == 1 else (args.nfe + 1) // 2
             out = Path(tmp) / name
-            options = ["--model.sampler", name, "--model.sampling_steps", str(steps), *extra]
+            options = ["--model.sampling.sampler", name, "--model.sampling.steps", str(steps), *extra]
             seconds = predict_samples(args.config, args.ckpt, out, args.num_samples, args.batch_size, options)
             fd, scores = evaluate_samples(out, args.ref, args.extractor, ["--reference_values"])
             rows.append((name, steps, steps * per_step - (1 if name == "heun" else 0), scores[fd],

@@ -4,11 +4,11 @@ level the sampler will show it, so it is trained on x_t ~ q(x_t | x_0) with t un
 
     python -m src.classifier_main fit --config configs/fashion_mnist_classifier.yaml
     python -m src.main predict --config configs/fashion_mnist.yaml --ckpt_path CKPT \\
-        --model.classifier_path runs/fashion_mnist_classifier/version_0/classifier.pt --model.classifier_scale 1.0
+        --model.guidance.classifier_path runs/fashion_mnist_classifier/version_0/classifier.pt --model.guidance.classifier_scale 1.0
 
 The network is `src.models.classifier.NoisyClassifier` (the UNet's encoder half plus a head); at the end of fit
 it is saved with `NoisyClassifier.save` as `<run dir>/classifier.pt` (or `export_path`), the file that
-`--model.classifier_path` loads.
+`--model.guidance.classifier_path` loads.
 
 With `clean_only` the same loop trains an ordinary clean-image classifier, e.g. the `FeatureClassifier` CNN of
 the quality measure fd_classifier (configs/fashion_mnist_fd_classifier.yaml), with random-crop augmentation and
@@ -200,4 +200,4 @@ class ClassifierModule(L.LightningModule):
         path.parent.mkdir(parents=True, exist_ok=True)
         self.net.save(str(path))
         self.saved_path = path
-        rank_zero_info(f"Saved the classifier to {path} (use it with --model.classifier_path {path})")
+        rank_zero_info(f"Saved the classifier to {path} (use it with --model.guidance.classifier_path {path})")

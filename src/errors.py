@@ -57,8 +57,9 @@ MOVED_OPTIONS = {
 }
 
 
-def did_you_mean(message: str, known: list[str]) -> str:
-    """`message` plus "did you mean --x?" for each unknown option or config key it names that resembles a known one."""
+def did_you_mean(message: str, known: list[str], moved: dict[str, str] | None = None) -> str:
+    """`message` plus "did you mean --x?" for each unknown option or config key it names that resembles a known one,
+    or "moved to --y" for one that `MOVED_OPTIONS` or `moved` (old flag -> new flag) names."""
     # A config file's unknown key: "Group 'model' does not accept option 'lr'" names --model.lr.
     grouped = [
         f"--{g}.{k}" for g, k in re.findall(r"Group ['\"]([\w.]+)['\"] does not accept option ['\"]([\w.]+)", message)
@@ -69,18 +70,22 @@ def did_you_mean(message: str, known: list[str]) -> str:
         + grouped
         + [f"--{k}" for k in quoted if not any(g.endswith(f".{k}") for g in grouped)]
     )
+    moved = MOVED_OPTIONS | (moved or {})
     hints = []
     for name in dict.fromkeys(unknown):
         if name in known:
             continue
-        if name in MOVED_OPTIONS:
-            hints.append(f"{name} moved to {MOVED_OPTIONS[name]}")
+        if name in moved:
+            hints.append(f"{name} moved to {moved[name]}")
             continue
-        # Compare the last part among the options of the same group (--model.emma_decay -> --model.ema_decay):
+        # Compare the last part among the options of the same group (--model.emma_decay -> --model.training.ema_decay):
         # whole names share their prefix, which makes unrelated options of a group look alike.
         group, _, leaf = name.rpartition(".")
         siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == group}
         close = [siblings[m] for m in difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)]
+        if not close:  # an option one group further down (--model.emma_decay -> --model.training.ema_decay)
+            nested = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0].rpartition(".")[0] == group}
+            close = [nested[m] for m in difflib.get_close_matches(leaf, list(nested), n=1, cutoff=0.6)]
         close = close or difflib.get_close_matches(name, known, n=1, cutoff=0.85)
         if close:
             hints.append(f"{name}: did you mean {close[0]}?")
@@ -89,7 +94,7 @@ def did_you_mean(message: str, known: list[str]) -> str:
 
 def one_line(message: str) -> str:
     """jsonargparse's multi-line type errors as one line: "--key VALUE: expected TYPE", plus a hint for a list or
-    dict the shell split at a space (`--model.sample_labels [3, 7]` gives the value "[3,")."""
+    dict the shell split at a space (`--model.sampling.labels [3, 7]` gives the value "[3,")."""
     lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
     key = re.fullmatch(r'Parser key "([^"]+)":?', lines[0]) if lines else None
     if len(lines) < 2 or key is None:

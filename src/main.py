@@ -58,6 +58,7 @@ from src.loggers import Backend, DiscardUnusedLogFolder, auto_logger
 from src.models.diffusion import build_net
 from src.models.unet import feature_resolutions
 from src.module import DiffusionModule
+from src.options import grouped_options, moved_flags, translate_arguments
 from src.posthoc_ema import early_ema_guide, parse_early_ema
 from src.signals import exit_after_signals, exit_on_second_signal, register_children
 
@@ -75,9 +76,7 @@ CPU_PARAMETER_LIMIT = 10_000_000
 
 # What a checkpoint fixes when it is passed with --ckpt_path: the trained function (network and schedule).
 # Everything else (sampler, steps, eta, seeds, ...) stays what the config and the command line say.
-CHECKPOINT_MODEL_KEYS = (
-    "net", "schedule", "timesteps", "beta_start", "beta_end", "prediction", "process", "first_stage"
-)  # fmt: skip
+CHECKPOINT_MODEL_KEYS = ("net", "schedule", "prediction", "process", "first_stage")
 
 
 class SuggestingArgumentParser(LightningArgumentParser):
@@ -91,7 +90,7 @@ class SuggestingArgumentParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None):  # type: ignore[override]
         """The error in one line and a pointer to --help, without argparse's usage (a hundred lines here, which
         pushed the error itself off the screen)."""
-        message = did_you_mean(one_line(message), _option_names(self))
+        message = did_you_mean(one_line(message), _option_names(self), moved_flags())
         if not self.exit_on_error or "JSONARGPARSE_DEBUG" in os.environ:  # it raises the ArgumentError instead
             return super().error(message, ex)
         parser = getattr(ex, "subcommand_parser", None) or self
@@ -340,7 +339,7 @@ class DiffusionCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:  # overrides a private LightningCLI step: see src/lightning_compat.py
         # Lightning's own version replaces *every* model option with the checkpoint's, which would silently
-        # ignore `predict --model.sampling_steps 10`; we take only the architecture from the checkpoint.
+        # ignore `predict --model.sampling.steps 10`; we take only the architecture from the checkpoint.
         subcommand = self.config.get("subcommand")
         if not subcommand:
             return
@@ -352,7 +351,8 @@ class DiffusionCLI(LightningCLI):
             return  # reported by instantiate_trainer
         if not ckpt_path or not Path(ckpt_path).is_file():
             return
-        hparams = read_checkpoint(ckpt_path).get("hyper_parameters", {})
+        # Checkpoints written before the options were grouped recorded the schedule's as flat names.
+        hparams = grouped_options(read_checkpoint(ckpt_path).get("hyper_parameters", {}))
         architecture = {key: hparams[key] for key in CHECKPOINT_MODEL_KEYS if key in hparams}
         if architecture:
             self.config = self.parser.parse_object({subcommand: {"model": architecture}}, self.config)
@@ -404,33 +404,32 @@ class DiffusionCLI(LightningCLI):
         guide). The guide is loaded here, so that a missing or unfit file fails at once."""
         if not isinstance(self.model, DiffusionModule):
             return
-        scale = self.model.hparams.get("guidance_scale", 1.0)
-        interval = self.model.hparams.get("guidance_interval")
-        guidance_model = self.model.hparams.get("guidance_model")
-        autoguidance_scale = self.model.hparams.get("autoguidance_scale", 1.0)
+        guidance = self.model.hparams["guidance"]
+        scale, interval = guidance["scale"], guidance["interval"]
+        guidance_model, autoguidance_scale = guidance["model"], guidance["autoguidance_scale"]
         if interval is not None and scale == 1.0:
             raise ConfigError(
-                f"--model.guidance_interval {list(interval)} limits classifier-free guidance, which is off "
-                "(--model.guidance_scale 1): for no guidance add --model.guidance_interval null (the config may set one), "
-                "else pass a --model.guidance_scale s above 1 (e.g. 3.0)"
+                f"--model.guidance.interval {list(interval)} limits classifier-free guidance, which is off "
+                "(--model.guidance.scale 1): for no guidance add --model.guidance.interval null (the config may set one), "
+                "else pass a --model.guidance.scale s above 1 (e.g. 3.0)"
             )
         if autoguidance_scale != 1.0 and not guidance_model:
             raise ConfigError(
-                f"--model.autoguidance_scale {autoguidance_scale} needs the weaker model to guide with: "
-                "--model.guidance_model PATH (a checkpoint or export; python -m src.posthoc_ema RUN --step N makes one)"
+                f"--model.guidance.autoguidance_scale {autoguidance_scale} needs the weaker model to guide with: "
+                "--model.guidance.model PATH (a checkpoint or export; python -m src.posthoc_ema RUN --step N makes one)"
             )
         if guidance_model:
             if autoguidance_scale == 1.0:
                 raise ConfigError(
-                    f"--model.guidance_model {guidance_model} is the weaker model of autoguidance, which is off "
-                    "(--model.autoguidance_scale 1): pass a --model.autoguidance_scale a above 1 (e.g. 2.0), or drop it"
+                    f"--model.guidance.model {guidance_model} is the weaker model of autoguidance, which is off "
+                    "(--model.guidance.autoguidance_scale 1): pass a --model.guidance.autoguidance_scale a above 1 (e.g. 2.0), or drop it"
                 )
             early_ema = parse_early_ema(guidance_model)
             if early_ema is not None:
                 self._resolve_early_ema_guide(guidance_model, *early_ema)
             elif not Path(guidance_model).exists():
                 raise ConfigError(
-                    f"--model.guidance_model {guidance_model}: no such checkpoint or export folder (make one with "
+                    f"--model.guidance.model {guidance_model}: no such checkpoint or export folder (make one with "
                     "python -m src.posthoc_ema RUN --step N, or python -m src.export)"
                 )
             try:
@@ -438,17 +437,17 @@ class DiffusionCLI(LightningCLI):
             except ConfigError:
                 raise
             except (ValueError, OSError, RuntimeError) as e:
-                raise ConfigError(f"--model.guidance_model {guidance_model}: {first_line(e)}") from e
+                raise ConfigError(f"--model.guidance.model {guidance_model}: {first_line(e)}") from e
         if self.model.conditional:
             return
         if scale != 1.0:
             ckpt_path = self._option("ckpt_path")
             source = f"the network of --ckpt_path {ckpt_path}" if ckpt_path else "the network"
             raise ConfigError(
-                f"--model.guidance_scale {scale}: classifier-free guidance needs a class-conditional net, and "
-                f"{source} is unconditional; leave --model.guidance_scale at 1, train a conditional net "
+                f"--model.guidance.scale {scale}: classifier-free guidance needs a class-conditional net, and "
+                f"{source} is unconditional; leave --model.guidance.scale at 1, train a conditional net "
                 "(--model.net.init_args.num_classes K, e.g. configs/fashion_mnist_cond.yaml), or guide it by a "
-                "weaker model (autoguidance: --model.guidance_model PATH --model.autoguidance_scale 2)"
+                "weaker model (autoguidance: --model.guidance.model PATH --model.guidance.autoguidance_scale 2)"
             )
 
     def _before_run(self) -> None:
@@ -464,17 +463,17 @@ class DiffusionCLI(LightningCLI):
             self.datamodule.check_num_classes(getattr(getattr(self.model, "net", None), "num_classes", None))
 
     def _resolve_early_ema_guide(self, spec: str, fraction: float, sigma_rel: float) -> None:
-        """`--model.guidance_model posthoc_ema@<fraction>[,<sigma_rel>]`: the guide is reconstructed from the snapshots
+        """`--model.guidance.model posthoc_ema@<fraction>[,<sigma_rel>]`: the guide is reconstructed from the snapshots
         of the run of --ckpt_path, at `fraction` of its steps (src.posthoc_ema.early_ema_guide), and handed to the
         model, which then never looks for a file of that name."""
         if self.subcommand == "fit":
             raise ConfigError(
-                f"--model.guidance_model {spec} guides a trained run's sampling (predict, validate or test with "
+                f"--model.guidance.model {spec} guides a trained run's sampling (predict, validate or test with "
                 "--ckpt_path); for fit, name a guide file or leave autoguidance off"
             )
         ckpt = checkpoint_file(self.config[self.subcommand])
         if not ckpt or not Path(ckpt).is_file():
-            raise ConfigError(f"--model.guidance_model {spec} is made from the run of --ckpt_path: pass a checkpoint")
+            raise ConfigError(f"--model.guidance.model {spec} is made from the run of --ckpt_path: pass a checkpoint")
         guide, summary = early_ema_guide(ckpt, fraction, sigma_rel)
         self.model.model.set_guide(guide)
         rank_zero_info(
@@ -590,6 +589,11 @@ NOT_OVERRIDDEN = ("--help", "--print_config")  # actions, not values a config fi
 
 
 def cli_main(args: list[str] | None = None, run: bool = True, model_class: type = DiffusionModule) -> DiffusionCLI:
+    if issubclass(model_class, DiffusionModule):  # the flat options of earlier versions: renamed, or one line
+        if args is None:  # LightningCLI reads sys.argv itself (and warns when it is also given as args)
+            sys.argv[1:] = translate_arguments(sys.argv[1:])
+        else:
+            args = translate_arguments(list(args))
     warn_options_before_config(sys.argv[1:] if args is None else list(args))
     return DiffusionCLI(
         model_class,

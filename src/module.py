@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import contextvars
 import copy
+import dataclasses
+import os
 
 import lightning as L
 import torch
@@ -36,12 +38,24 @@ from src.diffusion.sampler_settings import SamplerSettings
 from src.diffusion.schedule import NoiseSchedule
 from src.diffusion.score import sliced_score_matching
 from src.diffusion.vdm import process_ends, unit_times, vdm_bits_per_dim, vdm_loss, vdm_times
-from src.errors import ConfigError
+from src.errors import ConfigError, read_checkpoint
 from src.metrics.estimate import MeanStandardError
 from src.models.diffusion import DiffusionModel, build_net, net_spec, schedule_recipe, upgrade_state_dict
 from src.models.ema import ema_decay, update_ema
 from src.models.first_stage import FirstStage
 from src.optim import AdamW, LinearWarmup
+from src.options import (
+    GROUPS,
+    RENAMED,
+    Evaluation,
+    Guidance,
+    Sampling,
+    Schedule,
+    Training,
+    flat_options,
+    grouped_options,
+)
+from src.options import group as option_group
 
 # True while `DiffusionModule.load_from_checkpoint` builds a module from a checkpoint's recorded options.
 _FROM_CHECKPOINT = contextvars.ContextVar("from_checkpoint", default=False)
@@ -54,24 +68,22 @@ class DiffusionModule(L.LightningModule):
         net: the noise-prediction network, `net(x_t, t) -> eps` (e.g. `src.models.unet.UNet`).
         process: a diffusion process of its own (`src.diffusion.process.DiffusionProcess`, e.g. a learned schedule,
             as class_path / init_args); its parameters train with the net and are averaged into the sampling copy.
-            None: the fixed schedule of the four options below. Fixed by a checkpoint. (The last constructor
-            arguments, with first_stage: options added later stay last, so that positional calls keep working.)
+            None: the fixed schedule of `schedule`. Fixed by a checkpoint.
+        schedule: the fixed noise schedule (`src.options.Schedule`: name, timesteps, beta_start, beta_end).
+        prediction: what the network predicts, "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); the loss regresses
+            that target and sampling converts it to eps (src/diffusion/parameterization.py). Fixed by a checkpoint.
         first_stage: an encoder/decoder the diffusion runs inside (`src.models.first_stage.FirstStage`, as
             class_path / init_args): training diffuses its encoding of the images, sampling decodes; frozen, out of
             the optimizer. The net then takes the latent's shape, and the data keeps the images' shape. None:
             pixel space. Fixed by a checkpoint.
-        timestep_sampling: how a batch draws its timesteps, for every objective (`losses.unit_times`): "uniform"
-            (i.i.d., DDPM), "antithetic" (t paired with T - 1 - t), "low_discrepancy" (u_i = (u_0 + i / B) mod 1,
-            VDM's) or "stratified" (one draw in each of B strata). Each example's t stays uniform.
-        timestep_distribution: where the timesteps fall (`losses.TimestepDistribution`, as class_path / init_args,
-            e.g. `src.diffusion.losses.LogNormal`, EDM's training noise levels); each example's u of
-            timestep_sampling is mapped through it. None: uniform over the T steps (DDPM). Not with the vdm objectives.
-        schedule: noise schedule name, "linear" (DDPM) or "cosine" (improved DDPM).
-        timesteps: number of diffusion steps T.
-        beta_start: first beta of the linear schedule.
-        beta_end: last beta of the linear schedule.
-        prediction: what the network predicts, "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); the loss regresses
-            that target and sampling converts it to eps (src/diffusion/parameterization.py). Fixed by a checkpoint.
+        condition: for a net with conditioning "concat": the function of the clean images that makes the condition it
+            reads beside x_t (`src/diffusion/conditioning.py`; {name: low_resolution, factor: 4}: super-resolution,
+            learning p(x | x reduced 4x)). Training makes it from each batch; samples are conditioned on the images
+            of `sampling.condition_split`, sample i on image i (mod their number).
+        timestep_distribution: where the training timesteps fall (`losses.TimestepDistribution`, as class_path /
+            init_args, e.g. `src.diffusion.losses.LogNormal`, EDM's training noise levels); each example's u of
+            `training.timestep_sampling` is mapped through it. None: uniform over the T steps (DDPM). Not with the
+            vdm objectives.
         optimizer: the optimizer of the trained parameters, a callable `optimizer(params)` (LightningCLI's
             OptimizerCallable: class_path / init_args in a config, e.g. torch.optim.AdamW with its lr); default
             `src.optim.AdamW`, DDPM's Adam(W) at lr 2e-4 without weight decay, fused on CUDA and CPU.
@@ -79,111 +91,30 @@ class DiffusionModule(L.LightningModule):
             optimizer step and logged as train/lr; default `src.optim.LinearWarmup`, DDPM's linear warm-up over
             5,000 steps (`init_args: {warmup_steps: N}`). The time budget's decay multiplies it
             (src/callbacks/time_budget.py).
-        ema_decay: decay of the weights' exponential moving average (0.9999 in DDPM).
-        ema_warmup: use the decay warm-up min(decay, (1 + n) / (10 + n)) (helps short runs).
-        sampler, sampling_steps, eta, skip, ddpm_variance, clip_denoised, sampler_options: the sampler settings of
-            grids, FID and predict, as `src/diffusion/sampler_settings.py: SamplerSettings` (sampler, steps, eta,
-            skip, variance, clip_x0, options) documents them; these are their command-line names.
-        dynamic_threshold_percentile: with clip_denoised, clip x_0 by Imagen's dynamic thresholding instead of to
-            [-1, 1] (Saharia et al. 2022, section 2.3): per sample, s = this quantile of |x_0| (a fraction, 0.995),
-            at least 1; x_0 is clipped to [-s, s] and divided by s. None: the static clip.
-        dynamic_threshold_max: the largest s of dynamic thresholding (diffusers' sample_max_value); None: no bound.
-        sample_seed: seed of the predict noise; sample i of a run always starts from the same x_T.
-        p_uncond: class-conditional nets (net.num_classes set): probability of training on the null label, which
-            makes the net also unconditional, for classifier-free guidance (0.1; Ho & Salimans 2022).
-        guidance_scale: classifier-free guidance scale s = 1 + w (diffusers' convention; Ho & Salimans' weight is
-            w): eps~ = s eps(x, t, y) + (1 - s) eps(x, t, null). 1: the plain conditional model, 0: unconditional,
-            > 1: stronger guidance. Conditional nets only.
-        guidance_interval: [sigma_lo, sigma_hi]: classifier-free guidance only at the steps whose noise level
-            sigma_t = sqrt((1 - a_t) / a_t) (EDM's sigma) is in (sigma_lo, sigma_hi], the conditional model alone,
-            one network evaluation, at the others (Kynkäänniemi et al. 2024). None: every step (twice the cost).
-        sample_labels: conditional nets: the labels of predict / FID / grid samples, used in turn (sample i gets
-            sample_labels[i % len]); None: all classes in turn (label = i % num_classes).
-        objective: what training minimises: "simple" (DDPM's L_simple, eq. 14, weighted by `loss_weighting`),
-            "hybrid" (Improved DDPM's L_hybrid = L_simple + `vlb_weight` L_vlb, for a net with 2 x in_channels outputs,
-            a learned variance), "vlb" (the variational bound itself: with the fixed `ddpm_variance`, DDPM's "true
-            bound" of Table 2, or a learned variance's L_vlb alone), or the dotted path of a function of one's own
-            (src/diffusion/losses.py, `Objective`; docs/extending.md). "vdm": the variational diffusion model's
-            bound in bits/dim (Kingma et al. 2021; src/diffusion/vdm.py): prior KL + a categorical decoder over the
-            256 pixel values + the continuous-time diffusion term 1/2 gamma'(t) ||eps - eps_hat||^2, which trains a
-            learned `process` (src.diffusion.vdm.LinearLogSNR, MonotoneLogSNR) through all three; "vdm_discrete":
-            its T - 1 step form on the net's integer grid. "ssm": sliced score matching (Song et al. 2019; NCSN's
-            alternative to denoising score matching, src/diffusion/score.py), by double backpropagation.
-        loss_weighting: per-example weight of L_simple by SNR(t): "none" (DDPM), "min_snr" (Hang et al. 2023,
-            min(SNR, gamma) in the prediction target's terms) or the dotted path of a function weight(snr, prediction)
-            (docs/extending.md). L_hybrid (learned variance) and val/loss stay unweighted.
-        min_snr_gamma: gamma of "min_snr" (5 in the paper).
-        vlb_weight: lambda of improved DDPM's L_hybrid = L_simple + lambda L_vlb (0.001), with objective "hybrid".
-        classifier_path: a `src.models.classifier.NoisyClassifier` file (`NoisyClassifier.save`) for classifier
-            guidance (Dhariwal & Nichol 2021); sample labels then come from its classes for unconditional nets.
-        classifier_scale: classifier guidance scale s: eps^ = eps - sqrt(1 - a_t) s grad log p(y | x_t) (0: off).
-        guidance_model: autoguidance (Karras et al. 2024): a weaker model of the same task (a checkpoint or export:
-            a smaller net, or this recipe stopped early, e.g. a `python -m src.posthoc_ema --step N` copy), which
-            sampling extrapolates away from at every step, D_guide + a (D - D_guide), a = `autoguidance_scale`; for
-            conditional and unconditional nets, alone or on top of classifier-free guidance (D then the guided
-            model). Same schedule, prediction and classes.
-        autoguidance_scale: a of autoguidance (1: off).
-        channels_last: train in NHWC memory layout (faster convolutions on GPUs with tensor cores; +9% on the
-            2-core AVX-512 CPU we measured).
-        compile: train through `torch.compile(net)`; the compiled wrapper is not a submodule, so checkpoint keys stay
-            `net.*` and checkpoints load with or without it.
-        bpd_timesteps: `test` logs the variational-bound NLL `test/bpd` with this many KL timesteps (stratified;
-            None: all T, exact; 0: off), its terms, and `test/bpd_se`, its standard error over the test images. With
-            objective vdm / vdm_discrete, VDM's own bound with its diffusion term at this many stratified times.
-        ode_bpd_batches: `test` also logs `test/ode_bpd`, the exact NLL through the probability-flow ODE (Song et al.
-            2021, appendix D; adaptive RK45 with a Hutchinson divergence, uniform dequantisation), on this many
-            test batches (0: off; each image costs some hundreds of network calls with gradients).
-        condition: for a net with conditioning "concat": the function of the clean images that makes the condition it
-            reads beside x_t (`src/diffusion/conditioning.py`; {name: low_resolution, factor: 4}: super-resolution,
-            learning p(x | x reduced 4x)). Training makes it from each batch; samples are conditioned on
-            `condition_split`'s images, sample i on image i (mod their number).
-        condition_split: the data's split whose images samples are conditioned on ("test" or "train").
+        training: the objective, its weighting and timesteps, EMA, layout and compilation (`src.options.Training`).
+        sampling: the sampler of grids, FID and predict, its options, seed and labels (`src.options.Sampling`).
+        guidance: classifier-free, classifier and autoguidance at sampling time (`src.options.Guidance`).
+        evaluation: the likelihoods `test` logs (`src.options.Evaluation`).
+
+    Each group is a dataclass or a dict of its fields (a checkpoint's record); the command line sets one field as
+    `--model.<group>.<field>` (src/options.py lists them, and the flat names of earlier versions).
     """
 
     def __init__(
         self,
         net: nn.Module,
-        schedule: str = "linear",
-        timesteps: int = 1000,
-        beta_start: float = 1e-4,
-        beta_end: float = 0.02,
+        process: DiffusionProcess | None = None,
+        schedule: Schedule = Schedule(),
         prediction: str = "eps",
+        first_stage: FirstStage | None = None,
+        condition: dict | None = None,
+        timestep_distribution: TimestepDistribution | None = None,
         optimizer: OptimizerCallable = AdamW,
         lr_scheduler: LRSchedulerCallable = LinearWarmup,
-        ema_decay: float = 0.9999,
-        ema_warmup: bool = True,
-        sampler: str = "ddim",
-        sampling_steps: int = 50,
-        eta: float = 0.0,
-        skip: str = "uniform",
-        ddpm_variance: str = "fixed_small",
-        clip_denoised: bool = False,
-        dynamic_threshold_percentile: float | None = None,
-        dynamic_threshold_max: float | None = None,
-        sampler_options: dict[str, bool | int | float] | None = None,
-        sample_seed: int = 0,
-        p_uncond: float = 0.1,
-        guidance_scale: float = 1.0,
-        guidance_interval: tuple[float, float] | None = None,
-        sample_labels: list[int] | None = None,
-        objective: str = "simple",
-        loss_weighting: str = "none",
-        min_snr_gamma: float = 5.0,
-        vlb_weight: float = 0.001,
-        classifier_path: str | None = None,
-        classifier_scale: float = 0.0,
-        guidance_model: str | None = None,
-        autoguidance_scale: float = 1.0,
-        channels_last: bool = False,
-        compile: bool = False,
-        bpd_timesteps: int | None = 0,
-        ode_bpd_batches: int = 0,
-        process: DiffusionProcess | None = None,
-        first_stage: FirstStage | None = None,
-        timestep_sampling: str = "uniform",
-        timestep_distribution: TimestepDistribution | None = None,
-        condition: dict | None = None,
-        condition_split: str = "test",
+        training: Training = Training(),
+        sampling: Sampling = Sampling(),
+        guidance: Guidance = Guidance(),
+        evaluation: Evaluation = Evaluation(),
     ) -> None:
         super().__init__()
         # The parts are modules or callables, not hyperparameters: the networks' specs are recorded below, and the
@@ -192,13 +123,22 @@ class DiffusionModule(L.LightningModule):
             ignore=["net", "process", "first_stage", "optimizer", "lr_scheduler", "timestep_distribution"]
         )
         self.optimizer_factory, self.lr_scheduler_factory = optimizer, lr_scheduler
-        if not 0.0 <= p_uncond <= 1.0:
-            raise ConfigError(f"--model.p_uncond must be in [0, 1], got {p_uncond}")
-        if condition_split not in ("train", "test"):
-            raise ConfigError(f"--model.condition_split is train or test, got {condition_split!r}")
-        if timestep_sampling not in TIMESTEP_SAMPLINGS:
+        # Each group as its dataclass (load_from_checkpoint passes the recorded dicts), recorded as a plain dict.
+        groups = {"schedule": schedule, "training": training, "sampling": sampling, "guidance": guidance,
+                  "evaluation": evaluation}  # fmt: skip
+        for name, value in groups.items():
+            groups[name] = option_group(GROUPS[name], value)
+            self.hparams[name] = dataclasses.asdict(groups[name])
+        schedule, training, sampling, guidance, evaluation = groups.values()
+        self.training_options, self.sampling_options, self.evaluation_options = training, sampling, evaluation
+        if not 0.0 <= training.p_uncond <= 1.0:
+            raise ConfigError(f"--model.training.p_uncond must be in [0, 1], got {training.p_uncond}")
+        if sampling.condition_split not in ("train", "test"):
+            raise ConfigError(f"--model.sampling.condition_split is train or test, got {sampling.condition_split!r}")
+        if training.timestep_sampling not in TIMESTEP_SAMPLINGS:
             raise ConfigError(
-                f"--model.timestep_sampling {timestep_sampling!r} is unknown; choose one of {', '.join(TIMESTEP_SAMPLINGS)}"
+                f"--model.training.timestep_sampling {training.timestep_sampling!r} is unknown; choose one of "
+                f"{', '.join(TIMESTEP_SAMPLINGS)}"
             )
         # load_from_checkpoint passes the recorded {"class_path", "init_args"} of each part.
         net, process, first_stage, timestep_distribution = (
@@ -216,15 +156,15 @@ class DiffusionModule(L.LightningModule):
                 # (`--ckpt_path` in the CLI, `DiffusionModule.load_from_checkpoint`); the modules are no hparams.
                 self.hparams[name] = net_spec(part)
         self.net = net
-        self.loss_weight = resolve_loss_weighting(loss_weighting, min_snr_gamma)
+        self.loss_weight = resolve_loss_weighting(training.loss_weighting, training.min_snr_gamma)
         self.timestep_distribution = timestep_distribution
-        recipe = schedule_recipe(schedule, timesteps, beta_start, beta_end)
+        recipe = schedule_recipe(schedule.name, schedule.timesteps, schedule.beta_start, schedule.beta_end)
         # The process training reads (its parameters, if any, are optimized); the sampling model holds its average.
         self.process = process if process is not None else DiscreteProcess.from_name(**recipe)
         # A checkpoint's recorded sampler options may hold some its sampler never read (accepted before they were
         # refused): those are reset to their defaults, which changes nothing; options given now must fit the sampler.
         from_checkpoint = _FROM_CHECKPOINT.get()
-        settings = SamplerSettings.from_options(self.hparams, stored=from_checkpoint)
+        settings = SamplerSettings.from_options(flat_options(self.hparams), stored=from_checkpoint)
         # The sampling model holds the EMA copy of `net`: its weights are averaged, never optimized.
         self.model = DiffusionModel(
             copy.deepcopy(net).eval().requires_grad_(False),
@@ -232,21 +172,22 @@ class DiffusionModule(L.LightningModule):
             prediction,
             settings,
             recipe,
-            guidance_scale=guidance_scale,
-            guidance_interval=guidance_interval,
-            sample_labels=sample_labels,
-            classifier_path=classifier_path,
-            classifier_scale=classifier_scale,
-            guidance_model=guidance_model,
-            autoguidance_scale=autoguidance_scale,
-            sample_seed=sample_seed,
+            guidance_scale=guidance.scale,
+            guidance_interval=guidance.interval,
+            sample_labels=sampling.labels,
+            classifier_path=guidance.classifier_path,
+            classifier_scale=guidance.classifier_scale,
+            guidance_model=guidance.model,
+            autoguidance_scale=guidance.autoguidance_scale,
+            sample_seed=sampling.seed,
             first_stage=first_stage,
             condition=condition,
         )
-        self.objective = self._check_objective(objective, loss_weighting, from_checkpoint)
+        self.objective = self._check_objective(training.objective, training.loss_weighting, from_checkpoint)
         self.objective_fn = objective_function(self.objective)
         if not from_checkpoint:  # after DiffusionModel's own checks (a learned variance needs the net's channels)
-            settings.check_variance(bound=self.objective == "vlb" or (bpd_timesteps != 0 and not self.vdm))
+            bound = self.objective == "vlb" or (evaluation.bpd_timesteps != 0 and not self.vdm)
+            settings.check_variance(bound=bound)
         # test/bpd's mean and standard error over the test set (a Monte-Carlo estimate); no state in checkpoints.
         self.test_bpd = MeanStandardError()
 
@@ -262,44 +203,44 @@ class DiffusionModule(L.LightningModule):
             if from_checkpoint:  # recorded before the objective was an option, when a learned variance meant L_hybrid
                 return "hybrid"
             raise ConfigError(
-                "--model.objective simple does not train the learned variance of a net with 2 x in_channels outputs: "
-                "set --model.objective hybrid (Improved DDPM) or vlb, or --model.net.init_args.out_channels null"
+                "--model.training.objective simple does not train the learned variance of a net with 2 x in_channels outputs: "
+                "set --model.training.objective hybrid (Improved DDPM) or vlb, or --model.net.init_args.out_channels null"
             )
         if objective == "hybrid" and not learned:
             raise ConfigError(
-                "--model.objective hybrid trains a learned variance, and the net has in_channels outputs: set "
-                "--model.net.init_args.out_channels to 2 x in_channels, or --model.objective simple"
+                "--model.training.objective hybrid trains a learned variance, and the net has in_channels outputs: set "
+                "--model.net.init_args.out_channels to 2 x in_channels, or --model.training.objective simple"
             )
         if objective == "ssm" and learned:
             raise ConfigError(
-                "--model.objective ssm matches the score, and the net has 2 x in_channels outputs (a learned "
+                "--model.training.objective ssm matches the score, and the net has 2 x in_channels outputs (a learned "
                 "variance): set --model.net.init_args.out_channels null"
             )
         if objective in ("vdm", "vdm_discrete"):
             if learned:
                 raise ConfigError(
-                    f"--model.objective {objective} bounds the likelihood with the process's own variances, and the "
+                    f"--model.training.objective {objective} bounds the likelihood with the process's own variances, and the "
                     "net has 2 x in_channels outputs (a learned variance): set --model.net.init_args.out_channels null"
                 )
             if self.model.first_stage is not None:
                 raise ConfigError(
-                    f"--model.objective {objective} is a likelihood of 8-bit pixels (its decoder is a categorical over "
-                    "the 256 values): drop --model.first_stage, or use --model.objective simple"
+                    f"--model.training.objective {objective} is a likelihood of 8-bit pixels (its decoder is a categorical over "
+                    "the 256 values): drop --model.first_stage, or use --model.training.objective simple"
                 )
         if objective in ("vdm", "vdm_discrete") and self.timestep_distribution is not None:
             raise ConfigError(
-                f"--model.objective {objective} draws its own continuous t (an unbiased bound needs it uniform): drop "
-                "--model.timestep_distribution, or use --model.objective simple"
+                f"--model.training.objective {objective} draws its own continuous t (an unbiased bound needs it uniform): drop "
+                "--model.timestep_distribution, or use --model.training.objective simple"
             )
         if objective in ("hybrid", "vlb") and self.process.has_parameters():
             raise ConfigError(
-                f"--model.objective {objective} reads a fixed schedule's posterior tables, not a learned process: "
-                "use --model.objective simple (or one of your own) with --model.process"
+                f"--model.training.objective {objective} reads a fixed schedule's posterior tables, not a learned process: "
+                "use --model.training.objective simple (or one of your own) with --model.process"
             )
         if objective != "simple" and loss_weighting != "none" and not from_checkpoint:
             raise ConfigError(
-                f"--model.loss_weighting {loss_weighting} weights L_simple, and --model.objective is {objective}: "
-                "pass --model.loss_weighting none, or --model.objective simple"
+                f"--model.training.loss_weighting {loss_weighting} weights L_simple, and --model.training.objective is {objective}: "
+                "pass --model.training.loss_weighting none, or --model.training.objective simple"
             )
         return objective
 
@@ -308,7 +249,15 @@ class DiffusionModule(L.LightningModule):
     @classmethod
     def load_from_checkpoint(cls, *args: object, **kwargs: object) -> DiffusionModule:  # type: ignore[override]
         """Lightning's `load_from_checkpoint`; recorded sampler options that the sampler does not read are reset to
-        their defaults (`SamplerSettings.stored`) instead of refused, so older checkpoints keep loading."""
+        their defaults (`SamplerSettings.stored`) instead of refused, and the flat options of checkpoints written
+        before the groups (`src.options.RENAMED`) are read into them, so older checkpoints keep loading."""
+        path = args[0] if args else kwargs.get("checkpoint_path")
+        if isinstance(path, (str, os.PathLike)):
+            recorded = read_checkpoint(path).get("hyper_parameters", {})
+            if any(name in recorded and name not in GROUPS for name in RENAMED):
+                # Lightning drops recorded names the constructor does not take; given as arguments, they count.
+                upgraded = grouped_options(recorded)
+                kwargs = {**{name: upgraded[name] for name in GROUPS if name in upgraded}, **kwargs}
         token = _FROM_CHECKPOINT.set(True)
         try:
             return super().load_from_checkpoint(*args, **kwargs)
@@ -335,7 +284,7 @@ class DiffusionModule(L.LightningModule):
             datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
             if not hasattr(datamodule, "reference_images"):
                 raise ConfigError("a model with --model.condition takes the images it is conditioned on from --data")
-            split = self.hparams.get("condition_split", "test")
+            split = self.sampling_options.condition_split
             self.model.condition_images = datamodule.reference_images(split)[0]
             y = self.model.conditions_for(torch.arange(1))
             if y.shape[1] != self.net.cond_channels:
@@ -354,10 +303,10 @@ class DiffusionModule(L.LightningModule):
         return batch[1] if self.conditional and len(batch) > 1 else None
 
     def on_fit_start(self) -> None:
-        if self.hparams.channels_last:
+        if self.training_options.channels_last:
             self.net.to(memory_format=torch.channels_last)
             self.model.to(memory_format=torch.channels_last)
-        if self.hparams.compile and "_compiled_net" not in self.__dict__:
+        if self.training_options.compile and "_compiled_net" not in self.__dict__:
             # Stored past nn.Module's registry: a registered OptimizedModule would add "_orig_mod." copies of every
             # key to the state dict. It shares its parameters with self.net.
             self.__dict__["_compiled_net"] = torch.compile(self.net)
@@ -399,11 +348,11 @@ class DiffusionModule(L.LightningModule):
     def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
         with torch.no_grad():  # the first stage is frozen: x_0 is the encoding of the images (the images without one)
             images = self.training_latents(batch[0])
-        if self.hparams.channels_last:
+        if self.training_options.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         # t is drawn here (as l_simple would, same RNG order) and kept so that a non-finite loss can be reported
         # with the t values that produced it (src/callbacks/faults.py).
-        T, method = self.process.num_timesteps, self.hparams.get("timestep_sampling", "uniform")
+        T, method = self.process.num_timesteps, self.training_options.timestep_sampling
         if self.vdm:  # continuous t in [0, T - 1] (vdm), or the grid's t = 1..T-1 (vdm_discrete)
             self.last_t = vdm_times(unit_times(images.shape[0], method, images.device), T, self.vdm_steps)
         elif self.timestep_distribution is not None:  # e.g. EDM's log-normal noise levels
@@ -414,7 +363,7 @@ class DiffusionModule(L.LightningModule):
         kwargs = {}
         if self.conditional:
             # Classifier-free guidance training: the null label with probability p_uncond (Ho & Salimans, Alg. 1).
-            kwargs["y"] = drop_labels(batch[1], self.hparams.p_uncond, self.net.num_classes)
+            kwargs["y"] = drop_labels(batch[1], self.training_options.p_uncond, self.net.num_classes)
         elif self.model.concat:  # the condition of the clean images (p_uncond drops labels only)
             kwargs["y"] = self.net_y(batch)
         prediction = self.model.prediction
@@ -424,7 +373,7 @@ class DiffusionModule(L.LightningModule):
         else:
             if self.objective == "hybrid":
                 terms = l_hybrid(self.train_net, images, self.process.schedule, t=self.last_t, prediction=prediction,
-                                 vlb_weight=self.hparams.vlb_weight, **kwargs)  # fmt: skip
+                                 vlb_weight=self.training_options.vlb_weight, **kwargs)  # fmt: skip
             elif self.vdm:
                 terms = vdm_loss(self.train_net, images, self.process, t=self.last_t, prediction=prediction,
                                  steps=self.vdm_steps, **kwargs)  # fmt: skip
@@ -474,8 +423,8 @@ class DiffusionModule(L.LightningModule):
     def optimizer_step(self, epoch: int, batch_idx: int, optimizer, optimizer_closure=None) -> None:
         super().optimizer_step(epoch, batch_idx, optimizer, optimizer_closure)
         # One EMA update per optimizer step (not per micro-batch under gradient accumulation).
-        hp = self.hparams
-        decay = ema_decay(self.trainer.global_step, hp.ema_decay, hp.ema_warmup)
+        training = self.training_options
+        decay = ema_decay(self.trainer.global_step, training.ema_decay, training.ema_warmup)
         update_ema(self.model.net, self.net, decay)
         if self.process.has_parameters():  # a learned schedule samples with its average too
             update_ema(self.model.process, self.process, decay)
@@ -531,8 +480,8 @@ class DiffusionModule(L.LightningModule):
     def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         labels = self.net_y(batch)  # labels, or a concat net's conditions
         self.log("test/loss", self._fixed_noise_loss(batch[0], batch_idx, labels), sync_dist=True)
-        hp = self.hparams
-        if self.model.first_stage is not None and (hp.bpd_timesteps != 0 or hp.get("ode_bpd_batches", 0)):
+        hp = self.evaluation_options
+        if self.model.first_stage is not None and (hp.bpd_timesteps != 0 or hp.ode_bpd_batches):
             # The bound of the latents is no likelihood of the images unless the first stage were a volume-preserving
             # bijection; rather than trust that of any first stage, neither bound is reported.
             rank_zero_info("test/bpd and test/ode_bpd skipped: with a first stage they would bound the latents")
@@ -556,7 +505,7 @@ class DiffusionModule(L.LightningModule):
             terms = nll_bits_per_dim(bound_model, batch[0], self.schedule, hp.bpd_timesteps,
                                      self.model.settings.variance, self.model.settings.clip_x0, generator)  # fmt: skip
             self._log_bpd(terms, batch[0].shape[0])
-        if batch_idx < hp.get("ode_bpd_batches", 0):
+        if batch_idx < hp.ode_bpd_batches:
             generator = torch.Generator().manual_seed(30_000 + batch_idx)
             ode = ode_nll_bits_per_dim(eps_model, batch[0], self.schedule, generator=generator)
             self.log("test/ode_bpd", ode["bpd"].mean().float(), sync_dist=True, batch_size=batch[0].shape[0])

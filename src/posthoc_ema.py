@@ -133,9 +133,9 @@ def early_ema_guide(
         files = snapshot_files(run)
     except ConfigError:
         raise ConfigError(
-            f"--model.guidance_model posthoc_ema@{fraction}: no post-hoc EMA snapshots in {run / SNAPSHOT_DIR} (the "
+            f"--model.guidance.model posthoc_ema@{fraction}: no post-hoc EMA snapshots in {run / SNAPSHOT_DIR} (the "
             "PostHocEMA callback writes them during fit); name a guide file instead, or sample without autoguidance "
-            "(--model.guidance_model null --model.autoguidance_scale 1)"
+            "(--model.guidance.model null --model.guidance.autoguidance_scale 1)"
         ) from None
     headers = read_headers(files)
     total = int(torch.load(ckpt, map_location="cpu", weights_only=True, mmap=True).get("global_step", 0))

@@ -65,11 +65,14 @@ def tiny_unet() -> Callable[..., UNet]:
 @pytest.fixture(scope="session")
 def tiny_module(tiny_unet) -> Callable[..., DiffusionModule]:
     """A factory of tiny DiffusionModules: `tiny_module(net=None, **overrides)` is
-    `DiffusionModule(net or tiny_unet(), **TINY_MODULE)` with any module argument overridden."""
+    `DiffusionModule(net or tiny_unet(), **TINY_MODULE)` with any module argument overridden; the options of the
+    groups by their flat names (`eta=0.5`, `objective="ssm"`: src.options.RENAMED) or as a group (`sampling=...`)."""
     from src.module import DiffusionModule
+    from src.options import grouped_options
 
     def make(net: UNet | None = None, **overrides) -> DiffusionModule:
-        return DiffusionModule(net if net is not None else tiny_unet(), **{**TINY_MODULE, **overrides})
+        options = grouped_options({**TINY_MODULE, **overrides})
+        return DiffusionModule(net if net is not None else tiny_unet(), **options)
 
     return make
 

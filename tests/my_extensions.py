@@ -1,8 +1,8 @@
 """A sampler, a loss weighting and a network defined outside `src/`, as a researcher adds their own
 (docs/extending.md); tests/test_extending.py selects them by config alone, with tests/ on the Python path:
 
-    --model.sampler my_extensions.ddim_eta0
-    --model.loss_weighting my_extensions.double_weight
+    --model.sampling.sampler my_extensions.ddim_eta0
+    --model.training.loss_weighting my_extensions.double_weight
     --model.net.class_path my_extensions.TinyConvNet
     --model.process my_extensions.LearnedLinearLogSNR          (a learned schedule; tests/test_core_parts.py)
     --model.first_stage my_extensions.PixelUnshuffleStage      (a fixed invertible first stage; ibid.)
@@ -121,7 +121,7 @@ class PixelUnshuffleStage(FirstStage):
 
 
 def l_simple_again(model, x0: Tensor, schedule, t: Tensor, noise: Tensor | None, prediction: str, **model_kwargs):
-    """An objective of one's own (`--model.objective my_extensions.l_simple_again`): L_simple written out from the
+    """An objective of one's own (`--model.training.objective my_extensions.l_simple_again`): L_simple written out from the
     process's alpha(t), sigma(t) (DDPM eq. 14 in the prediction target's form), plus a logged term."""
     noise = torch.randn_like(x0) if noise is None else noise
     alpha, sigma = schedule.alpha_sigma(t, x0)

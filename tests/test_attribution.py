@@ -30,6 +30,7 @@ from src.attribution.influence import (
 from src.diffusion.schedule import NoiseSchedule
 from src.models.unet import UNet
 from src.optim import AdamW, LinearWarmup
+from src.options import Sampling, Schedule, Training
 
 SCHEDULE = NoiseSchedule.linear(100, 1e-3, 0.1)
 
@@ -316,11 +317,11 @@ def train_tiny(tiny_unet, root, num_classes: int | None = None, max_steps: int =
     net = tiny_unet(image_size=28, num_classes=num_classes)
     module = DiffusionModule(
         net,
-        timesteps=100,
         optimizer=partial(AdamW, lr=2e-3),
         lr_scheduler=partial(LinearWarmup, warmup_steps=5),
-        ema_decay=0.9,
-        sampling_steps=5,
+        schedule=Schedule(timesteps=100),
+        training=Training(ema_decay=0.9),
+        sampling=Sampling(steps=5),
     )
     data = ImageDataModule("fashion_mnist", data_dir=str(root / "data"), batch_size=16, val_size=0)
     folder = root / ("checkpoints" if num_classes is None else "checkpoints_cond")

@@ -1,6 +1,6 @@
 """Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"): a model extrapolated
 away from a weaker model of the same task (src/diffusion/guidance.py `AutoGuidance`), in `DiffusionModel` and through
-`python -m src.main predict --model.guidance_model`."""
+`python -m src.main predict --model.guidance.model`."""
 
 from __future__ import annotations
 
@@ -142,7 +142,7 @@ def test_a_guide_of_another_task_is_one_line(tmp_path: Path) -> None:
                             ("conditional", r"its classes: None here, 3 there$")]:  # fmt: skip
         model.guidance_model, model._guide = str(tmp_path / folder), {}
         with pytest.raises(
-            ConfigError, match=rf"^--model.guidance_model \S+/{folder} cannot guide this model: " + message
+            ConfigError, match=rf"^--model.guidance.model \S+/{folder} cannot guide this model: " + message
         ):
             model.guide()
 
@@ -164,17 +164,17 @@ def test_autoguidance_through_the_command_line(tmp_path: Path) -> None:
         return [p.read_bytes() for p in sorted((tmp_path / out).iterdir())]
 
     plain = predict("plain")
-    guided = predict("guided", "--model.guidance_model", str(weak), "--model.autoguidance_scale", "2.0")
+    guided = predict("guided", "--model.guidance.model", str(weak), "--model.guidance.autoguidance_scale", "2.0")
     assert len(guided) == 3 and guided != plain
-    assert predict("guide_alone", "--model.guidance_model", str(weak), "--model.autoguidance_scale", "0") == predict(
-        "weak", "--ckpt_path", str(weak)
-    )
+    assert predict(
+        "guide_alone", "--model.guidance.model", str(weak), "--model.guidance.autoguidance_scale", "0"
+    ) == predict("weak", "--ckpt_path", str(weak))
     bad = [
-        (["--model.guidance_model", str(weak)],
-         r"--model.guidance_model \S+ is the weaker model of autoguidance, which is off \(--model.autoguidance_scale 1\)"),
-        (["--model.autoguidance_scale", "2"], r"--model.autoguidance_scale 2.0 needs the weaker model to guide with"),
-        (["--model.guidance_model", str(tmp_path / "nothing.ckpt"), "--model.autoguidance_scale", "2"],
+        (["--model.guidance.model", str(weak)],
+         r"--model.guidance.model \S+ is the weaker model of autoguidance, which is off \(--model.guidance.autoguidance_scale 1\)"),
+        (["--model.guidance.autoguidance_scale", "2"], r"--model.guidance.autoguidance_scale 2.0 needs the weaker model to guide with"),
+        (["--model.guidance.model", str(tmp_path / "nothing.ckpt"), "--model.guidance.autoguidance_scale", "2"],
          r"nothing.ckpt: no such checkpoint or export folder"),
-        (["--model.guidance_scale", "2"], r"classifier-free guidance needs a class-conditional net.*--model.guidance_model"),
+        (["--model.guidance.scale", "2"], r"classifier-free guidance needs a class-conditional net.*--model.guidance.model"),
     ]  # fmt: skip
     each_is_one_line(predict, bad, tmp_path / "bad")

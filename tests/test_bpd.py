@@ -23,6 +23,7 @@ from src.diffusion.likelihood import (
 )
 from src.diffusion.schedule import NoiseSchedule
 from src.module import DiffusionModule
+from src.options import Evaluation, Sampling, Schedule
 
 BIN = 2.0 / 255.0  # width of one 8-bit level on [-1, 1]
 
@@ -126,7 +127,9 @@ def test_bound_of_exact_gaussian_model_matches_closed_form_and_entropy() -> None
 
 def test_module_test_step_logs_bpd(tmp_path: Path, tiny_unet) -> None:
     net = tiny_unet()
-    module = DiffusionModule(net, timesteps=20, sampling_steps=2, bpd_timesteps=4)
+    module = DiffusionModule(
+        net, schedule=Schedule(timesteps=20), sampling=Sampling(steps=2), evaluation=Evaluation(bpd_timesteps=4)
+    )
     images = torch.randint(0, 256, (6, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     loader = DataLoader(list(zip(images, torch.zeros(6, dtype=torch.int64), strict=True)), batch_size=3)
     trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,
@@ -155,7 +158,12 @@ def test_edge_bins_have_the_same_floor_as_interior_bins() -> None:
 def test_module_test_step_logs_the_probability_flow_likelihood(tmp_path: Path, tiny_unet) -> None:
     """`test` under Lightning's inference mode still gets the ODE's divergence gradients."""
     net = tiny_unet()
-    module = DiffusionModule(net, timesteps=20, sampling_steps=2, bpd_timesteps=4, ode_bpd_batches=1)
+    module = DiffusionModule(
+        net,
+        schedule=Schedule(timesteps=20),
+        sampling=Sampling(steps=2),
+        evaluation=Evaluation(bpd_timesteps=4, ode_bpd_batches=1),
+    )
     images = torch.randint(0, 256, (4, 1, 8, 8), generator=torch.Generator().manual_seed(0)) / 127.5 - 1
     loader = DataLoader(list(zip(images, torch.zeros(4, dtype=torch.int64), strict=True)), batch_size=2)
     trainer = L.Trainer(default_root_dir=tmp_path, accelerator="cpu", logger=False, enable_progress_bar=False,

@@ -17,6 +17,7 @@ from PIL import Image
 from src.data import DATASETS
 from src.errors import ConfigError
 from src.main import cli_main
+from src.options import Guidance, Sampling
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
@@ -32,7 +33,7 @@ TINY = [
     "--model.net.init_args.base_channels", "8",
     "--model.net.init_args.norm_groups", "4",
     "--model.net.init_args.attn_resolutions", "[7]",
-    "--model.sampling_steps", "3",
+    "--model.sampling.steps", "3",
     "--logger_backend", "csv",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
@@ -95,9 +96,9 @@ def test_fit_then_predict_round_trip(tmp_path: Path) -> None:
     # A folder that already holds files is never overwritten without --overwrite.
     before = {p.name: p.read_bytes() for p in out.iterdir()}
     with pytest.raises(FileExistsError, match="--overwrite"):
-        _predict(ckpt, tmp_path / "runs", out, "--model.sample_seed", "1")
+        _predict(ckpt, tmp_path / "runs", out, "--model.sampling.seed", "1")
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
-    _predict(ckpt, tmp_path / "runs", out, "--model.sample_seed", "1", "--overwrite", "true")
+    _predict(ckpt, tmp_path / "runs", out, "--model.sampling.seed", "1", "--overwrite", "true")
     assert any(p.read_bytes() != before[p.name] for p in out.iterdir())
 
     # --ckpt_path last resumes the newest run in its own folder (not a fresh, empty version_1).
@@ -199,15 +200,15 @@ def test_the_cond_files_are_their_data_set_file_plus_the_cond_overlay() -> None:
     values; they must not drift from it. They differ only where their comments say."""
     cond = _parse("cifar10_cond.yaml")
     assert _differing_options(cond, _parse("cifar10.yaml", "overlays/cond.yaml")) == {"run_name"}
-    assert cond.model.net.num_classes == 10 and cond.model.hparams.guidance_scale == 1.3
+    assert cond.model.net.num_classes == 10 and cond.model.hparams["guidance"]["scale"] == 1.3
     quickstart = _differing_options(
         _parse("fashion_mnist_cond.yaml"), _parse("fashion_mnist.yaml", "overlays/cond.yaml")
     )
     # `make train`: guidance at s = 5 limited to sigma in (0.2, 2.0] in 10 steps, EDM's log-normal noise levels with
     # the loss unweighted (its comment; docs/quality.md)
     distribution = {f"model.timestep_distribution.{key}" for key in ("class_path", "init_args.mean", "init_args.std")}
-    assert quickstart == {"run_name", "model.guidance_scale", "model.guidance_interval", "model.sampling_steps",
-                          "model.loss_weighting", *distribution}  # fmt: skip
+    assert quickstart == {"run_name", "model.guidance.scale", "model.guidance.interval", "model.sampling.steps",
+                          "model.training.loss_weighting", *distribution}  # fmt: skip
 
 
 def test_the_gpu_folder_recipes_are_the_cifar10_recipe_plus_their_differences() -> None:
@@ -220,19 +221,20 @@ def test_the_gpu_folder_recipes_are_the_cifar10_recipe_plus_their_differences() 
         "run_name", "trainer", "model", "data", "fid"
     }  # fmt: skip
     folder64 = _parse("folder64.yaml", extra=small)
-    assert folder64.model.hparams.objective == "hybrid" and folder64.model.net.out_channels == 6
+    assert folder64.model.hparams["training"]["objective"] == "hybrid" and folder64.model.net.out_channels == 6
     assert folder64.trainer.callbacks[0].__class__.__name__ == "TQDMProgressBar"  # cifar10.yaml's
     for name in ("cifar10.yaml", "cifar10_cond.yaml", "cifar10_vdm.yaml", "folder256.yaml", "mnist.yaml"):
         fast = _differing_options(_parse(name, extra=small), _parse(name, "overlays/dpm_solver.yaml", extra=small))
-        assert fast <= {"model.sampler", "model.sampling_steps", "model.skip"} and "model.sampler" in fast, name
-    with pytest.raises(ConfigError, match="dpmpp_2m does not read --model.ddpm_variance learned"):
+        sampling = {"model.sampling.sampler", "model.sampling.steps", "model.sampling.skip"}
+        assert fast <= sampling and "model.sampling.sampler" in fast, name
+    with pytest.raises(ConfigError, match="dpmpp_2m does not read --model.sampling.variance learned"):
         _parse("folder64.yaml", "overlays/dpm_solver.yaml", extra=small)
-    _parse("folder64.yaml", "overlays/dpm_solver.yaml", extra=(*small, "--model.ddpm_variance", "fixed_small"))
+    _parse("folder64.yaml", "overlays/dpm_solver.yaml", extra=(*small, "--model.sampling.variance", "fixed_small"))
 
 
 def test_bad_sampler_option_is_one_clear_error() -> None:
-    with pytest.raises(ValueError, match="--model.eta must be in"):
-        cli_main(["--config", CONFIG, "--model.eta", "1.5"], run=False)
+    with pytest.raises(ValueError, match="--model.sampling.eta must be in"):
+        cli_main(["--config", CONFIG, "--model.sampling.eta", "1.5"], run=False)
 
 
 @pytest.mark.slow
@@ -251,9 +253,11 @@ def test_classifier_cli_trains_a_guidance_classifier(tmp_path: Path, tiny_unet) 
     (path,) = tmp_path.glob("fashion_mnist_classifier/version_0/classifier.pt")
     classifier = NoisyClassifier.load(str(path))
     assert classifier.num_classes == 10 and classifier.config["base_channels"] == 8
-    # The file is what --model.classifier_path takes: classifier guidance samples with it.
+    # The file is what --model.guidance.classifier_path takes: classifier guidance samples with it.
     net = tiny_unet(channel_mult=(1, 2, 2), image_size=28, mid_attention=True)
-    module = DiffusionModule(net, sampling_steps=2, classifier_path=str(path), classifier_scale=1.0)
+    module = DiffusionModule(
+        net, sampling=Sampling(steps=2), guidance=Guidance(classifier_path=str(path), classifier_scale=1.0)
+    )
     images = module.model.sample(module.model.initial_noise(torch.arange(2)))
     assert images.shape == (2, 1, 28, 28) and torch.isfinite(images).all()
 
@@ -270,8 +274,8 @@ def test_classifier_guided_predict_through_the_cli(tmp_path: Path) -> None:
     NoisyClassifier(num_classes=10, in_channels=1, base_channels=8, channel_mult=(1, 2), image_size=28,
                     norm_groups=4).save(str(classifier))  # fmt: skip
     out = tmp_path / "guided"
-    _predict(ckpt, tmp_path / "runs", out, "--model.classifier_path", str(classifier),
-             "--model.classifier_scale", "2", "--model.sampler", "ddpm_respaced")  # fmt: skip
+    _predict(ckpt, tmp_path / "runs", out, "--model.guidance.classifier_path", str(classifier),
+             "--model.guidance.classifier_scale", "2", "--model.sampling.sampler", "ddpm_respaced")  # fmt: skip
     # An unconditional net guided by a classifier: labels in turn, in the file names.
     assert sorted(p.name for p in out.iterdir()) == sorted(f"{i % 10}_{i}.png" for i in range(5))
 
@@ -281,13 +285,15 @@ def test_classifier_guided_predict_through_the_cli(tmp_path: Path) -> None:
 @pytest.mark.parametrize("sampler", ["ddim", "ddpm_respaced"])
 def test_stochastic_predict_is_the_same_at_every_batch_size(tmp_path: Path, sampler: str) -> None:
     """Sample i depends on (seed, i) alone, also for samplers that add noise at every step (DDIM with eta = 1;
-    ddpm_respaced always, and it does not read --model.eta)."""
+    ddpm_respaced always, and it does not read --model.sampling.eta)."""
     ckpt = _fit(tmp_path / "runs", 2)
     files = {}
-    eta = ["--model.eta", "1"] if sampler == "ddim" else []
+    eta = ["--model.sampling.eta", "1"] if sampler == "ddim" else []
     for batch in ("2", "5"):
         out = tmp_path / f"batch{batch}"
-        _predict(ckpt, tmp_path / "runs", out, "--model.sampler", sampler, *eta, "--data.predict_batch_size", batch)
+        _predict(
+            ckpt, tmp_path / "runs", out, "--model.sampling.sampler", sampler, *eta, "--data.predict_batch_size", batch
+        )
         files[batch] = {p.name: p.read_bytes() for p in out.iterdir()}
     assert files["2"] == files["5"] and len(set(files["2"].values())) == 5
 
@@ -343,12 +349,12 @@ def test_a_bad_sampler_option_is_one_line(subcommand: str, tmp_path: Path) -> No
     # predict: --allow_untrained true, so that the option, not the missing checkpoint, is what fails.
     where = ["--output_dir", str(tmp_path / "x"), "--allow_untrained", "true"]
     where = where if subcommand == "predict" else ["--run_name", str(tmp_path / "x")]
-    result = subprocess.run([sys.executable, "-m", "src.main", subcommand, "--config", CONFIG, "--model.eta", "7",
+    result = subprocess.run([sys.executable, "-m", "src.main", subcommand, "--config", CONFIG, "--model.sampling.eta", "7",
                              *where],
                             cwd=REPO, capture_output=True, text=True, timeout=120)  # fmt: skip
     assert result.returncode != 0
     lines = (result.stdout + result.stderr).strip().splitlines()
-    assert lines == ["error: --model.eta must be in [0, 1], got 7.0"], lines
+    assert lines == ["error: --model.sampling.eta must be in [0, 1], got 7.0"], lines
 
 
 @pytest.mark.slow

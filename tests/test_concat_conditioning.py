@@ -174,7 +174,7 @@ def test_super_resolution_through_the_command_line(tmp_path: Path) -> None:
     assert all(np.array_equal(grid[2 + 2 * 30 : 30 + 2 * 30, 2 + c * 30 : 30 + c * 30], originals[c]) for c in range(3))
     assert np.array_equal(grid[32:60, 2:30], np.asarray(Image.open(tmp_path / "test" / "0.png")))
     assert predict("again") == test_images
-    assert predict("train", "--model.condition_split", "train") != test_images
+    assert predict("train", "--model.sampling.condition_split", "train") != test_images
     with pytest.raises(ConfigError, match="makes 1-channel conditions of these images; the net concatenates 3") as e:
         cli_main(["fit", *config, "--trainer.default_root_dir", str(tmp_path / "bad"),
                   "--model.net.init_args.cond_channels", "3", "--trainer.max_steps", "1"])  # fmt: skip

@@ -28,6 +28,7 @@ from src.errors import ConfigError
 from src.main import cli_main
 from src.models.diffusion import DiffusionModel
 from src.models.first_stage import FirstStage
+from src.options import Guidance, Sampling, Schedule
 
 CONFIG = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist.yaml")
 SCHEDULES = {
@@ -291,15 +292,15 @@ def test_the_bound_as_the_objective_is_the_likelihood_term_and_trains_the_mean()
 
 
 def test_the_objective_is_chosen_in_config_not_by_the_channel_count(tiny_module, tiny_unet) -> None:
-    with pytest.raises(ConfigError, match="--model.objective hybrid .Improved DDPM. or vlb"):
+    with pytest.raises(ConfigError, match="--model.training.objective hybrid .Improved DDPM. or vlb"):
         tiny_module(tiny_unet(out_channels=2))
-    with pytest.raises(ConfigError, match="--model.objective hybrid trains a learned variance"):
+    with pytest.raises(ConfigError, match="--model.training.objective hybrid trains a learned variance"):
         tiny_module(objective="hybrid")
-    with pytest.raises(ConfigError, match="--model.loss_weighting min_snr weights L_simple"):
+    with pytest.raises(ConfigError, match="--model.training.loss_weighting min_snr weights L_simple"):
         tiny_module(objective="vlb", loss_weighting="min_snr")
     with pytest.raises(ConfigError, match="not a learned process"):
         tiny_module(objective="vlb", process=LearnedLinearLogSNR(timesteps=50))
-    with pytest.raises(ConfigError, match="--model.objective"):
+    with pytest.raises(ConfigError, match="--model.training.objective"):
         tiny_module(objective="no_such_objective")
     assert tiny_module(tiny_unet(out_channels=2), objective="hybrid").objective == "hybrid"
     assert tiny_module(tiny_unet(out_channels=2), objective="vlb").objective == "vlb"
@@ -310,15 +311,15 @@ def test_the_objective_is_chosen_in_config_not_by_the_channel_count(tiny_module,
 def test_objectives_train_through_the_cli(tmp_path: Path) -> None:
     """An objective of one's own (tests/my_extensions.py) that writes L_simple out again trains bit for bit as the
     built-in simple objective; the bound trains too, and logs its term."""
-    logged = ["--model.loss_weighting", "none", "--trainer.log_every_n_steps", "1"]
+    logged = ["--model.training.loss_weighting", "none", "--trainer.log_every_n_steps", "1"]
     plain = _state(_fit(tmp_path / "simple", 3, *logged))
-    own = _state(_fit(tmp_path / "own", 3, *logged, "--model.objective", "my_extensions.l_simple_again"))
+    own = _state(_fit(tmp_path / "own", 3, *logged, "--model.training.objective", "my_extensions.l_simple_again"))
     assert plain.keys() == own.keys()
     for key, value in plain.items():
         assert torch.equal(value, own[key]), key
     metrics = (next((tmp_path / "own").rglob("metrics.csv"))).read_text().splitlines()[0]
     assert "train/t_mean" in metrics
-    vlb = _state(_fit(tmp_path / "vlb", 3, *logged, "--model.objective", "vlb"))
+    vlb = _state(_fit(tmp_path / "vlb", 3, *logged, "--model.training.objective", "vlb"))
     assert not torch.equal(vlb["net.conv_in.weight"], plain["net.conv_in.weight"])
 
 
@@ -414,8 +415,12 @@ def test_classifier_guidance_runs_the_continuous_samplers_at_fractional_timestep
         return forward(self, x, t)
 
     monkeypatch.setattr(NoisyClassifier, "forward", recording)
-    module = DiffusionModule(tiny_unet(), timesteps=50, sampler="heun", sampling_steps=3,
-                             classifier_path=str(tmp_path / "clf.pt"), classifier_scale=2.0)  # fmt: skip
+    module = DiffusionModule(
+        tiny_unet(),
+        schedule=Schedule(timesteps=50),
+        sampling=Sampling(sampler="heun", steps=3),
+        guidance=Guidance(classifier_path=str(tmp_path / "clf.pt"), classifier_scale=2.0),
+    )
     images = module.predict_step(torch.arange(3), 0)["images"]
     assert torch.isfinite(images).all()
     assert seen and any(t != round(t) for t in seen), "the classifier saw integer timesteps only"

@@ -103,7 +103,7 @@ def test_a_cross_attention_latent_model_trains_and_samples_with_guidance(
 ) -> None:
     options = [*latent_options(autoencoder_file), "--model.net.init_args.num_classes", "10",
                "--model.net.init_args.conditioning", "cross_attention", "--model.net.init_args.context_dim", "32",
-               "--model.guidance_scale", "2.0", "--data.cache_dir", str(tmp_path / "cache")]  # fmt: skip
+               "--model.guidance.scale", "2.0", "--data.cache_dir", str(tmp_path / "cache")]  # fmt: skip
     ckpt = _fit(tmp_path / "runs", 3, *options)
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert state["net.label_emb.weight"].shape == (11, 32)

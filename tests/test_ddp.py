@@ -27,7 +27,7 @@ TINY_NET = [
     "--model.net.init_args.norm_groups", "4",
     "--model.net.init_args.channel_mult", "[1, 2]",
     "--model.net.init_args.attn_resolutions", "[14]",
-    "--model.sampling_steps", "2",
+    "--model.sampling.steps", "2",
     "--data.batch_size", "4",
     "--data.val_size", "8",
     "--logger_backend", "csv",
@@ -122,9 +122,9 @@ def test_two_process_predict_writes_each_sample_once_as_one_process_does(ddp_fit
     root, _ = ddp_fit
     (ckpt,) = root.glob("fashion_mnist/version_*/checkpoints/last.ckpt")
     # DDIM with eta = 1: a stochastic sampler, whose per-step noise must also depend on the sample index alone (the
-    # config's DPM-Solver++(2M) is deterministic and does not read --model.eta).
+    # config's DPM-Solver++(2M) is deterministic and does not read --model.sampling.eta).
     common = ["predict", "--config", "configs/fashion_mnist.yaml", *TINY_NET, "--ckpt_path", str(ckpt),
-              "--data.data_dir", str(data), "--model.sampler", "ddim", "--model.eta", "1", "--data.num_samples", "5",
+              "--data.data_dir", str(data), "--model.sampling.sampler", "ddim", "--model.sampling.eta", "1", "--data.num_samples", "5",
               "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
     outputs = {}
     for name, extra in {
@@ -277,7 +277,7 @@ def test_one_sigterm_ends_a_running_predict(ddp_fit: tuple[Path, str], tmp_path:
     out = tmp_path / "pngs"
     args = ["predict", "--config", "configs/fashion_mnist.yaml", *TINY_NET, "--ckpt_path", str(ckpt),
             "--data.data_dir", str(data), "--data.num_samples", "100000", "--data.predict_batch_size", "2",
-            "--model.sampling_steps", "50", "--output_dir", str(out), "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
+            "--model.sampling.steps", "50", "--output_dir", str(out), "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     process = subprocess.Popen([sys.executable, "-m", "src.main", *args], cwd=REPO, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT, text=True, start_new_session=True,
                                env={**os.environ, "OMP_NUM_THREADS": "1"})  # fmt: skip
@@ -336,7 +336,7 @@ def test_two_process_vdm_fit_trains_its_schedule_and_tests_its_bound(tmp_path: P
     (ckpt,) = (tmp_path / "runs").glob("fashion_mnist_vdm/version_*/checkpoints/last.ckpt")
     state = torch.load(ckpt, weights_only=True)["state_dict"]
     assert not torch.equal(state["process.bias"], torch.tensor([-13.3]))
-    code, output = run(["test", *vdm, "--ckpt_path", str(ckpt), "--model.bpd_timesteps", "2",
+    code, output = run(["test", *vdm, "--ckpt_path", str(ckpt), "--model.evaluation.bpd_timesteps", "2",
                         "--logger_backend", "csv"], timeout=600)  # fmt: skip
     assert code == 0, output[-3000:]
     assert "test/bpd_se" in output and "test/diffusion_bpd" in output
@@ -344,18 +344,18 @@ def test_two_process_vdm_fit_trains_its_schedule_and_tests_its_bound(tmp_path: P
 
 @pytest.mark.slow
 def test_two_process_sliced_score_matching_fit_ends(tmp_path: Path, data: Path) -> None:
-    """configs/fashion_mnist_ncsn.yaml with --model.objective ssm under DDP: the double backward of its
+    """configs/fashion_mnist_ncsn.yaml with --model.training.objective ssm under DDP: the double backward of its
     Jacobian-vector product inside the step, reduced across processes like any gradient; predict then runs annealed
     Langevin dynamics on both processes."""
     ncsn = ["--config", "configs/fashion_mnist_ncsn.yaml", *TINY_NET, *DDP, "--data.data_dir", str(data),
             "--trainer.default_root_dir", str(tmp_path / "runs")]  # fmt: skip
-    code, output = run(["fit", *ncsn, "--model.objective", "ssm", "--trainer.max_steps", "3",
+    code, output = run(["fit", *ncsn, "--model.training.objective", "ssm", "--trainer.max_steps", "3",
                         "--trainer.limit_val_batches", "0", "--trainer.callbacks", json.dumps(EVERY_CALLBACK)],
                        timeout=600)  # fmt: skip
     assert code == 0, output[-3000:]
     (ckpt,) = (tmp_path / "runs").glob("fashion_mnist_ncsn/version_*/checkpoints/last.ckpt")
     code, output = run(["predict", *ncsn, "--ckpt_path", str(ckpt), "--data.num_samples", "3", "--output_dir",
-                        str(tmp_path / "pngs"), "--model.sampler_options", "{langevin_steps: 2}"], timeout=300)  # fmt: skip
+                        str(tmp_path / "pngs"), "--model.sampling.options", "{langevin_steps: 2}"], timeout=300)  # fmt: skip
     assert code == 0, output[-3000:]
     assert len(list((tmp_path / "pngs").glob("*.png"))) == 3
 

@@ -176,7 +176,7 @@ def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
     try:
         cli_main(["fit", "--config", "configs/fashion_mnist_cond.yaml", "--trainer.default_root_dir", "runs",
                   "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
-                  "--model.sampling_steps", "3", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
+                  "--model.sampling.steps", "3", "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0",
                   "--data.batch_size", "8", "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
                   "--trainer.enable_model_summary", "false",
                   "--trainer.callbacks", json.dumps([CHECKPOINT_ONLY, POSTHOC_EVERY_STEP])])  # fmt: skip
@@ -443,7 +443,7 @@ def test_the_checks_catch_what_they_are_for(sandbox: Path, monkeypatch: pytest.M
         lambda: _check_cli(["fit", "--config", "configs/no_such.yaml"], "src.main", capsys),
         # Parses, but the model refuses it when built: the quickstart's skip: logsnr is not read by heun.
         lambda: _check_cli(["predict", "--config", "configs/fashion_mnist_cond.yaml", "--ckpt_path", "last",
-                            "--model.sampler", "heun"], "src.main", capsys),  # fmt: skip
+                            "--model.sampling.sampler", "heun"], "src.main", capsys),  # fmt: skip
         lambda: _check_make(["train", "NO_SUCH_VARIABLE=1"], monkeypatch, capsys),
         lambda: _check_make(["train", "ARGS=--model.no_such_option 1"], monkeypatch, capsys),
         lambda: _check_python(["-m", "src.evaluate", "--samples", "x", "--ref", "y", "--no_such_flag"], monkeypatch,

@@ -12,6 +12,7 @@ import pytest
 from src.data import DatasetNotFoundError
 from src.errors import ConfigError, ShapeMismatchError, did_you_mean
 from src.main import cli_main
+from src.options import Sampling
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = str(REPO / "configs" / "fashion_mnist.yaml")
@@ -25,7 +26,7 @@ def files_under(root: Path) -> dict[str, bytes]:
     "args, hint",
     [
         (["--data.batchsize", "3"], "--data.batchsize: did you mean --data.batch_size?"),
-        (["--model.emma_decay", "0.5"], "--model.emma_decay: did you mean --model.ema_decay?"),
+        (["--model.emma_decay", "0.5"], "--model.emma_decay: did you mean --model.training.ema_decay?"),
         (["--model.num_fid_samples", "10"], "--model.num_fid_samples moved to --fid.num_samples"),
     ],
 )
@@ -40,7 +41,7 @@ def test_unknown_config_key_suggests_the_closest(tmp_path: Path, capsys) -> None
     bad.write_text("model:\n  ema_decey: 0.5\n")
     with pytest.raises(SystemExit):
         cli_main(["fit", "--config", CONFIG, "--config", str(bad)])
-    assert "did you mean --model.ema_decay?" in capsys.readouterr().err
+    assert "did you mean --model.training.ema_decay?" in capsys.readouterr().err
 
 
 def test_a_saved_config_with_the_old_fid_options_names_their_new_place(tmp_path: Path, capsys) -> None:
@@ -91,9 +92,9 @@ def test_missing_data_set_is_one_line_and_touches_nothing(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["--model.sampling_steps", "2000"], r"--model.sampling_steps must be in \[1, 1000\]"),
-        (["--model.eta", "-0.5"], "--model.eta must be in"),
-        (["--model.skip", "cubic"], "--model.skip 'cubic' is unknown"),
+        (["--model.sampling.steps", "2000"], r"--model.sampling.steps must be in \[1, 1000\]"),
+        (["--model.sampling.eta", "-0.5"], "--model.sampling.eta must be in"),
+        (["--model.sampling.skip", "cubic"], "--model.sampling.skip 'cubic' is unknown"),
     ],
 )
 def test_impossible_sampler_setting(args: list[str], message: str) -> None:
@@ -109,7 +110,7 @@ def tiny_diffusion_module(tiny_unet):
 
     def make(base_channels: int = 8):
         net = tiny_unet(base_channels=base_channels, channel_mult=(1, 2, 2), image_size=28, mid_attention=True)
-        return DiffusionModule(net, sampling_steps=2)
+        return DiffusionModule(net, sampling=Sampling(steps=2))
 
     return make
 
@@ -198,7 +199,7 @@ def test_every_subcommand_prints_no_usage(subcommand: str, capsys) -> None:
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) <= 3 and not any(line.startswith("usage:") for line in err), err
-    assert "--model.emma_decay: did you mean --model.ema_decay?" in err[0]
+    assert "--model.emma_decay: did you mean --model.training.ema_decay?" in err[0]
     assert f"{subcommand} --help" in err[-1]
 
 
@@ -233,12 +234,12 @@ def test_one_line_names_a_list_the_shell_split() -> None:
     from src.errors import one_line
 
     message = one_line(
-        'Parser key "model.sample_labels":\n  Does not validate against any of the Union subtypes\n'
+        'Parser key "model.sampling.labels":\n  Does not validate against any of the Union subtypes\n'
         "  Subtypes: [list[int], <class 'NoneType'>]\n  Errors:\n    - Expected a <class 'list'>\n"
         "    - Expected a <class 'NoneType'>\n  Given value type: <class 'str'>\n  Given value: [3,"
     )
     assert "\n" not in message
-    assert message.startswith("--model.sample_labels [3,: expected one of list[int], None")
+    assert message.startswith("--model.sampling.labels [3,: expected one of list[int], None")
     assert "quote the whole value, '[3, 7]'" in message
 
 
@@ -248,14 +249,14 @@ def test_the_readme_sample_labels_flag_parses(capsys) -> None:
     import shlex
 
     readme = (REPO / "README.md").read_text()
-    written = re.findall(r"`(--model\.sample_labels [^`]+)`", readme)
-    assert written, "the README no longer shows --model.sample_labels"
+    written = re.findall(r"`(--model\.sampling\.labels [^`]+)`", readme)
+    assert written, "the README no longer shows --model.sampling.labels"
     cond = str(REPO / "configs" / "fashion_mnist_cond.yaml")
     for flag in written:
         with pytest.raises(SystemExit) as exit_info:
             cli_main(["predict", "--config", cond, *shlex.split(flag), "--print_config"])
         assert exit_info.value.code in (0, None), capsys.readouterr().err
-        assert "  sample_labels:\n  - 3\n  - 7\n" in capsys.readouterr().out
+        assert "    labels:\n    - 3\n    - 7\n" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------------------------------------- issue 22: one line each
@@ -416,7 +417,7 @@ def test_a_missing_file_the_user_named_is_one_line_and_other_ones_are_bugs(
         return cli_main
 
     monkeypatch.setattr(src.main, "cli_main", fails(FileNotFoundError(2, "No such file or directory", "x/y.pt")))
-    assert run_main(monkeypatch, "fit", "--model.classifier_path", "x/y.pt").endswith("'x/y.pt'")
+    assert run_main(monkeypatch, "fit", "--model.guidance.classifier_path", "x/y.pt").endswith("'x/y.pt'")
     monkeypatch.setattr(src.main, "cli_main", fails(FileNotFoundError(2, "No such file or directory", "/opt/z.json")))
     monkeypatch.setattr(sys, "argv", ["src.main", "fit"])
     with pytest.raises(FileNotFoundError):  # not from the user: the traceback stays
@@ -459,7 +460,7 @@ def test_predict_from_a_checkpoint_warns_of_nothing(tmp_path: Path) -> None:
 
     data, runs = write_fake_fashion_mnist(tmp_path / "data", n_train=16, n_test=4), tmp_path / "runs"
     common = ["--config", CONFIG, *TINY_FIT, "--data.data_dir", str(data), "--data.val_size", "0",
-              "--data.batch_size", "4", "--model.sampling_steps", "2", "--logger_backend", "csv",
+              "--data.batch_size", "4", "--model.sampling.steps", "2", "--logger_backend", "csv",
               "--trainer.default_root_dir", str(runs)]  # fmt: skip
     cli_main(["fit", *common, "--trainer.callbacks", '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",'
               ' "init_args": {"save_last": true}}]'])  # fmt: skip

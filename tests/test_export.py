@@ -20,6 +20,7 @@ from src.models.diffusion import DiffusionModel
 from src.models.unet import UNet
 from src.module import DiffusionModule
 from src.optim import AdamW, LinearWarmup
+from src.options import Sampling, Training
 
 pytest.importorskip("safetensors")
 pytestmark = pytest.mark.filterwarnings("ignore:.*eval mode.*", "ignore:.*val_dataloader.*")
@@ -40,9 +41,8 @@ def checkpoint(tmp_path_factory):
         UNet(**NET),
         optimizer=partial(AdamW, lr=1e-2),
         lr_scheduler=partial(LinearWarmup, warmup_steps=0),
-        ema_decay=0.9,
-        sampling_steps=7,
-        eta=0.3,
+        training=Training(ema_decay=0.9),
+        sampling=Sampling(steps=7, eta=0.3),
     )
     data = TensorDataset(torch.rand(8, 1, 8, 8) * 2 - 1, torch.zeros(8, dtype=torch.int64))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", logger=False, enable_checkpointing=False,
@@ -119,8 +119,14 @@ def test_exported_x0_and_v_models_sample_as_the_module_does(tmp_path, prediction
     from src.diffusion.samplers import sample
 
     torch.manual_seed(0)
-    module = DiffusionModule(UNet(**NET), optimizer=partial(AdamW, lr=1e-2), lr_scheduler=partial(LinearWarmup, warmup_steps=0), ema_decay=0.9, sampling_steps=6,
-                             prediction=prediction)  # fmt: skip
+    module = DiffusionModule(
+        UNet(**NET),
+        optimizer=partial(AdamW, lr=1e-2),
+        lr_scheduler=partial(LinearWarmup, warmup_steps=0),
+        prediction=prediction,
+        training=Training(ema_decay=0.9),
+        sampling=Sampling(steps=6),
+    )
     with torch.no_grad():  # non-zero output layer, so that the parameterisation matters
         for p in module.model.net.parameters():
             p.add_(0.05 * torch.randn_like(p))

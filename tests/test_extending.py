@@ -31,10 +31,10 @@ needs_fashion_mnist = pytest.mark.skipif(
     not any(Path(d).is_dir() for d in DATASETS["fashion_mnist"].system_dirs),
     reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)",
 )
-# --model.loss_weighting exists once DiffusionModule's training step calls l_simple(..., weighting=...).
+# --model.training.loss_weighting exists once DiffusionModule's training step calls l_simple(..., weighting=...).
 needs_loss_weighting_option = pytest.mark.skipif(
     "loss_weighting" not in inspect.signature(DiffusionModule).parameters,
-    reason="DiffusionModule has no --model.loss_weighting option yet",
+    reason="DiffusionModule has no --model.training.loss_weighting option yet",
 )
 
 # The quickstart with a network of our own (tests/my_extensions.py), a few steps, one CSV row per step.
@@ -92,10 +92,10 @@ def test_a_network_outside_src_trains_and_is_rebuilt_from_its_checkpoint(checkpo
 @needs_fashion_mnist
 def test_a_sampler_outside_src_is_used_by_predict(checkpoint: Path, tmp_path: Path) -> None:
     predict = ["predict", *TINY_NET, "--ckpt_path", str(checkpoint), "--data.num_samples", "3",
-               "--model.sampling_steps", "4", "--model.skip", "uniform", "--output_dir"]  # fmt: skip
-    cli(*predict, str(tmp_path / "builtin"), "--model.sampler", "ddim")
-    cli(*predict, str(tmp_path / "ours"), "--model.sampler", "my_extensions.ddim_eta0")
-    cli(*predict, str(tmp_path / "once"), "--model.sampler", "my_extensions.denoise_once")
+               "--model.sampling.steps", "4", "--model.sampling.skip", "uniform", "--output_dir"]  # fmt: skip
+    cli(*predict, str(tmp_path / "builtin"), "--model.sampling.sampler", "ddim")
+    cli(*predict, str(tmp_path / "ours"), "--model.sampling.sampler", "my_extensions.ddim_eta0")
+    cli(*predict, str(tmp_path / "once"), "--model.sampling.sampler", "my_extensions.denoise_once")
     builtin, ours, once = images(tmp_path / "builtin"), images(tmp_path / "ours"), images(tmp_path / "once")
     assert list(ours) == list(once) == ["0.png", "1.png", "2.png"]
     assert ours["0.png"].shape == (28, 28) and ours["0.png"].dtype == np.uint8
@@ -127,8 +127,8 @@ def test_a_sampler_path_is_called_with_the_builtins_convention() -> None:
 @pytest.mark.parametrize(
     "sampler, message",
     [
-        ("euler", "--model.sampler 'euler' is unknown; choose one of ddim, "),
-        ("no_such_package.samplers.euler", "--model.sampler 'no_such_package.samplers.euler': cannot import"),
+        ("euler", "--model.sampling.sampler 'euler' is unknown; choose one of ddim, "),
+        ("no_such_package.samplers.euler", "--model.sampling.sampler 'no_such_package.samplers.euler': cannot import"),
         ("my_extensions.no_such_function", "my_extensions has no function 'no_such_function'"),
     ],
 )
@@ -140,7 +140,9 @@ def test_a_bad_sampler_path_is_one_clear_line(sampler: str, message: str) -> Non
     from src.main import cli_main
 
     with pytest.raises(ConfigError, match="package.module.function"):
-        cli_main(["--config", str(REPO / "configs" / "fashion_mnist.yaml"), "--model.sampler", sampler], run=False)
+        cli_main(
+            ["--config", str(REPO / "configs" / "fashion_mnist.yaml"), "--model.sampling.sampler", sampler], run=False
+        )
 
 
 def test_a_loss_weighting_path_weights_l_simple() -> None:
@@ -153,7 +155,7 @@ def test_a_loss_weighting_path_weights_l_simple() -> None:
     weighting = loss_weighting("my_extensions.double_weight")
     plain = l_simple(lambda x, t: net(x), x0, schedule, t, noise)
     assert torch.equal(l_simple(lambda x, t: net(x), x0, schedule, t, noise, weighting=weighting), 2 * plain)
-    with pytest.raises(ConfigError, match="--model.loss_weighting 'my_extensions.nope'"):
+    with pytest.raises(ConfigError, match="--model.training.loss_weighting 'my_extensions.nope'"):
         loss_weighting("my_extensions.nope")
 
 
@@ -165,7 +167,15 @@ def test_a_loss_weighting_outside_src_is_used_by_fit(tmp_path: Path) -> None:
     first_loss = {}
     for weighting in ("none", "my_extensions.double_weight"):
         root = tmp_path / weighting
-        cli("fit", *TINY_NET, *FIT, "--trainer.default_root_dir", str(root), "--model.loss_weighting", weighting)
+        cli(
+            "fit",
+            *TINY_NET,
+            *FIT,
+            "--trainer.default_root_dir",
+            str(root),
+            "--model.training.loss_weighting",
+            weighting,
+        )
         (metrics,) = root.glob("fashion_mnist/version_0/metrics.csv")
         rows = [row for row in csv.DictReader(metrics.open()) if row.get("train/loss")]
         first_loss[weighting] = float(rows[0]["train/loss"])

@@ -200,7 +200,7 @@ TINY_CLI = [
     "--model.net.init_args.channel_mult", "[1, 2]",
     "--model.net.init_args.attn_resolutions", "[]",
     "--model.net.init_args.mid_attention", "false",
-    "--model.sampling_steps", "2",
+    "--model.sampling.steps", "2",
     "--data.batch_size", "8",
     "--data.val_size", "8",
     "--logger_backend", "csv",

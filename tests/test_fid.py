@@ -48,6 +48,7 @@ from src.metrics.scores import (
 from src.models.unet import UNet
 from src.module import DiffusionModule
 from src.optim import LinearWarmup
+from src.options import Sampling, Schedule
 
 
 def random_gaussian(rng: np.random.Generator, dim: int) -> tuple[np.ndarray, np.ndarray]:
@@ -397,7 +398,12 @@ def test_inception_wrapper_repeats_grayscale_and_returns_2048_features(
 def tiny_module(tmp_path: Path) -> DiffusionModule:
     net = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                image_size=8, norm_groups=4, mid_attention=False)  # fmt: skip
-    return DiffusionModule(net, timesteps=20, lr_scheduler=partial(LinearWarmup, warmup_steps=1), sampling_steps=2)
+    return DiffusionModule(
+        net,
+        lr_scheduler=partial(LinearWarmup, warmup_steps=1),
+        schedule=Schedule(timesteps=20),
+        sampling=Sampling(steps=2),
+    )
 
 
 def fid_callback(tmp_path: Path, **kwargs) -> FIDCallback:

@@ -268,7 +268,7 @@ TINY = [
     "--model.net.init_args.base_channels", "8",
     "--model.net.init_args.norm_groups", "4",
     "--model.net.init_args.attn_resolutions", "[4]",
-    "--model.sampling_steps", "2",
+    "--model.sampling.steps", "2",
     "--logger_backend", "csv",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",

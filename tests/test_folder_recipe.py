@@ -40,7 +40,7 @@ def tiny_fit(tmp_path: Path, root: Path, *extra: str, steps: int = 2) -> list[st
     two-step end-of-fit grid (the recipe's callbacks otherwise as shipped)."""
     return ["fit", "--config", FOLDER32, "--data.data_dir", str(root), "--data.cache_dir", str(tmp_path / "cache"),
             "--trainer.max_steps", str(steps), "--data.batch_size", "4", "--trainer.limit_val_batches", "0",
-            "--model.sampling_steps", "2", "--trainer.default_root_dir", str(tmp_path / "runs"),
+            "--model.sampling.steps", "2", "--trainer.default_root_dir", str(tmp_path / "runs"),
             "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false", *extra]  # fmt: skip
 

@@ -25,6 +25,7 @@ from src.diffusion.samplers import sample
 from src.diffusion.schedule import NoiseSchedule
 from src.module import DiffusionModule
 from src.optim import LinearWarmup
+from src.options import Guidance, Sampling, Schedule
 
 NUM_CLASSES = 3
 NULL = NUM_CLASSES
@@ -177,7 +178,7 @@ def test_predict_step_returns_labels_in_turn_or_as_configured(tiny_conditional) 
     assert out["labels"].tolist() == [0, 1, 2, 0, 1] and out["images"].shape == (5, 1, 8, 8)
     module = tiny_conditional(sample_labels=[2])
     assert module.predict_step(torch.arange(3), 0)["labels"].tolist() == [2, 2, 2]
-    with pytest.raises(ValueError, match="sample_labels"):
+    with pytest.raises(ValueError, match="sampling.labels"):
         tiny_conditional(sample_labels=[3])
 
 
@@ -202,7 +203,7 @@ def test_conditional_config_fits_and_predicts_labelled_pngs(tmp_path: Path) -> N
     if not any(Path(d).is_dir() for d in DATASETS["fashion_mnist"].system_dirs):
         pytest.skip("Fashion-MNIST not installed")
     tiny = ["--config", str(REPO / "configs" / "fashion_mnist_cond.yaml"), "--model.net.init_args.base_channels", "8",
-            "--model.net.init_args.norm_groups", "4", "--model.sampling_steps", "3", "--logger_backend", "csv",
+            "--model.net.init_args.norm_groups", "4", "--model.sampling.steps", "3", "--logger_backend", "csv",
             "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
             "--trainer.default_root_dir", str(tmp_path)]  # fmt: skip
     callbacks = '[{"class_path": "lightning.pytorch.callbacks.ModelCheckpoint", "init_args": {"save_last": true}}]'
@@ -211,7 +212,7 @@ def test_conditional_config_fits_and_predicts_labelled_pngs(tmp_path: Path) -> N
     (ckpt,) = tmp_path.glob("*/version_*/checkpoints/last.ckpt")
     out = tmp_path / "samples"
     cli_main(["predict", *tiny, "--ckpt_path", str(ckpt), "--data.num_samples", "5", "--data.predict_batch_size", "3",
-              "--model.guidance_scale", "3.0", "--model.sample_labels", "[4, 7]", "--output_dir", str(out)])  # fmt: skip
+              "--model.guidance.scale", "3.0", "--model.sampling.labels", "[4, 7]", "--output_dir", str(out)])  # fmt: skip
     assert sorted(p.name for p in out.iterdir()) == ["4_0.png", "4_2.png", "4_4.png", "7_1.png", "7_3.png"]
 
 
@@ -231,15 +232,21 @@ def test_noisy_classifier_and_classifier_guided_module(tmp_path: Path, tiny_unet
     torch.testing.assert_close(loaded(x0, t), classifier(x0, t))
 
     net = tiny_unet()
-    plain = DiffusionModule(net, timesteps=50, sampling_steps=5)
-    guided = DiffusionModule(net, timesteps=50, sampling_steps=5, classifier_path=str(tmp_path / "clf.pt"),
-                             classifier_scale=5.0)  # fmt: skip
+    plain = DiffusionModule(net, schedule=Schedule(timesteps=50), sampling=Sampling(steps=5))
+    guided = DiffusionModule(
+        net,
+        schedule=Schedule(timesteps=50),
+        sampling=Sampling(steps=5),
+        guidance=Guidance(classifier_path=str(tmp_path / "clf.pt"), classifier_scale=5.0),
+    )
     guided.model.net.load_state_dict(plain.model.net.state_dict())
     out = guided.predict_step(torch.arange(5), 0)
     assert out["labels"].tolist() == [0, 1, 2, 3, 0]  # the classifier's classes in turn
     assert not torch.allclose(out["images"], plain.predict_step(torch.arange(5), 0)["images"])
     with pytest.raises(ValueError, match="classifier_path"):
-        DiffusionModule(net, timesteps=50, sampling_steps=5, classifier_scale=1.0)
+        DiffusionModule(
+            net, schedule=Schedule(timesteps=50), sampling=Sampling(steps=5), guidance=Guidance(classifier_scale=1.0)
+        )
 
 
 def test_guidance_accuracy_benchmark_help() -> None:
@@ -370,7 +377,7 @@ def test_bad_intervals_raise() -> None:
 
 
 def test_guidance_interval_through_the_command_line(tmp_path: Path) -> None:
-    """predict with --model.guidance_interval: covering all noise levels it writes the same images as guidance at
+    """predict with --model.guidance.interval: covering all noise levels it writes the same images as guidance at
     every step; a narrow one writes others; values or combinations that mean nothing are one-line errors."""
     from test_sample import TINY
 
@@ -385,16 +392,16 @@ def test_guidance_interval_through_the_command_line(tmp_path: Path) -> None:
                   "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])  # fmt: skip
         return [p.read_bytes() for p in sorted((tmp_path / out).iterdir())]
 
-    plain = predict("plain", "--model.guidance_scale", "3.0", "--model.guidance_interval", "null")
-    assert predict("everywhere", "--model.guidance_scale", "3.0", "--model.guidance_interval", "[0, 1000]") == plain
-    assert predict("limited", "--model.guidance_scale", "3.0", "--model.guidance_interval", "[0.3, 5.0]") != plain
+    plain = predict("plain", "--model.guidance.scale", "3.0", "--model.guidance.interval", "null")
+    assert predict("everywhere", "--model.guidance.scale", "3.0", "--model.guidance.interval", "[0, 1000]") == plain
+    assert predict("limited", "--model.guidance.scale", "3.0", "--model.guidance.interval", "[0.3, 5.0]") != plain
     bad = [
-        (["--model.guidance_scale", "3.0", "--model.guidance_interval", "[5.0, 0.3]"],
-         r"--model.guidance_interval \[5.0, 0.3\] must have 0 <= sigma_lo < sigma_hi"),
-        (["--model.guidance_scale", "1", "--model.guidance_interval", "[0.3, 5.0]"],
-         r"--model.guidance_interval \[0.3, 5.0\] limits classifier-free guidance, which is off"),
-        (["--model.guidance_scale", "1"],  # the quickstart config's own interval: the message says how to drop it
-         r"off \(--model.guidance_scale 1\): for no guidance add --model.guidance_interval null"),
+        (["--model.guidance.scale", "3.0", "--model.guidance.interval", "[5.0, 0.3]"],
+         r"--model.guidance.interval \[5.0, 0.3\] must have 0 <= sigma_lo < sigma_hi"),
+        (["--model.guidance.scale", "1", "--model.guidance.interval", "[0.3, 5.0]"],
+         r"--model.guidance.interval \[0.3, 5.0\] limits classifier-free guidance, which is off"),
+        (["--model.guidance.scale", "1"],  # the quickstart config's own interval: the message says how to drop it
+         r"off \(--model.guidance.scale 1\): for no guidance add --model.guidance.interval null"),
     ]  # fmt: skip
     each_is_one_line(predict, bad, tmp_path / "bad")
 

@@ -178,7 +178,7 @@ def latent_options(path: Path) -> list[str]:
     config = str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_latent.yaml")
     return ["--config", config, "--model.first_stage.init_args.path", str(path),
             "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
-            "--model.sampling_steps", "3", "--logger_backend", "csv"]  # fmt: skip
+            "--model.sampling.steps", "3", "--logger_backend", "csv"]  # fmt: skip
 
 
 @pytest.mark.slow

@@ -15,8 +15,9 @@ MODEL_LAYER_EXTERNAL = {"torch"}
 CONVERT_EXTERNAL = {"torch", "safetensors", "diffusers"}
 # DiffusionModel saves and loads safetensors files, and reads an old checkpoint's run config.yaml (yaml).
 DIFFUSION_MODEL_EXTERNAL = {"torch", "safetensors", "yaml"}
-# The torch-only layers below the model layer: the math and three helpers (errors, per-sample seeds, atomic saves).
-TORCH_ONLY = ("src.models", "src.diffusion", "src.errors", "src.seeding", "src.atomic")
+# The torch-only layers below the model layer: the math and four helpers (errors, per-sample seeds, atomic saves, and
+# DiffusionModule's option groups, which DiffusionModel reads a checkpoint's recorded options by).
+TORCH_ONLY = ("src.models", "src.diffusion", "src.errors", "src.seeding", "src.atomic", "src.options")
 
 
 def module_name(path: Path) -> str:

@@ -98,10 +98,10 @@ def test_l_simple_weighting(prediction: str) -> None:
 def test_bad_weightings_are_one_clear_line() -> None:
     assert LOSS_WEIGHTINGS == ("none", "min_snr")
     with pytest.raises(
-        ConfigError, match=r"^--model.loss_weighting 'minsnr' is unknown; choose one of none, min_snr, "
+        ConfigError, match=r"^--model.training.loss_weighting 'minsnr' is unknown; choose one of none, min_snr, "
     ):
         loss_weighting("minsnr")
-    with pytest.raises(ConfigError, match=r"--model.min_snr_gamma must be > 0"):
+    with pytest.raises(ConfigError, match=r"--model.training.min_snr_gamma must be > 0"):
         loss_weighting("min_snr", 0.0)
     with pytest.raises(ConfigError, match=r"cannot import no_such_package"):
         loss_weighting("no_such_package.weights.fn")
@@ -158,7 +158,7 @@ def test_a_timestep_distribution_trains_through_the_cli(tmp_path: Path, monkeypa
     rebuilt = DiffusionModule.load_from_checkpoint(ckpt, map_location="cpu").timestep_distribution
     assert isinstance(rebuilt, LogNormal) and (rebuilt.mean, rebuilt.std) == (-1.2, 1.0)
     with pytest.raises(ConfigError, match="objective vdm draws its own continuous t") as error:
-        _fit(tmp_path / "vdm", 1, *edm, "--model.objective", "vdm")
+        _fit(tmp_path / "vdm", 1, *edm, "--model.training.objective", "vdm")
     assert "\n" not in str(error.value)
     # The part's own refusal, raised while jsonargparse instantiates it, reaches the user as that one line.
     with pytest.raises(ConfigError, match="--model.timestep_distribution LogNormal std must be > 0") as error:

@@ -133,18 +133,18 @@ def test_sample_uses_ema_and_respects_overrides(tiny_module) -> None:
     a = module.model.sample(x_T)
     b = module.model.sample(x_T, steps=2)
     assert a.shape == (3, 1, 8, 8) and not torch.allclose(a, b)
-    with pytest.raises(ValueError, match="--model.sampler 'euler' is unknown"):
+    with pytest.raises(ValueError, match="--model.sampling.sampler 'euler' is unknown"):
         module.model.sample(x_T, sampler="euler")
 
 
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        (dict(sampler="euler"), "--model.sampler"),
-        (dict(skip="cubic"), "--model.skip"),
-        (dict(eta=-0.1), "--model.eta"),
-        (dict(sampling_steps=51), "--model.sampling_steps"),
-        (dict(ddpm_variance="learned"), "--model.ddpm_variance"),
+        (dict(sampler="euler"), "--model.sampling.sampler"),
+        (dict(skip="cubic"), "--model.sampling.skip"),
+        (dict(eta=-0.1), "--model.sampling.eta"),
+        (dict(sampling_steps=51), "--model.sampling.steps"),
+        (dict(ddpm_variance="learned"), "--model.sampling.variance"),
     ],
 )
 def test_bad_sampler_settings_fail_at_construction(kwargs, message, tiny_module) -> None:
@@ -218,7 +218,7 @@ def test_checkpoint_alone_rebuilds_the_module(tmp_path: Path, tiny_module) -> No
     assert hparams["net"]["class_path"] == "src.models.unet.UNet"
     assert hparams["net"]["init_args"]["base_channels"] == 8
     loaded = DiffusionModule.load_from_checkpoint(tmp_path / "m.ckpt", map_location="cpu")
-    assert loaded.hparams.eta == 0.5 and loaded.net.config == module.net.config
+    assert loaded.hparams["sampling"]["eta"] == 0.5 and loaded.net.config == module.net.config
     for a, b in zip(loaded.model.net.parameters(), module.model.net.parameters(), strict=True):
         assert torch.equal(a, b)
 

@@ -267,7 +267,7 @@ ORDER_CASES = {  # solver, grid ("log": uniform in log sigma, "linear": uniform 
 
 def order_grid(grid: str, n: int) -> torch.Tensor:
     """n steps from sigma = 3 to 0.3: uniform in log sigma ("log"), in sigma ("linear"), or EDM's rho = 7
-    levels ("karras", what `--model.sampler` uses); "log_tiny_start": uniform in log sigma after two first steps of
+    levels ("karras", what `--model.sampling.sampler` uses); "log_tiny_start": uniform in log sigma after two first steps of
     h^2 each, whose error (local O(h^2) and O(h^3) for a multistep solver's order-1 and order-2 warm-up) is then
     O(h^4), so that the measured order is that of the multistep update itself."""
     if grid == "log":
@@ -325,7 +325,7 @@ def test_dpmpp_3m_order() -> None:
 def test_ipndm_order() -> None:
     """iPNDM's fixed Adams-Bashforth coefficients hold for equal steps in sigma: there its error falls 10-13x per
     halving (32 -> 256 steps; 16x, order 4, only once the warm-up error is negligible, which its Euler first step
-    prevents beyond some 500 steps); on the Karras rho = 7 grid that `--model.sampler ipndm` uses it is second
+    prevents beyond some 500 steps); on the Karras rho = 7 grid that `--model.sampling.sampler ipndm` uses it is second
     order (4x) at every step count. Measured slopes, 32 -> 64 -> 128 -> 256: uniform in sigma 3.27 3.60 3.73,
     Karras 2.01 1.99 1.99."""
     steps = (32, 64, 128, 256)
@@ -404,7 +404,7 @@ def test_per_sample_generators_make_a_sample_independent_of_its_batch() -> None:
 
 # ---------------------------------------------------------------------------------------------- dispatch
 def test_dispatch_reaches_every_continuous_sampler() -> None:
-    """`samplers.sample(sampler=NAME)` (what --model.sampler NAME calls) runs each sampler on a DDPM eps-network,
+    """`samplers.sample(sampler=NAME)` (what --model.sampling.sampler NAME calls) runs each sampler on a DDPM eps-network,
     and its deterministic ones match the k_samplers functions on the Karras grid. This model reads a table at
     integer t, so the comparisons pass `quantize` (the samplers call a model at fractional t by default)."""
     model = GaussianEps(MU, S, SCHEDULE.alphas_cumprod)

@@ -1,7 +1,8 @@
 """Checkpoints written before DiffusionModel existed still load, predict and resume.
 
 Until then the EMA weights were `ema.model.*` in the state dict (now `model.net.*`, the sampling model's network),
-and the hyperparameters held the FID options. The old file is made from a new one by undoing exactly those changes;
+and the hyperparameters held the FID options and, until the options were grouped (src/options.py), every option under
+its flat name (`sampling_steps`, `guidance_scale`, ...). The old file is made from a new one by undoing exactly those changes;
 every way in (CLI predict and resume, `DiffusionModule.load_from_checkpoint`, `DiffusionModel.load`) must give
 what the new file gives.
 """
@@ -18,6 +19,7 @@ from test_cli import _fit, _predict, needs_fashion_mnist
 
 from src.models.diffusion import DiffusionModel
 from src.module import DiffusionModule
+from src.options import flat_options
 
 pytestmark = [pytest.mark.slow, needs_fashion_mnist, pytest.mark.usefixtures("one_thread")]
 
@@ -40,7 +42,9 @@ def old_format(checkpoint: dict) -> dict:
     assert any(k.startswith("model.net.") for k in state) and not any(k.startswith("ema.") for k in state)
     old["state_dict"] = {("ema.model." + k[len("model.net.") :] if k.startswith("model.net.") else k): v
                          for k, v in state.items()}  # fmt: skip
-    old["hyper_parameters"] = {**old["hyper_parameters"], **OLD_FID_HPARAMS}
+    assert "sampling" in old["hyper_parameters"] and "guidance" in old["hyper_parameters"]
+    old["hyper_parameters"] = {**flat_options(old["hyper_parameters"]), **OLD_FID_HPARAMS}
+    assert "sampling" not in old["hyper_parameters"] and "sampling_steps" in old["hyper_parameters"]
     return old
 
 
@@ -95,7 +99,7 @@ def test_recorded_options_the_sampler_does_not_read_are_reset_when_loading(check
 
     new, _ = checkpoints
     checkpoint = torch.load(new, weights_only=False)
-    hparams = checkpoint["hyper_parameters"]
+    hparams = flat_options(checkpoint["hyper_parameters"])  # recorded by their flat names then
     checkpoint["hyper_parameters"] = {**hparams, "sampler": "dpmpp_3m", "eta": 0.5, "skip": "logsnr",
                                       "ddpm_variance": "fixed_large", "bpd_timesteps": 0,
                                       "sampler_options": {"solver_order": 2, "rho": 5.0}}  # fmt: skip

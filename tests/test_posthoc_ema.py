@@ -201,7 +201,7 @@ def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, c
     with pytest.raises(SystemExit, match="no post-hoc EMA snapshots"):
         posthoc_main([str(tmp_path), "--sigma_rel", "0.07", "--out_dir", str(out)])
 
-    # Autoguidance by the run's own early EMA (--model.guidance_model posthoc_ema@<fraction>): the snapshot step
+    # Autoguidance by the run's own early EMA (--model.guidance.model posthoc_ema@<fraction>): the snapshot step
     # nearest to the fraction of the run's 7 steps (0.5: 4, not 2), sigma_rel 0.05, reconstructed as the command does;
     # guided by it alone (a = 0), predict writes exactly what that guide's own checkpoint writes.
     last = run / "checkpoints" / "last.ckpt"
@@ -216,12 +216,16 @@ def test_cli_fit_writes_snapshots_and_the_command_exports_them(tmp_path: Path, c
                   "--data.num_samples", "2", "--output_dir", str(tmp_path / name), *extra])  # fmt: skip
         return [p.read_bytes() for p in sorted((tmp_path / name).iterdir())]
 
-    early = ["--model.guidance_model", "posthoc_ema@0.5", "--model.autoguidance_scale"]
+    early = ["--model.guidance.model", "posthoc_ema@0.5", "--model.guidance.autoguidance_scale"]
     assert predict("guide_alone", last, *early, "0") == predict("guide_file", out / "sigma_rel_0.050.ckpt")
     assert predict("guided", last, *early, "2") != predict("unguided", last)
     assert "this run's EMA (sigma_rel 0.05) at step 4 of 7" in caplog.text
     for command, ckpt, message in [
-        ("predict", ckpt, r"no post-hoc EMA snapshots in \S+phema/posthoc_ema .* --model.autoguidance_scale 1\)"),
+        (
+            "predict",
+            ckpt,
+            r"no post-hoc EMA snapshots in \S+phema/posthoc_ema .* --model.guidance.autoguidance_scale 1\)",
+        ),
         ("fit", None, r"posthoc_ema@0.5 guides a trained run's sampling \(predict, validate or test"),
     ]:
         more = ["--ckpt_path", str(ckpt), "--output_dir", str(tmp_path / "bad")] if ckpt else []
@@ -240,7 +244,7 @@ def test_a_learned_process_is_averaged_and_reconstructed_with_the_network(tmp_pa
     data = ["--data.data_dir", str(write_fake_fashion_mnist(tmp_path / "data", n_train=24, n_test=8))]
     cli_main(["fit", *TINY_CLI, *data, "--trainer.default_root_dir", str(root), "--trainer.max_steps", "4",
               "--trainer.limit_val_batches", "0", "--trainer.callbacks", json.dumps(POSTHOC),
-              "--model.process", "my_extensions.LearnedLinearLogSNR", "--model.bpd_timesteps", "0"])  # fmt: skip
+              "--model.process", "my_extensions.LearnedLinearLogSNR", "--model.evaluation.bpd_timesteps", "0"])  # fmt: skip
     (run,) = root.glob("*/version_*")
     files = snapshot_files(run)
     snapshot = torch.load(files[-1], weights_only=True)["averages"][1]  # sigma_rel 0.10 at the last step

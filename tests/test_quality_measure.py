@@ -12,6 +12,7 @@ from test_cli import REPO, needs_fashion_mnist
 
 from src.main import cli_main
 from src.models.classifier import FeatureClassifier, NoisyClassifier, load_classifier
+from src.options import Sampling
 
 torch.set_num_threads(1)
 
@@ -62,7 +63,7 @@ def test_fd_classifier_through_the_cli_and_real_below_noised_real(tmp_path: Path
     assert 0 <= results["label_agreement_real"] <= 1
 
     # The same file through the FID callback: --fid.extractor FILE logs val/fd_classifier.
-    module = DiffusionModule(tiny_unet(image_size=28), sampling_steps=2)
+    module = DiffusionModule(tiny_unet(image_size=28), sampling=Sampling(steps=2))
     callback = FIDCallback(extractor=str(path), ref_stats=results["ref_stats"], batch_size=4)
     logged = callback.compute(module, num_samples=8)
     # Unconditional samples and no trainer (so no data set for the accuracy): the distance alone.
@@ -104,7 +105,7 @@ def test_feature_classifier_shapes_save_load_and_old_files(tmp_path: Path) -> No
     assert isinstance(loaded, FeatureClassifier) and not loaded.training
     torch.testing.assert_close(loaded(x), net(x))
     with pytest.raises(ValueError, match="holds a FeatureClassifier, not a NoisyClassifier"):
-        NoisyClassifier.load(str(tmp_path / "f.pt"))  # e.g. --model.classifier_path for guidance
+        NoisyClassifier.load(str(tmp_path / "f.pt"))  # e.g. --model.guidance.classifier_path for guidance
     # A NoisyClassifier file written before files named their class still loads.
     old = NoisyClassifier(num_classes=10, in_channels=1, base_channels=8, image_size=28, norm_groups=4)
     torch.save({"config": old.config, "state_dict": old.state_dict()}, tmp_path / "old.pt")
@@ -295,7 +296,7 @@ def test_fid_callback_logs_label_agreement_of_conditional_samples(tmp_path: Path
     path = tmp_path / "clf.pt"
     FeatureClassifier(num_classes=4, image_size=8, widths=(4,)).eval().save(str(path))
     save_statistics(tmp_path / "ref.npz", np.zeros(4), np.eye(4))
-    module = DiffusionModule(tiny_unet(num_classes=4), sampling_steps=2)
+    module = DiffusionModule(tiny_unet(num_classes=4), sampling=Sampling(steps=2))
     callback = FIDCallback(extractor=str(path), ref_stats=str(tmp_path / "ref.npz"), batch_size=3)
     logged = callback.compute(module, num_samples=8)
     assert list(logged) == ["val/fd_classifier", "val/label_agreement"]
@@ -323,7 +324,9 @@ def test_fid_callback_logs_the_classifier_accuracy_with_a_data_set(tmp_path: Pat
                            cache_dir=str(tmp_path / "cache"))  # fmt: skip
     datamodule = SimpleNamespace(dataset="fashion_mnist", data_dir=None, is_folder=False)
     trainer = SimpleNamespace(global_rank=0, world_size=1, datamodule=datamodule)
-    logged = callback.compute(DiffusionModule(tiny_unet(image_size=28), sampling_steps=2), trainer, num_samples=4)
+    logged = callback.compute(
+        DiffusionModule(tiny_unet(image_size=28), sampling=Sampling(steps=2)), trainer, num_samples=4
+    )
     images, labels = load_dataset("fashion_mnist", "test")
     with torch.no_grad():
         predicted = torch.cat(

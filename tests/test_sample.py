@@ -33,7 +33,7 @@ TINY_NET = {
     "mid_attention": False,
 }
 TINY = [arg for key, value in TINY_NET.items() for arg in (f"--model.net.init_args.{key}", json.dumps(value))] + [
-    "--model.sampling_steps", "2",
+    "--model.sampling.steps", "2",
     "--logger_backend", "csv",
     "--trainer.enable_progress_bar", "false",
     "--trainer.enable_model_summary", "false",
@@ -92,8 +92,8 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
     (bin_dir / "python").chmod(0o755)
     out = root / "samples" / "first"
     make = ["make", "-o", "install", "sample", f"BIN={bin_dir}", f"CONFIG={COND}", f"ROOT={root}", f"OUT={out}",
-            "NUM_SAMPLES=12", "ARGS=--model.sampling_steps 2 --trainer.enable_progress_bar false",
-            "GUIDANCE=--model.guidance_model posthoc_ema@0.25 --model.autoguidance_scale 1.5"]  # fmt: skip
+            "NUM_SAMPLES=12", "ARGS=--model.sampling.steps 2 --trainer.enable_progress_bar false",
+            "GUIDANCE=--model.guidance.model posthoc_ema@0.25 --model.guidance.autoguidance_scale 1.5"]  # fmt: skip
     result = subprocess.run(make, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
     assert "Autoguidance: the guide is this run's EMA (sigma_rel 0.05) at step 1 of 2" in result.stdout + result.stderr
@@ -113,8 +113,8 @@ def test_make_sample_samples_the_configured_run_and_writes_its_grid(tmp_path: Pa
     assert f"--ckpt_path {other}" in dry.stdout and "--ckpt_path last" not in dry.stdout
 
     # Guidance on that unconditional checkpoint: one clear error instead of a scale silently ignored.
-    with pytest.raises(ConfigError, match=r"--model.guidance_scale 1.3: .* --ckpt_path .* is unconditional"):
-        cli_main(["predict", "--config", COND, *TINY, "--ckpt_path", str(other), "--model.guidance_scale", "1.3",
+    with pytest.raises(ConfigError, match=r"--model.guidance.scale 1.3: .* --ckpt_path .* is unconditional"):
+        cli_main(["predict", "--config", COND, *TINY, "--ckpt_path", str(other), "--model.guidance.scale", "1.3",
                   "--output_dir", str(tmp_path / "guided")])  # fmt: skip
     assert not (tmp_path / "guided").exists()
 
@@ -151,9 +151,9 @@ def test_grid_path_writes_one_grid_of_the_samples_and_never_overwrites(tmp_path:
 
     before = grid.read_bytes()
     with pytest.raises(FileExistsError, match="--grid_path .* --overwrite true"):
-        predict("b", "--model.sample_seed", "1")
+        predict("b", "--model.sampling.seed", "1")
     assert grid.read_bytes() == before and not (tmp_path / "b").exists()
-    predict("b", "--model.sample_seed", "1", "--overwrite", "true")
+    predict("b", "--model.sampling.seed", "1", "--overwrite", "true")
     assert grid.read_bytes() != before
 
 
@@ -161,7 +161,7 @@ def test_grid_path_writes_one_grid_of_the_samples_and_never_overwrites(tmp_path:
 def test_guidance_on_an_unconditional_net_is_an_error(subcommand: str, tmp_path: Path) -> None:
     extra = ["--allow_untrained", "true", "--output_dir", str(tmp_path / "pngs")] if subcommand == "predict" else []
     with pytest.raises(ConfigError, match=r"classifier-free guidance needs a class-conditional net.*num_classes"):
-        cli_main([subcommand, "--config", UNCOND, *TINY, "--model.guidance_scale", "1.5",
+        cli_main([subcommand, "--config", UNCOND, *TINY, "--model.guidance.scale", "1.5",
                   "--trainer.default_root_dir", str(tmp_path / "runs"), *extra])  # fmt: skip
 
 

@@ -31,13 +31,17 @@ def test_field_names_are_the_sampler_arguments() -> None:
 
 
 def test_every_flag_is_a_module_option_with_the_same_default() -> None:
-    # The one translation table: each field's flag names a DiffusionModule argument whose default is the field's.
-    module_defaults = {k: p.default for k, p in inspect.signature(DiffusionModule).parameters.items()}
-    settings = SamplerSettings()
+    # Each field's flag names a field of DiffusionModule's sampling group whose default is the field's, and the flat
+    # name a checkpoint recorded before the groups maps to that same field.
+    from src.diffusion.sampler_settings import FLAT_NAMES
+    from src.options import RENAMED, Sampling
+
+    assert inspect.signature(DiffusionModule).parameters["sampling"].default == Sampling()
+    settings, sampling = SamplerSettings(), Sampling()
     for name, flag in FLAGS.items():
-        option = flag.removeprefix("--model.")
-        assert option in module_defaults, flag
-        default = module_defaults[option]
+        group, field = flag.removeprefix("--model.").split(".")
+        assert group == "sampling" and RENAMED[FLAT_NAMES[name]] == (group, field), flag
+        default = getattr(sampling, field)
         assert (default or {}) == getattr(settings, name) if name == "options" else default == getattr(settings, name)
 
 
@@ -53,14 +57,17 @@ def test_from_options_reads_the_module_names() -> None:
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"sampler": "euler"}, "--model.sampler 'euler' is unknown"),
-        ({"eta": 1.5}, r"--model.eta must be in \[0, 1\]"),
-        ({"skip": "cubic"}, "--model.skip 'cubic' is unknown"),
-        ({"variance": "big"}, "--model.ddpm_variance 'big' is unknown"),
-        ({"steps": 0}, "--model.sampling_steps must be at least 1"),
-        ({"sampler": "ddim", "options": {"rho": 7}}, "--model.sampler ddim does not read --model.sampler_options rho"),
-        ({"sampler": "ddim", "options": {"rhoo": 7}}, "--model.sampler_options: unknown rhoo"),
-        ({"sampler": "heun", "options": {"rhoo": 7}}, "--model.sampler_options: unknown rhoo"),
+        ({"sampler": "euler"}, "--model.sampling.sampler 'euler' is unknown"),
+        ({"eta": 1.5}, r"--model.sampling.eta must be in \[0, 1\]"),
+        ({"skip": "cubic"}, "--model.sampling.skip 'cubic' is unknown"),
+        ({"variance": "big"}, "--model.sampling.variance 'big' is unknown"),
+        ({"steps": 0}, "--model.sampling.steps must be at least 1"),
+        (
+            {"sampler": "ddim", "options": {"rho": 7}},
+            "--model.sampling.sampler ddim does not read --model.sampling.options rho",
+        ),
+        ({"sampler": "ddim", "options": {"rhoo": 7}}, "--model.sampling.options: unknown rhoo"),
+        ({"sampler": "heun", "options": {"rhoo": 7}}, "--model.sampling.options: unknown rhoo"),
         ({"sampler": "unipc", "options": {"solver_order": 2.5}}, "solver_order: 2.5 is not a whole number"),
         ({"sampler": "heun", "options": {"quantize": 2}}, "quantize: 2 is not true or false"),
         ({"sampler": "heun", "options": {"churn": True}}, "churn: True is not a number"),
@@ -90,7 +97,7 @@ def test_replace_and_steps_check() -> None:
     assert settings.replace(steps=3).steps == 3 and settings.steps == 10
     with pytest.raises(TypeError, match="unknown sampler setting"):
         settings.replace(sampling_steps=3)
-    with pytest.raises(ConfigError, match=r"--model.sampling_steps must be in \[1, 5\]"):
+    with pytest.raises(ConfigError, match=r"--model.sampling.steps must be in \[1, 5\]"):
         settings.check_steps(5)
 
 
@@ -113,25 +120,31 @@ def test_kwargs_run_the_sampler() -> None:
         # The issue's case: DPM-Solver++(3M) has no order to choose; it ran 3M unchanged.
         (
             {"sampler": "dpmpp_3m", "options": {"solver_order": 2}},
-            "--model.sampler dpmpp_3m does not read --model.sampler_options solver_order (read by unipc, ipndm): pass "
-            "--model.sampler_options without solver_order, or choose a sampler that reads it; dpmpp_3m takes "
-            "--model.sampling_steps, --model.clip_denoised, --model.sampler_options {rho, quantize}",
+            "--model.sampling.sampler dpmpp_3m does not read --model.sampling.options solver_order (read by unipc, ipndm): pass "
+            "--model.sampling.options without solver_order, or choose a sampler that reads it; dpmpp_3m takes "
+            "--model.sampling.steps, --model.sampling.clip_denoised, --model.sampling.options {rho, quantize}",
         ),
-        ({"sampler": "heun", "options": {"snr": 0.1}}, "does not read --model.sampler_options snr (read by pc)"),
-        ({"sampler": "pc", "options": {"churn": 10}}, "does not read --model.sampler_options churn (read by heun)"),
+        ({"sampler": "heun", "options": {"snr": 0.1}}, "does not read --model.sampling.options snr (read by pc)"),
+        ({"sampler": "pc", "options": {"churn": 10}}, "does not read --model.sampling.options churn (read by heun)"),
         (
             {"sampler": "heun", "skip": "logsnr"},
-            "--model.sampler heun does not read --model.skip logsnr (read by ddim, ddpm_respaced, dpmpp_2m, langevin): pass "
-            "--model.skip uniform, or choose a sampler that reads it; heun takes --model.sampling_steps, "
-            "--model.clip_denoised, --model.sampler_options {rho, churn, quantize}",
+            "--model.sampling.sampler heun does not read --model.sampling.skip logsnr (read by ddim, ddpm_respaced, dpmpp_2m, langevin): pass "
+            "--model.sampling.skip uniform, or choose a sampler that reads it; heun takes --model.sampling.steps, "
+            "--model.sampling.clip_denoised, --model.sampling.options {rho, churn, quantize}",
         ),
-        ({"sampler": "dpmpp_2m", "eta": 0.5}, "--model.sampler dpmpp_2m does not read --model.eta 0.5 (read by ddim"),
-        ({"sampler": "ddpm_respaced", "eta": 1.0}, "--model.sampler ddpm_respaced does not read --model.eta 1.0"),
+        (
+            {"sampler": "dpmpp_2m", "eta": 0.5},
+            "--model.sampling.sampler dpmpp_2m does not read --model.sampling.eta 0.5 (read by ddim",
+        ),
+        (
+            {"sampler": "ddpm_respaced", "eta": 1.0},
+            "--model.sampling.sampler ddpm_respaced does not read --model.sampling.eta 1.0",
+        ),
         (
             {"sampler": "ddpm", "steps": 20},
-            "--model.sampler ddpm does not read --model.sampling_steps 20 (read by all but ddpm): pass "
-            "--model.sampling_steps 50, or choose a sampler that reads it; ddpm takes --model.ddpm_variance, "
-            "--model.clip_denoised",
+            "--model.sampling.sampler ddpm does not read --model.sampling.steps 20 (read by all but ddpm): pass "
+            "--model.sampling.steps 50, or choose a sampler that reads it; ddpm takes --model.sampling.variance, "
+            "--model.sampling.clip_denoised",
         ),
     ],
 )
@@ -166,9 +179,9 @@ def test_replacing_the_sampler_drops_what_the_new_one_does_not_read() -> None:
     )
     unipc = SamplerSettings(sampler="unipc", options={"solver_order": 3, "rho": 5})
     assert unipc.replace(sampler="dpmpp_3m").options == {"rho": 5}
-    with pytest.raises(ConfigError, match="does not read --model.skip logsnr"):  # given explicitly: refused
+    with pytest.raises(ConfigError, match="does not read --model.sampling.skip logsnr"):  # given explicitly: refused
         settings.replace(sampler="heun", skip="logsnr")
-    with pytest.raises(ConfigError, match="does not read --model.eta"):
+    with pytest.raises(ConfigError, match="does not read --model.sampling.eta"):
         settings.replace(eta=0.5)
 
 
@@ -186,13 +199,13 @@ def test_recorded_settings_load_with_what_the_sampler_does_not_read_reset() -> N
 @pytest.mark.parametrize(
     ("options", "message"),
     [
-        (["--model.sampler", "ddim", "--model.ddpm_variance", "fixed_large", "--model.bpd_timesteps", "0"],
-         "--model.sampler ddim does not read --model.ddpm_variance fixed_large (read by --model.sampler ddpm, "
-         "ddpm_respaced and by test/bpd with --model.bpd_timesteps, 0 here): pass --model.ddpm_variance fixed_small"),
-        (["--model.sampler", "dpmpp_3m", "--model.skip", "uniform", "--model.sampler_options", "{solver_order: 2}"],
-         "--model.sampler dpmpp_3m does not read --model.sampler_options solver_order"),
+        (["--model.sampling.sampler", "ddim", "--model.sampling.variance", "fixed_large", "--model.evaluation.bpd_timesteps", "0"],
+         "--model.sampling.sampler ddim does not read --model.sampling.variance fixed_large (read by --model.sampling.sampler ddpm, "
+         "ddpm_respaced and by test/bpd with --model.evaluation.bpd_timesteps, 0 here): pass --model.sampling.variance fixed_small"),
+        (["--model.sampling.sampler", "dpmpp_3m", "--model.sampling.skip", "uniform", "--model.sampling.options", "{solver_order: 2}"],
+         "--model.sampling.sampler dpmpp_3m does not read --model.sampling.options solver_order"),
         # fashion_mnist.yaml samples with DPM-Solver++(2M) on log-SNR steps: switching to heun must reset --model.skip.
-        (["--model.sampler", "heun"], "--model.sampler heun does not read --model.skip logsnr"),
+        (["--model.sampling.sampler", "heun"], "--model.sampling.sampler heun does not read --model.sampling.skip logsnr"),
     ],
 )  # fmt: skip
 def test_the_command_line_refuses_unread_options_before_anything_runs(options: list[str], message: str) -> None:
@@ -206,8 +219,8 @@ def test_the_command_line_refuses_unread_options_before_anything_runs(options: l
 def test_the_variance_of_test_bpd_is_read_with_any_sampler() -> None:
     from src.main import cli_main
 
-    cli = cli_main(["--config", str(REPO / "configs" / "fashion_mnist.yaml"), "--model.ddpm_variance", "fixed_large",
-                    "--model.bpd_timesteps", "10", "--trainer.logger", "false"], run=False)  # fmt: skip
+    cli = cli_main(["--config", str(REPO / "configs" / "fashion_mnist.yaml"), "--model.sampling.variance", "fixed_large",
+                    "--model.evaluation.bpd_timesteps", "10", "--trainer.logger", "false"], run=False)  # fmt: skip
     assert cli.model.model.settings.variance == "fixed_large"
 
 
@@ -218,22 +231,24 @@ def test_an_unread_option_fails_in_one_line_before_training() -> None:
     import sys
 
     result = subprocess.run(
-        [sys.executable, "-m", "src.main", "fit", "--config", "configs/fashion_mnist.yaml", "--model.sampler",
-         "dpmpp_3m", "--model.skip", "uniform", "--model.sampler_options", "{solver_order: 2}", "--trainer.max_steps",
+        [sys.executable, "-m", "src.main", "fit", "--config", "configs/fashion_mnist.yaml", "--model.sampling.sampler",
+         "dpmpp_3m", "--model.sampling.skip", "uniform", "--model.sampling.options", "{solver_order: 2}", "--trainer.max_steps",
          "0", "--trainer.default_root_dir", "/nonexistent/should-not-be-created"],
         cwd=REPO, capture_output=True, text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )  # fmt: skip
     assert result.returncode != 0
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and "does not read --model.sampler_options solver_order" in lines[0], result.stderr
+    assert len(lines) == 1 and "does not read --model.sampling.options solver_order" in lines[0], result.stderr
 
 
 def test_a_sample_grid_with_steps_is_refused_at_the_start_of_fit_for_ddpm(tiny_module) -> None:
-    """SampleGrid's own sampling_steps would reach the grid's sampler as --model.sampling_steps: ddpm takes none."""
+    """SampleGrid's own sampling_steps would reach the grid's sampler as --model.sampling.steps: ddpm takes none."""
     from src.callbacks.sampling import SampleGrid
 
     module = tiny_module(sampler="ddpm", sampling_steps=50)
-    with pytest.raises(ConfigError, match="SampleGrid's sampling_steps 3: --model.sampler ddpm takes no steps"):
+    with pytest.raises(
+        ConfigError, match="SampleGrid's sampling_steps 3: --model.sampling.sampler ddpm takes no steps"
+    ):
         SampleGrid(sampling_steps=3).setup(None, module, "fit")
     SampleGrid(sampling_steps=3).setup(None, tiny_module(), "fit")  # DDIM takes them
     SampleGrid().setup(None, module, "fit")

@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from src.diffusion.losses import l_simple
 from src.module import DiffusionModule
 from src.optim import AdamW, LinearWarmup
+from src.options import Sampling, Schedule, Training
 
 NUM_ITEMS, STEPS, GLOBAL_BATCH = 32, 3, 8
 
@@ -90,12 +91,11 @@ def tiny_module(tiny_unet):
         net = tiny_unet(attn_resolutions=(4,), mid_attention=True)
         return IndexNoiseModule(
             net,
-            timesteps=50,
+            schedule=Schedule(timesteps=50),
             optimizer=partial(AdamW, lr=1e-3),
             lr_scheduler=partial(LinearWarmup, warmup_steps=5),
-            ema_decay=0.9,
-            ema_warmup=True,
-            sampling_steps=5,
+            training=Training(ema_decay=0.9, ema_warmup=True),
+            sampling=Sampling(steps=5),
         )
 
     return make

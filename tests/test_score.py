@@ -201,7 +201,7 @@ def test_ssm_trains_a_unet_through_double_backward(tiny_unet) -> None:
 # ---------------------------------------------------------------------------------------------- through the CLI
 NCSN = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_ncsn.yaml"),
         "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
-        "--model.sampling_steps", "3", "--model.sampler_options", "{langevin_steps: 2}"]  # fmt: skip
+        "--model.sampling.steps", "3", "--model.sampling.options", "{langevin_steps: 2}"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -210,8 +210,8 @@ def test_the_ncsn_recipe_trains_resumes_exactly_and_samples_with_langevin_pc_and
     straight = continued_equals_uninterrupted(tmp_path, *NCSN)
     for sampler, options in (("langevin", "{langevin_steps: 2}"), ("pc", "{}"), ("heun", "{}")):
         out = tmp_path / sampler
-        _predict(straight, tmp_path / "r", out, *NCSN, "--model.sampler", sampler, "--model.skip",
-                 "linspace" if sampler == "langevin" else "uniform", "--model.sampler_options", options)  # fmt: skip
+        _predict(straight, tmp_path / "r", out, *NCSN, "--model.sampling.sampler", sampler, "--model.sampling.skip",
+                 "linspace" if sampler == "langevin" else "uniform", "--model.sampling.options", options)  # fmt: skip
         assert len(list(out.glob("*.png"))) == 5, sampler
     # The process (no state of its own) is rebuilt from its spec by DiffusionModel.load and kept by an export.
     from src.models.diffusion import DiffusionModel
@@ -227,5 +227,7 @@ def test_the_ncsn_recipe_trains_resumes_exactly_and_samples_with_langevin_pc_and
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_sliced_score_matching_trains_through_the_cli(tmp_path: Path) -> None:
-    state = torch.load(_fit(tmp_path / "s", 2, *NCSN, "--model.objective", "ssm"), weights_only=False)["state_dict"]
+    state = torch.load(_fit(tmp_path / "s", 2, *NCSN, "--model.training.objective", "ssm"), weights_only=False)[
+        "state_dict"
+    ]
     assert torch.isfinite(state["net.conv_in.weight"]).all()

@@ -243,13 +243,13 @@ def test_settings_build_the_threshold_from_the_module_options() -> None:
 @pytest.mark.parametrize(
     ("clip", "percentile", "max_value", "message"),
     [
-        (True, None, 1.5, "--model.dynamic_threshold_max 1.5 bounds the dynamic threshold, which is off: pass "
-                          "--model.dynamic_threshold_percentile too"),
-        (False, 0.995, None, "--model.dynamic_threshold_percentile 0.995 chooses how --model.clip_denoised clips x_0, "
-                             "and --model.clip_denoised is false: pass --model.clip_denoised true"),
-        (True, 99.5, None, r"--model.dynamic_threshold_percentile must be in \(0, 1\] \(a fraction: 0.995"),
-        (True, 0.0, None, r"--model.dynamic_threshold_percentile must be in \(0, 1\]"),
-        (True, 0.995, 0.8, "--model.dynamic_threshold_max must be at least 1"),
+        (True, None, 1.5, "--model.sampling.dynamic_threshold_max 1.5 bounds the dynamic threshold, which is off: pass "
+                          "--model.sampling.dynamic_threshold_percentile too"),
+        (False, 0.995, None, "--model.sampling.dynamic_threshold_percentile 0.995 chooses how --model.sampling.clip_denoised clips x_0, "
+                             "and --model.sampling.clip_denoised is false: pass --model.sampling.clip_denoised true"),
+        (True, 99.5, None, r"--model.sampling.dynamic_threshold_percentile must be in \(0, 1\] \(a fraction: 0.995"),
+        (True, 0.0, None, r"--model.sampling.dynamic_threshold_percentile must be in \(0, 1\]"),
+        (True, 0.995, 0.8, "--model.sampling.dynamic_threshold_max must be at least 1"),
     ],
 )  # fmt: skip
 def test_meaningless_threshold_options_are_one_line(clip, percentile, max_value, message) -> None:
@@ -268,16 +268,20 @@ def test_predict_with_dynamic_thresholding_through_the_command_line(tmp_path: Pa
     def predict(out: str, *extra: str) -> list[bytes]:
         cli_main(["predict", "--config", COND, *TINY, "--allow_untrained", "true", "--data.num_samples", "3",
                   "--output_dir", str(tmp_path / out), "--trainer.default_root_dir", str(tmp_path / "runs"),
-                  "--model.guidance_scale", "4.0", "--model.prediction", "eps", *extra])  # fmt: skip
+                  "--model.guidance.scale", "4.0", "--model.prediction", "eps", *extra])  # fmt: skip
         return [p.read_bytes() for p in sorted((tmp_path / out).iterdir())]
 
     static = predict("static")
-    dynamic = predict("dynamic", "--model.dynamic_threshold_percentile", "0.9", "--model.dynamic_threshold_max", "3")
+    dynamic = predict(
+        "dynamic", "--model.sampling.dynamic_threshold_percentile", "0.9", "--model.sampling.dynamic_threshold_max", "3"
+    )
     assert len(dynamic) == 3 and dynamic != static
-    with pytest.raises(ConfigError, match="--model.dynamic_threshold_max 2.0 bounds the dynamic threshold"):
-        predict("bad", "--model.dynamic_threshold_max", "2")
-    with pytest.raises(ConfigError, match="--model.clip_denoised is false"):
-        predict("bad", "--model.clip_denoised", "false", "--model.dynamic_threshold_percentile", "0.995")
+    with pytest.raises(ConfigError, match="--model.sampling.dynamic_threshold_max 2.0 bounds the dynamic threshold"):
+        predict("bad", "--model.sampling.dynamic_threshold_max", "2")
+    with pytest.raises(ConfigError, match="--model.sampling.clip_denoised is false"):
+        predict(
+            "bad", "--model.sampling.clip_denoised", "false", "--model.sampling.dynamic_threshold_percentile", "0.995"
+        )
     assert not (tmp_path / "bad").exists()
 
 
@@ -301,12 +305,12 @@ def test_the_guidance_quality_benchmark_runs_valid_predict_options(monkeypatch: 
         (3.0, "static", "none", "cfg"), (3.0, "static", "none", "weak.ckpt"), (3.0, "static", "0.3:5", "cfg")
     ]  # fmt: skip
     assert bench["predict_args"](3.0, "static", "none", "weak.ckpt")[-4:] == [
-        "--model.guidance_model", "weak.ckpt", "--model.autoguidance_scale", "3.0"
+        "--model.guidance.model", "weak.ckpt", "--model.guidance.autoguidance_scale", "3.0"
     ]  # fmt: skip
-    assert "--model.guidance_model" not in bench["predict_args"](1.0, "static", "none", "weak.ckpt")
+    assert "--model.guidance.model" not in bench["predict_args"](1.0, "static", "none", "weak.ckpt")
     assert bench["predict_args"](3.0, "0.995:1.5", "0.3:5") == [
-        "--model.guidance_scale", "3.0", "--model.clip_denoised", "true", "--model.dynamic_threshold_percentile",
-        "0.995", "--model.dynamic_threshold_max", "1.5", "--model.guidance_interval", "[0.3, 5.0]",
+        "--model.guidance.scale", "3.0", "--model.sampling.clip_denoised", "true", "--model.sampling.dynamic_threshold_percentile",
+        "0.995", "--model.sampling.dynamic_threshold_max", "1.5", "--model.guidance.interval", "[0.3, 5.0]",
     ]  # fmt: skip
     expected = {
         "none": False,

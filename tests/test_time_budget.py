@@ -141,7 +141,7 @@ QUICKSTART = [
     "--config", str(REPO / "configs" / "fashion_mnist_cond.yaml"),
     "--model.net.init_args.base_channels", "8",
     "--model.net.init_args.norm_groups", "4",
-    "--model.sampling_steps", "2",
+    "--model.sampling.steps", "2",
     "--logger_backend", "csv",
     "--trainer.enable_model_summary", "false",
     "--trainer.limit_val_batches", "0",

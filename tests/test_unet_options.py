@@ -279,7 +279,7 @@ def test_fit_and_predict_with_every_option_on(tmp_path: Path) -> None:
     same network from the checkpoint alone."""
     tiny = ["--config", str(REPO / "configs" / "fashion_mnist.yaml"), "--model.net.init_args.base_channels", "8",
             "--model.net.init_args.norm_groups", "4", "--model.net.init_args.attn_resolutions", "[7]",
-            "--model.sampling_steps", "2", "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
+            "--model.sampling.steps", "2", "--logger_backend", "csv", "--trainer.enable_progress_bar", "false",
             "--trainer.enable_model_summary", "false"]  # fmt: skip
     options = ["--model.net.init_args.num_heads", "2", "--model.net.init_args.use_scale_shift_norm", "true",
                "--model.net.init_args.resblock_updown", "true", "--model.net.init_args.gradient_checkpointing", "true"]  # fmt: skip

@@ -341,7 +341,7 @@ def test_the_module_refuses_what_the_bound_cannot_read(tiny_module, tiny_unet) -
 # ---------------------------------------------------------------------------------------------- through the CLI
 VDM = ["--config", str(Path(__file__).resolve().parents[1] / "configs" / "fashion_mnist_vdm.yaml"),
        "--model.net.init_args.base_channels", "8", "--model.net.init_args.norm_groups", "4",
-       "--model.sampling_steps", "3"]  # fmt: skip
+       "--model.sampling.steps", "3"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -360,7 +360,7 @@ def test_the_vdm_recipe_trains_resumes_exactly_tests_and_samples(tmp_path: Path)
     from src.main import cli_main
 
     cli_main(["test", *VDM, "--ckpt_path", str(straight), "--trainer.default_root_dir", str(tmp_path / "t"),
-              "--data.batch_size", "8", "--trainer.limit_test_batches", "2", "--model.bpd_timesteps", "2",
+              "--data.batch_size", "8", "--trainer.limit_test_batches", "2", "--model.evaluation.bpd_timesteps", "2",
               "--logger_backend", "csv"])  # fmt: skip
     header, row = next((tmp_path / "t").rglob("metrics.csv")).read_text().splitlines()[:2]
     logged = dict(zip(header.split(","), row.split(","), strict=True))
@@ -378,8 +378,8 @@ def test_the_vdm_recipe_trains_resumes_exactly_tests_and_samples(tmp_path: Path)
 @pytest.mark.slow
 @needs_fashion_mnist
 def test_the_discrete_bound_and_every_timestep_sampling_train_through_the_cli(tmp_path: Path) -> None:
-    _fit(tmp_path / "d", 2, *VDM, "--model.objective", "vdm_discrete", "--model.process",
+    _fit(tmp_path / "d", 2, *VDM, "--model.training.objective", "vdm_discrete", "--model.process",
          "src.diffusion.vdm.MonotoneLogSNR")  # fmt: skip
     plain = torch.load(_fit(tmp_path / "u", 2), weights_only=False)["state_dict"]
-    spread = torch.load(_fit(tmp_path / "a", 2, "--model.timestep_sampling", "antithetic"), weights_only=False)
+    spread = torch.load(_fit(tmp_path / "a", 2, "--model.training.timestep_sampling", "antithetic"), weights_only=False)
     assert not torch.equal(plain["net.conv_in.weight"], spread["state_dict"]["net.conv_in.weight"])

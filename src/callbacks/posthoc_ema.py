@@ -14,7 +14,7 @@ device, float32) and are in every checkpoint (this callback's state), so a resum
 The averages are of what the optimizer trains: `pl_module.net`, and a learned diffusion process's parameters
 (`--model.process` with parameters, e.g. VDM's noise schedule) under keys prefixed `PROCESS_PREFIX`, so that a
 reconstruction pairs the network with the schedule of the same average (`trained_state`). The model's own EMA
-(`--model.ema_decay`, what sampling uses) is unchanged.
+(`--model.training.ema_decay`, what sampling uses) is unchanged.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ with probability p_uncond (`drop_labels`), so it is both conditional and uncondi
     eps~(x_t, t, y) = (1 + w) eps_theta(x_t, t, y) - w eps_theta(x_t, t, null)
 
 w = 0 is the plain conditional model, w = -1 the unconditional one, w > 0 sharpens p(y | x_t). This module (and
-`--model.guidance_scale`) is written with the diffusers/GLIDE scale s = 1 + w:
+`--model.guidance.scale`) is written with the diffusers/GLIDE scale s = 1 + w:
 
     eps~ = s eps_theta(x_t, t, y) + (1 - s) eps_theta(x_t, t, null) = eps_u + s (eps_c - eps_u),
 

@@ -396,7 +396,7 @@ def sample_pc(
 
 # ---------------------------------------------------------------------------------------------- dispatch
 # Each built-in SDE / ODE sampler: how `continuous_sample` runs it on the denoiser and the Karras grid, with the
-# options it reads (`--model.sampler_options`) and their defaults. One entry here is all a new sampler needs:
+# options it reads (`--model.sampling.options`) and their defaults. One entry here is all a new sampler needs:
 # `samplers.BUILTIN_SAMPLERS`, the option checks and `SamplerSettings` read this table.
 def _run_euler_maruyama(denoiser, x, sigmas, generator, progress, callback, **options):
     return sample_euler_maruyama(denoiser, x, sigmas, generator=generator, progress=progress, callback=callback)
@@ -437,7 +437,7 @@ K_SAMPLERS: dict[str, tuple[Callable[..., Tensor], tuple[str, ...]]] = {
     "ipndm": (_run_ipndm, ("solver_order",)),
 }
 CONTINUOUS_SAMPLERS = tuple(K_SAMPLERS)
-# The options `continuous_sample` takes beyond the common ones (`--model.sampler_options` in the command line), and
+# The options `continuous_sample` takes beyond the common ones (`--model.sampling.options` in the command line), and
 # which sampler reads which: an option given to a sampler that does not read it is refused, never ignored.
 CONTINUOUS_OPTIONS = ("rho", "churn", "snr", "corrector_steps", "solver_order", "quantize")
 SAMPLER_OPTIONS: dict[str, tuple[str, ...]] = {

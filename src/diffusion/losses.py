@@ -107,7 +107,7 @@ class LogNormal(TimestepDistribution):
 
     It concentrates training where samples take shape (sigma about 0.1 to 2, where guidance intervals act too) instead
     of DDPM's uniform t, which spends half of a linear T = 1000 schedule's steps above sigma = 3.7. With v-prediction
-    and no loss weighting (`--model.loss_weighting none`), the loss is EDM's lambda(sigma) ||D(x) - x_0||^2 with
+    and no loss weighting (`--model.training.loss_weighting none`), the loss is EDM's lambda(sigma) ||D(x) - x_0||^2 with
     sigma_data = 1: the v-error is the x_0-error times sqrt(1 + sigma^2) / sigma, i.e. EDM's 1 / c_out(sigma).
     """
 
@@ -150,7 +150,7 @@ def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
 
 
 def loss_weighting(name: str = "none", min_snr_gamma: float = 5.0) -> LossWeight | None:
-    """The `weighting` of `l_simple` that the option `--model.loss_weighting NAME` selects: None for "none" (DDPM's
+    """The `weighting` of `l_simple` that the option `--model.training.loss_weighting NAME` selects: None for "none" (DDPM's
     unweighted L_simple), Min-SNR-gamma with gamma = `min_snr_gamma` for "min_snr" (`min_snr_weight`), or one's own
     function `weight(snr: Tensor, prediction: str) -> Tensor` named by its dotted path "package.module.function".
     """
@@ -158,9 +158,11 @@ def loss_weighting(name: str = "none", min_snr_gamma: float = 5.0) -> LossWeight
         return None
     if name == "min_snr":
         if not min_snr_gamma > 0:
-            raise config_error(f"--model.min_snr_gamma must be > 0 (5 in Hang et al. 2023), got {min_snr_gamma}")
+            raise config_error(
+                f"--model.training.min_snr_gamma must be > 0 (5 in Hang et al. 2023), got {min_snr_gamma}"
+            )
         return functools.partial(min_snr_weight, gamma=float(min_snr_gamma))
-    return import_function(name, "--model.loss_weighting", LOSS_WEIGHTINGS)
+    return import_function(name, "--model.training.loss_weighting", LOSS_WEIGHTINGS)
 
 
 def _noised_output(
@@ -308,8 +310,8 @@ Objective = Callable[..., dict[str, Tensor]]
 
 
 def objective_function(name: str) -> Objective | None:
-    """The function of `--model.objective NAME` when it is a dotted path of one's own ("package.module.function");
+    """The function of `--model.training.objective NAME` when it is a dotted path of one's own ("package.module.function");
     None for a built-in name (`OBJECTIVES`), which the module runs itself; a one-line ConfigError for anything else."""
     if name in OBJECTIVES:
         return None
-    return import_function(name, "--model.objective", OBJECTIVES)
+    return import_function(name, "--model.training.objective", OBJECTIVES)

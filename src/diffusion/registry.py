@@ -1,6 +1,6 @@
 """Options that name a function: a built-in name, or the dotted path `package.module.function` of one's own.
 
-`--model.sampler my_project.samplers.euler` (src/diffusion/samplers.py, `sample`) and the loss weighting of
+`--model.sampling.sampler my_project.samplers.euler` (src/diffusion/samplers.py, `sample`) and the loss weighting of
 src/diffusion/losses.py take such paths, so that a researcher adds a sampler or a weighting in their own file and
 selects it by config alone, without editing `src/`. The module is imported as Python imports anything: it must
 be on the Python path (the folder `python -m src.main` runs from is).

@@ -1,9 +1,9 @@
 """How to sample: one object with one set of names, from the config to the samplers to an export.
 
-The names are those of `samplers.sample` (`steps`, `variance`, `clip_x0`, ...). The command line keeps its own
-documented flags (`--model.sampling_steps`, `--model.ddpm_variance`, `--model.clip_denoised`, ...); `FLAGS` below
-is the one table that maps them, used to name the flag in an error. Dynamic thresholding is a way of clipping: its
-two flags (`THRESHOLD_FLAGS`) make `clip_x0` a `DynamicThreshold` instead of True.
+The names are those of `samplers.sample` (`steps`, `variance`, `clip_x0`, ...), and of DiffusionModule's sampling
+options (`src.options.Sampling`: `--model.sampling.steps`, ...), except clipping: the command line's
+`--model.sampling.clip_denoised` and the dynamic threshold's two flags (`THRESHOLD_FLAGS`) make `clip_x0` False,
+True or a `DynamicThreshold`. `FLAGS` names the flag of each field in an error.
 """
 
 from __future__ import annotations
@@ -27,23 +27,34 @@ from src.errors import ConfigError
 
 # SamplerSettings field -> the DiffusionModule option (command-line flag) that sets it.
 FLAGS = {
-    "sampler": "--model.sampler",
-    "steps": "--model.sampling_steps",
-    "eta": "--model.eta",
-    "skip": "--model.skip",
-    "variance": "--model.ddpm_variance",
-    "clip_x0": "--model.clip_denoised",
-    "options": "--model.sampler_options",
+    "sampler": "--model.sampling.sampler",
+    "steps": "--model.sampling.steps",
+    "eta": "--model.sampling.eta",
+    "skip": "--model.sampling.skip",
+    "variance": "--model.sampling.variance",
+    "clip_x0": "--model.sampling.clip_denoised",
+    "options": "--model.sampling.options",
+}
+# SamplerSettings field -> its flat option name (a checkpoint's hyperparameters, src.options.flat_options).
+FLAT_NAMES = {
+    "sampler": "sampler",
+    "steps": "sampling_steps",
+    "eta": "eta",
+    "skip": "skip",
+    "variance": "ddpm_variance",
+    "clip_x0": "clip_denoised",
+    "options": "sampler_options",
 }
 # DynamicThreshold field -> the DiffusionModule option that sets it; with either, `clip_x0` is a DynamicThreshold.
 THRESHOLD_FLAGS = {
-    "percentile": "--model.dynamic_threshold_percentile",
-    "max_value": "--model.dynamic_threshold_max",
+    "percentile": "--model.sampling.dynamic_threshold_percentile",
+    "max_value": "--model.sampling.dynamic_threshold_max",
 }
+FLAT_THRESHOLD_NAMES = {"percentile": "dynamic_threshold_percentile", "max_value": "dynamic_threshold_max"}
 
 
 def x0_clip(clip: bool, percentile: float | None = None, max_value: float | None = None) -> X0Clip:
-    """`clip_x0` of the command-line options `--model.clip_denoised` (`clip`) and the dynamic threshold's
+    """`clip_x0` of the command-line options `--model.sampling.clip_denoised` (`clip`) and the dynamic threshold's
     `percentile` and `max_value`: False, True (clamp to [-1, 1]) or a DynamicThreshold. A combination that means
     nothing (a maximum without a percentile, a percentile with clipping off) is a one-line ConfigError."""
     p_flag, max_flag = THRESHOLD_FLAGS["percentile"], THRESHOLD_FLAGS["max_value"]
@@ -171,7 +182,7 @@ class SamplerSettings:
         if "variance" in SAMPLER_ARGUMENTS[self.sampler] or bound:
             return
         users = ", ".join(s for s, takes in SAMPLER_ARGUMENTS.items() if "variance" in takes)
-        bound_note = " and by test/bpd with --model.bpd_timesteps, 0 here"
+        bound_note = " and by test/bpd with --model.evaluation.bpd_timesteps, 0 here"
         raise ConfigError(
             f"{FLAGS['sampler']} {self.sampler} does not read {FLAGS['variance']} {self.variance} (read by "
             f"{FLAGS['sampler']} {users}{bound_note}): pass {FLAGS['variance']} fixed_small, or choose a sampler "
@@ -180,12 +191,11 @@ class SamplerSettings:
 
     @classmethod
     def from_options(cls, options: dict, stored: bool = False) -> SamplerSettings:
-        """The settings of DiffusionModule's options (`sampler`, `sampling_steps`, `ddpm_variance`, ...: the names of
-        `FLAGS`), e.g. a checkpoint's hyperparameters; options it does not hold keep the defaults. `stored`: the
+        """The settings of DiffusionModule's options by their flat names (`sampler`, `sampling_steps`, `ddpm_variance`,
+        ...: `FLAT_NAMES`; `src.options.flat_options` gives them of grouped ones), e.g. a checkpoint's hyperparameters; options it does not hold keep the defaults. `stored`: the
         options were recorded (a checkpoint, an export), see `stored`."""
-        names = {flag.removeprefix("--model."): name for name, flag in FLAGS.items()}
-        fields = {name: options[option] for option, name in names.items() if options.get(option) is not None}
-        threshold = {k: options.get(flag.removeprefix("--model.")) for k, flag in THRESHOLD_FLAGS.items()}
+        fields = {name: options[option] for name, option in FLAT_NAMES.items() if options.get(option) is not None}
+        threshold = {k: options.get(option) for k, option in FLAT_THRESHOLD_NAMES.items()}
         if any(value is not None for value in threshold.values()):
             fields["clip_x0"] = x0_clip(fields.get("clip_x0", False), **threshold)
         return cls.stored(**fields) if stored else cls(**fields)
@@ -210,7 +220,9 @@ class SamplerSettings:
         if self.sampler in SAMPLERS and "steps" not in SAMPLER_ARGUMENTS[self.sampler]:
             return
         if not 1 <= self.steps <= num_timesteps:
-            raise ConfigError(f"{FLAGS['steps']} must be in [1, {num_timesteps}] (--model.timesteps), got {self.steps}")
+            raise ConfigError(
+                f"{FLAGS['steps']} must be in [1, {num_timesteps}] (--model.schedule.timesteps), got {self.steps}"
+            )
 
     def replace(self, **changes: object) -> SamplerSettings:
         """A copy with `changes` (field names; unknown names are an error, not silently ignored). A new `sampler`

@@ -442,7 +442,7 @@ def _continuous(name: str) -> Callable[..., Tensor]:
     return run
 
 
-# Every built-in sampler, by its `--model.sampler` name: the one place a new one is registered (an SDE / ODE sampler
+# Every built-in sampler, by its `--model.sampling.sampler` name: the one place a new one is registered (an SDE / ODE sampler
 # registers in `k_samplers.K_SAMPLERS` instead, and appears here with its options).
 BUILTIN_SAMPLERS: dict[str, SamplerEntry] = {
     "ddim": SamplerEntry(_run_ddim, ("steps", "eta", "skip")),
@@ -482,7 +482,7 @@ def option_value(name: str, value: object) -> float | int | bool:
     if kind is float and number:
         return float(value)
     wanted, example = _WANTED[kind]
-    raise config_error(f"--model.sampler_options {name}: {value!r} is not {wanted}; e.g. {{{name}: {example}}}")
+    raise config_error(f"--model.sampling.options {name}: {value!r} is not {wanted}; e.g. {{{name}: {example}}}")
 
 
 def option_readers(option: str) -> list[str]:
@@ -498,7 +498,7 @@ def is_continuous(sampler: object) -> bool:
 
 # ---------------------------------------------------------------------------------------------- your own sampler
 # A sampler of one's own is a function, in any importable file, selected by its dotted path
-# (`--model.sampler my_project.samplers.euler`) or passed to `sample` as the function itself. `sample` calls it as
+# (`--model.sampling.sampler my_project.samplers.euler`) or passed to `sample` as the function itself. `sample` calls it as
 #
 #     x_0 = function(model, x_T, schedule, steps=..., eta=..., skip=..., variance=..., generator=...,
 #                    timesteps=..., clip_x0=..., progress=..., callback=..., **sampler_options)
@@ -522,7 +522,7 @@ SamplerFunction = Callable[..., Tensor]
 def sampler_function(path: str) -> SamplerFunction:
     """The sampler function that the dotted path `path` ("package.module.function") names; a one-line ConfigError
     when it does not import."""
-    return import_function(path, "--model.sampler", SAMPLERS)
+    return import_function(path, "--model.sampling.sampler", SAMPLERS)
 
 
 def check_sampler(sampler: str) -> None:

@@ -14,8 +14,8 @@ and NCSN's denoising score matching with lambda(sigma) = sigma^2 (eq. 5-6),
     1/2 sigma^2 || s(x + sigma eps, sigma) + eps / sigma ||^2 = 1/2 || eps_hat - eps ||^2,
 
 is L_simple of an eps-predicting network on this process (`denoising_score_matching`, tested equal): NCSN trains
-with `--model.objective simple --model.prediction eps --model.process src.diffusion.score.GeometricVE`.
-`--model.objective ssm` trains by sliced score matching instead (Song et al. 2019), which never sees eps.
+with `--model.training.objective simple --model.prediction eps --model.process src.diffusion.score.GeometricVE`.
+`--model.training.objective ssm` trains by sliced score matching instead (Song et al. 2019), which never sees eps.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from src.diffusion.samplers import is_continuous, sample
 from src.diffusion.schedule import NoiseSchedule, schedule_recipe  # noqa: F401  (schedule_recipe: re-exported)
 from src.errors import ConfigError
 from src.models.posthoc_ema import parse_early_ema
+from src.options import flat_options
 from src.seeding import sample_generators
 
 EXPORT_FORMAT = "ddim-lightning-export"
@@ -134,7 +135,9 @@ class DiffusionModel(nn.Module):
         if prediction not in PREDICTIONS:
             raise ConfigError(f"--model.prediction {prediction!r} is unknown; choose one of {', '.join(PREDICTIONS)}")
         if classifier_scale != 0.0 and not classifier_path:
-            raise ConfigError("--model.classifier_scale needs --model.classifier_path (a NoisyClassifier file)")
+            raise ConfigError(
+                "--model.guidance.classifier_scale needs --model.guidance.classifier_path (a NoisyClassifier file)"
+            )
         self.net = net
         self.process = as_process(schedule, schedule_recipe)
         self.first_stage = None if first_stage is None else first_stage.eval().requires_grad_(False)
@@ -143,17 +146,17 @@ class DiffusionModel(nn.Module):
         self.settings.check_steps(schedule.num_timesteps)
         if self.settings.variance == "learned" and not self.learned_variance:
             raise ConfigError(
-                "--model.ddpm_variance learned needs a net with 2 x in_channels outputs "
+                "--model.sampling.variance learned needs a net with 2 x in_channels outputs "
                 "(--model.net.init_args.out_channels)"
             )
         if self.settings.clip_x0 and first_stage is not None and first_stage.latent_range != (-1.0, 1.0):
             raise ConfigError(
-                f"--model.clip_denoised bounds x_0 to [-1, 1], but {type(first_stage).__name__}'s latents lie in "
-                f"{first_stage.latent_range} (None: unbounded); set --model.clip_denoised false"
+                f"--model.sampling.clip_denoised bounds x_0 to [-1, 1], but {type(first_stage).__name__}'s latents lie in "
+                f"{first_stage.latent_range} (None: unbounded); set --model.sampling.clip_denoised false"
             )
         num_classes = getattr(net, "num_classes", None)
         if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
-            raise ConfigError(f"--model.sample_labels needs a conditional net and labels in [0, {num_classes})")
+            raise ConfigError(f"--model.sampling.labels needs a conditional net and labels in [0, {num_classes})")
         self.guidance_scale = guidance_scale
         self.guidance_interval = None if guidance_interval is None else _check_guidance_interval(guidance_interval)
         self.sample_labels = sample_labels
@@ -172,9 +175,11 @@ class DiffusionModel(nn.Module):
                 f"{getattr(net, 'cond_channels', 0) or 'no'} condition channels, --model.condition is {condition}"
             )
         if self.concat and classifier_scale != 0.0:
-            raise ConfigError("--model.classifier_scale guides towards class labels; this net is conditioned on images")
+            raise ConfigError(
+                "--model.guidance.classifier_scale guides towards class labels; this net is conditioned on images"
+            )
         # The clean images (uint8 or [-1, 1], (N, C, H, W)) that sample i is conditioned on, i % N; set by the caller
-        # (DiffusionModule: --model.condition_split of the data), never saved.
+        # (DiffusionModule: --model.sampling.condition_split of the data), never saved.
         self.condition_images: Tensor | None = None
         # The guidance classifier and the autoguidance model are loaded on first use and kept out of the state dict
         # (they are not part of the model's weights, and a checkpoint must load without their files): a plain dict
@@ -239,7 +244,7 @@ class DiffusionModel(nn.Module):
         if self.condition_images is None:
             raise ConfigError(
                 "this model is conditioned on images (--model.condition): set its condition_images (the CLI takes them "
-                "from --model.condition_split of --data)"
+                "from --model.sampling.condition_split of --data)"
             )
         images = self.condition_images[indices.cpu().long() % len(self.condition_images)]
         return images.float() / 127.5 - 1.0 if images.dtype == torch.uint8 else images.float()
@@ -284,7 +289,7 @@ class DiffusionModel(nn.Module):
         model = self._guide.get("model")
         if model is None and parse_early_ema(self.guidance_model) is not None:
             raise ConfigError(
-                f"--model.guidance_model {self.guidance_model} names a run's early EMA, made from its snapshots by the "
+                f"--model.guidance.model {self.guidance_model} names a run's early EMA, made from its snapshots by the "
                 "command line; in Python, pass it with set_guide(src.posthoc_ema.early_ema_guide(ckpt, fraction)[0])"
             )
         if model is None:
@@ -298,13 +303,13 @@ class DiffusionModel(nn.Module):
     def set_guide(self, guide: DiffusionModel) -> None:
         """Use `guide` as the autoguidance model (checked like a loaded one), e.g. one made in memory from the run's
         own post-hoc EMA snapshots (`src.posthoc_ema.early_ema_guide`, which the CLI resolves
-        `--model.guidance_model posthoc_ema@<fraction>` with)."""
+        `--model.guidance.model posthoc_ema@<fraction>` with)."""
         self._check_guide(guide)
         self._guide["model"] = guide.eval().requires_grad_(False)
 
     def _check_guide(self, guide: DiffusionModel) -> None:
         """A ConfigError in one line unless `guide` predicts the same target of the same noise on the same classes."""
-        flag = f"--model.guidance_model {self.guidance_model}"
+        flag = f"--model.guidance.model {self.guidance_model}"
         mine, its = self.schedule.alphas_cumprod, guide.schedule.alphas_cumprod
         differences = [
             f"{what}: {a} here, {b} there"
@@ -529,8 +534,8 @@ class DiffusionModel(nn.Module):
 
 
 def _check_guidance_interval(interval: object) -> tuple[float, float]:
-    """(sigma_lo, sigma_hi) of `--model.guidance_interval`; a one-line ConfigError unless 0 <= sigma_lo < sigma_hi."""
-    flag = "--model.guidance_interval"
+    """(sigma_lo, sigma_hi) of `--model.guidance.interval`; a one-line ConfigError unless 0 <= sigma_lo < sigma_hi."""
+    flag = "--model.guidance.interval"
     try:
         lo, hi = (float(v) for v in interval)  # type: ignore[union-attr]
     except (TypeError, ValueError):
@@ -587,7 +592,8 @@ def _load_part(spec: dict, state: dict[str, Tensor]) -> nn.Module:
 
 def _from_checkpoint(path: Path, config: str | os.PathLike | None = None) -> DiffusionModel:
     checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    hparams = dict(checkpoint.get("hyper_parameters", {}))
+    # Options by their flat names, grouped (src/options.py) or recorded flat before the groups.
+    hparams = flat_options(checkpoint.get("hyper_parameters", {}))
     state_dict = upgrade_state_dict(checkpoint.get("state_dict", {}))
     prefix = CHECKPOINT_EMA_PREFIX
     state = {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}

@@ -170,7 +170,7 @@ def combine_state_dicts(weighted: Iterable[tuple[float, Mapping[str, Tensor]]]) 
     return {k: v.float() if v.is_floating_point() else v for k, v in total.items()}
 
 
-# `--model.guidance_model posthoc_ema@<fraction>[,<sigma_rel>]`: autoguidance by the run's own early EMA.
+# `--model.guidance.model posthoc_ema@<fraction>[,<sigma_rel>]`: autoguidance by the run's own early EMA.
 EARLY_EMA = re.compile(r"^posthoc_ema@(?P<fraction>[0-9]*\.?[0-9]+)(?:,(?P<sigma_rel>[0-9]*\.?[0-9]+))?$")
 
 
@@ -182,5 +182,5 @@ def parse_early_ema(spec: str | None) -> tuple[float, float] | None:
         return None
     fraction, sigma_rel = float(match["fraction"]), float(match["sigma_rel"] or 0.05)
     if not 0.0 < fraction < 1.0 or sigma_rel <= 0.0:
-        raise ConfigError(f"--model.guidance_model {spec}: the fraction of the run is in (0, 1) and sigma_rel > 0")
+        raise ConfigError(f"--model.guidance.model {spec}: the fraction of the run is in (0, 1) and sigma_rel > 0")
     return fraction, sigma_rel
