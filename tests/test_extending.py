@@ -4,7 +4,6 @@ selected by config alone and used through `python -m src.main fit|predict`, the 
 from __future__ import annotations
 
 import csv
-import inspect
 import json
 import os
 import re
@@ -22,7 +21,6 @@ from src.diffusion.losses import l_simple
 from src.diffusion.samplers import check_sampler, sample
 from src.diffusion.schedule import NoiseSchedule
 from src.errors import ConfigError
-from src.module import DiffusionModule
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -30,11 +28,6 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 needs_fashion_mnist = pytest.mark.skipif(
     not any(Path(d).is_dir() for d in DATASETS["fashion_mnist"].system_dirs),
     reason="Fashion-MNIST not installed (apt-get install -y dataset-fashion-mnist)",
-)
-# --model.training.loss_weighting exists once DiffusionModule's training step calls l_simple(..., weighting=...).
-needs_loss_weighting_option = pytest.mark.skipif(
-    "loss_weighting" not in inspect.signature(DiffusionModule).parameters,
-    reason="DiffusionModule has no --model.training.loss_weighting option yet",
 )
 
 # The quickstart with a network of our own (tests/my_extensions.py), a few steps, one CSV row per step.
@@ -161,7 +154,6 @@ def test_a_loss_weighting_path_weights_l_simple() -> None:
 
 @pytest.mark.slow
 @needs_fashion_mnist
-@needs_loss_weighting_option
 def test_a_loss_weighting_outside_src_is_used_by_fit(tmp_path: Path) -> None:
     """Same seed, same first batch, t and noise: the first step's logged loss is exactly twice the unweighted one."""
     first_loss = {}
