@@ -85,12 +85,8 @@ class SamplerSettings:
     """The sampler and its options; `sample(model, x_T, schedule, **settings.kwargs())` runs it.
 
     Args:
-        sampler: a name of `samplers.SAMPLERS` ("ddim", "ddpm", "ddpm_respaced", "dpmpp_2m", or an SDE / ODE sampler
-            of k_samplers.py), or the dotted import path of a sampler function (docs/extending.md).
-        steps: sampling steps (not read by "ddpm", which runs all T steps).
-        eta: DDIM eta in [0, 1]: 0 deterministic DDIM, 1 DDPM-like.
-        skip: timestep spacing, one of `samplers.SKIP_TYPES`.
-        variance: the DDPM variance, "fixed_small", "fixed_large" or "learned" (a net with 2 x channels outputs).
+        sampler, steps, eta, skip, variance: as DiffusionModule's sampling options (`src.options.Sampling`) document
+            them (--model.sampling.<name>).
         clip_x0: how the predicted x_0 is bounded at every step: False (not at all), True (clamped to [-1, 1]) or a
             `DynamicThreshold` (Imagen's dynamic thresholding; a {"percentile", "max_value"} dict is read as one).
         options: options of the SDE / ODE samplers (rho, churn, snr, corrector_steps, solver_order, quantize), of
