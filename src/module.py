@@ -70,8 +70,9 @@ class DiffusionModule(L.LightningModule):
             as class_path / init_args); its parameters train with the net and are averaged into the sampling copy.
             None: the fixed schedule of `schedule`. Fixed by a checkpoint.
         schedule: the fixed noise schedule (`src.options.Schedule`: name, timesteps, beta_start, beta_end).
-        prediction: what the network predicts, "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); the loss regresses
-            that target and sampling converts it to eps (src/diffusion/parameterization.py). Fixed by a checkpoint.
+        prediction: what the network predicts, "eps" (DDPM), "x0", "v" (Salimans & Ho 2022) or "edm" (EDM's
+            preconditioned F, sigma_data 0.5, Karras et al. 2022); the loss regresses that target and sampling converts
+            it to eps (src/diffusion/parameterization.py). Fixed by a checkpoint.
         first_stage: an encoder/decoder the diffusion runs inside (`src.models.first_stage.FirstStage`, as
             class_path / init_args): training diffuses its encoding of the images, sampling decodes; frozen, out of
             the optimizer. The net then takes the latent's shape, and the data keeps the images' shape. None:

@@ -25,6 +25,8 @@ def test_min_snr_closed_form() -> None:
         "x0": [0.01, 1.0, 5.0, 5.0, 5.0],
         "eps": [1.0, 1.0, 1.0, 0.5, 5e-4],
         "v": [0.01 / 1.01, 0.5, 5.0 / 6.0, 5.0 / 11.0, 5.0 / 10001.0],
+        # EDM's F with sigma_data = 0.5: min(SNR, 5) / (4 + SNR).
+        "edm": [0.01 / 4.01, 0.2, 5.0 / 9.0, 5.0 / 14.0, 5.0 / 10004.0],
     }
     for prediction, values in expected.items():
         weights = min_snr_weight(snr, prediction, gamma=5.0)
@@ -54,7 +56,7 @@ def test_min_snr_matches_the_diffusers_training_script() -> None:
             torch.testing.assert_close(weights.float(), expected, rtol=2e-5, atol=0)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 def test_min_snr_is_one_x0_loss_in_each_target(prediction: str) -> None:
     """weight x ||target - output||^2 = min(SNR, gamma) x ||x_0 - x0_hat||^2 for the x0_hat the output implies."""
     torch.manual_seed(0)
@@ -70,7 +72,7 @@ def test_min_snr_is_one_x0_loss_in_each_target(prediction: str) -> None:
     torch.testing.assert_close(weighted, snr.clamp(max=5.0) * x0_error, rtol=1e-9, atol=0)
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 def test_l_simple_weighting(prediction: str) -> None:
     torch.manual_seed(0)
     schedule = NoiseSchedule.linear(1000)

@@ -75,9 +75,9 @@ def test_sigma_to_t_interpolates_in_log_sigma() -> None:
     assert quantized.sigma_to_t(torch.tensor([float(SIGMAS[10]) * 1.0001])).item() == 10
 
 
-@pytest.mark.parametrize("prediction", ["x0", "v"])
+@pytest.mark.parametrize("prediction", ["x0", "v", "edm"])
 def test_prediction_targets_convert_at_fractional_timesteps(prediction: str) -> None:
-    """An x0- or v-network that means the same eps gives the same denoiser at noise levels between timesteps."""
+    """An x0-, v- or EDM-network that means the same eps gives the same denoiser at noise levels between timesteps."""
     eps_net = DiscreteVPDenoiser(lambda x, t: torch.tanh(x) * (1 + t.reshape(-1, 1, 1, 1) / 1000), SCHEDULE)
 
     def converted(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -86,6 +86,9 @@ def test_prediction_targets_convert_at_fractional_timesteps(prediction: str) -> 
         alpha, sigma_vp = 1 / (1 + sigma**2).sqrt(), sigma / (1 + sigma**2).sqrt()
         eps = torch.tanh(x_t) * (1 + t.reshape(-1, 1, 1, 1) / 1000)
         x0 = (x_t - sigma_vp * eps) / alpha
+        if prediction == "edm":  # EDM's F = (x_0 - c_skip x~) / c_out at s = sigma, sigma_data 0.5 (Table 1)
+            c_skip, c_out = 0.25 / (sigma**2 + 0.25), sigma * 0.5 / (sigma**2 + 0.25).sqrt()
+            return (x0 - c_skip * x_t / alpha) / c_out
         return x0 if prediction == "x0" else alpha * eps - sigma_vp * x0
 
     other = DiscreteVPDenoiser(converted, SCHEDULE, prediction=prediction)

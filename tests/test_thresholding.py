@@ -148,7 +148,7 @@ def test_dynamic_thresholding_at_high_guidance_differs_from_static_and_stays_in_
     assert (dynamic.abs() > 0.999).float().mean() < (static.abs() > 0.999).float().mean()
 
 
-@pytest.mark.parametrize("prediction", ["eps", "x0", "v"])
+@pytest.mark.parametrize("prediction", ["eps", "x0", "v", "edm"])
 @pytest.mark.parametrize("sampler", ["ddim", "heun"])
 def test_every_step_sees_the_thresholded_x0_whatever_the_net_predicts(prediction: str, sampler: str) -> None:
     """A net in the x0 or v parameterisation samples like its eps twin, and every x_0-hat the sampler forms (the

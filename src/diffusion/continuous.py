@@ -78,7 +78,7 @@ def ve_sigmas(sigma_min: float, sigma_max: float, num: int) -> Tensor:
 class DiscreteSigmaDenoiser:
     """D(x~; sigma) of a network `model(x_t, t)` trained on the discrete noise levels `sigmas[t]` (ascending).
 
-    `prediction` is what the network outputs ("eps", "x0" or "v"); "x0" and "v" are converted at the continuous
+    `prediction` is what the network outputs ("eps", "x0", "v" or "edm"); all but eps are converted at the continuous
     noise level here, so fractional timesteps work for them too. `quantize` rounds the timestep to the nearest
     discrete level in log sigma. `clip_x0` bounds D (True: clamp to [-1, 1]; a `DynamicThreshold`: Imagen's dynamic
     thresholding; `parameterization.threshold_x0`); the samplers' derivative (x~ - D) / sigma then is the eps

@@ -24,7 +24,7 @@ from src.diffusion.likelihood import (
     learned_log_variance_bounds,
     model_log_variance,
 )
-from src.diffusion.parameterization import PREDICTIONS, training_target, x0_from_prediction
+from src.diffusion.parameterization import EDM_SIGMA_DATA, PREDICTIONS, training_target, x0_from_prediction
 from src.diffusion.registry import config_error, import_function
 from src.diffusion.schedule import NoiseSchedule, extract
 
@@ -133,9 +133,11 @@ def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
         x0:   min(SNR, gamma)
         eps:  min(SNR, gamma) / SNR        = min(1, gamma / SNR)
         v:    min(SNR, gamma) / (SNR + 1)
+        edm:  min(SNR, gamma) sigma_data^2 / (1 + SNR sigma_data^2)
 
-    All three are the one loss min(SNR, gamma) ||x_0 - x0_hat||^2 written in the target's own error: for the same
-    x_t, ||x_0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR = ||v - v_hat||^2 / (SNR + 1). Clamping the x0 weight at
+    All four are the one loss min(SNR, gamma) ||x_0 - x0_hat||^2 written in the target's own error: for the same
+    x_t, ||x_0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR = ||v - v_hat||^2 / (SNR + 1) = c_out^2 ||F - F_hat||^2, where
+    EDM's c_out^2 = sigma_t^2 sigma_data^2 / (sigma_t^2 + alpha_t^2 sigma_data^2) = sigma_data^2 / (1 + SNR sigma_data^2). Clamping the x0 weight at
     gamma (5 in the paper) stops the nearly clean, high-SNR steps from dominating training.
     """
     if prediction not in PREDICTIONS:
@@ -146,6 +148,8 @@ def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
     if prediction == "eps":
         # min(1, gamma / SNR): equal to min(SNR, gamma) / SNR for SNR > 0, and 1 (not 0 / 0) at a zero terminal SNR.
         return torch.clamp(gamma / snr, max=1.0)
+    if prediction == "edm":
+        return clamped * EDM_SIGMA_DATA**2 / (1.0 + snr * EDM_SIGMA_DATA**2)
     return clamped / (snr + 1.0)
 
 
@@ -216,7 +220,7 @@ def l_simple(
     """Per-example L_simple: mean over pixels of (eps - eps_theta(x_t, t))^2, shape (B,).
 
     `t` and `noise` are drawn when not given (Algorithm 1, lines 3-4). Extra keyword arguments (e.g. class
-    labels `y`) are passed to the model. `prediction` ("eps", "x0" or "v") is what the model predicts; the same
+    labels `y`) are passed to the model. `prediction` ("eps", "x0", "v" or "edm") is what the model predicts; the same
     unweighted squared error then regresses that target (`src.diffusion.parameterization.training_target`).
     Output channels beyond the image's (a learned variance) are ignored here; see `l_hybrid`. `weighting`
     (`loss_weighting`) multiplies each example's error by weighting(SNR(t), prediction); None: unweighted.

@@ -6,6 +6,17 @@ x_t = alpha_t x_0 + sigma_t eps (DDPM eq. 4):
     eps = (x_t - alpha_t x_0) / sigma_t                    x_0 = (x_t - sigma_t eps) / alpha_t   (DDPM eq. 15)
     v   = alpha_t eps - sigma_t x_0                        (Salimans & Ho 2022, "Progressive Distillation", sec. 4)
     x_0 = alpha_t x_t - sigma_t v                          eps = sigma_t x_t + alpha_t v         (ibid., appendix D)
+    x_0 = c_skip x_t + c_out F                             "edm": EDM's preconditioning (Karras et al. 2022, eq. 7)
+
+"edm" is EDM's D(x~; s) = c_skip(s) x~ + c_out(s) F(...) with x~ = x_t / alpha_t, s = sigma_t / alpha_t,
+c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s sigma_data / sqrt(s^2 + sigma_data^2) (Table 1), written in
+x_t: with r_t = sqrt(sigma_t^2 + alpha_t^2 sigma_data^2), x_0 = (sigma_data^2 alpha_t / r_t^2) x_t + (sigma_t sigma_data /
+r_t) F, and the target F = (sigma_t x_0 - sigma_data^2 alpha_t eps) / (sigma_data r_t). Regressing F unweighted is EDM's
+loss weighting lambda = 1 / c_out^2. sigma_data is EDM's 0.5 (`EDM_SIGMA_DATA`, data in [-1, 1]); with sigma_data = 1,
+F = -v: v-prediction is this preconditioning at sigma_data = 1. One difference from EDM: c_in is not applied, the
+network sees x_t itself, since the VP scaling already bounds its input (std r_t in [sigma_data, 1] for data of std
+sigma_data, where EDM's variance-exploding x~ reaches s^2 + sigma_data^2 = 80^2), and every network call site would
+otherwise have to scale it.
 
 Training regresses the chosen target with the unweighted L_simple form ||target - f_theta(x_t, t)||^2
 (`src.diffusion.losses.l_simple`). Samplers only ever see an eps-predictor: `EpsPredictor` wraps a network of any
@@ -26,7 +37,9 @@ from torch import Tensor
 
 from src.diffusion.schedule import NoiseSchedule
 
-PREDICTIONS = ("eps", "x0", "v")
+PREDICTIONS = ("eps", "x0", "v", "edm")
+# EDM's sigma_data, the standard deviation of the data its preconditioning assumes (Karras et al. 2022, Table 1).
+EDM_SIGMA_DATA = 0.5
 
 
 def check_prediction(prediction: str) -> str:
@@ -47,14 +60,27 @@ def eps_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor | float, sigma: Tensor | 
     return (x_t - alpha * x0) / sigma
 
 
+def edm_coefficients(
+    alpha: Tensor | float, sigma: Tensor | float, sigma_data: float = EDM_SIGMA_DATA
+) -> tuple[Tensor | float, Tensor | float]:
+    """(c_skip', c_out) with x_0 = c_skip' x_t + c_out F: EDM's c_skip / alpha_t (x~ = x_t / alpha_t) and c_out, in
+    terms of x_t = alpha_t x_0 + sigma_t eps (module docstring)."""
+    r2 = sigma**2 + (alpha * sigma_data) ** 2
+    return sigma_data**2 * alpha / r2, sigma * sigma_data / r2**0.5
+
+
 def training_target(prediction: str, x0: Tensor, noise: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
-    """The regression target of L_simple for `prediction`: eps (DDPM eq. 14), x_0, or v = alpha eps - sigma x_0."""
+    """The regression target of L_simple for `prediction`: eps (DDPM eq. 14), x_0, v = alpha eps - sigma x_0, or
+    EDM's F = (x_0 - c_skip' x_t) / c_out."""
     check_prediction(prediction)
     if prediction == "eps":
         return noise
     if prediction == "x0":
         return x0
     alpha, sigma = schedule.alpha_sigma(t, x0)
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(alpha, sigma)
+        return (x0 - c_skip * (alpha * x0 + sigma * noise)) / c_out
     return alpha * noise - sigma * x0
 
 
@@ -73,6 +99,9 @@ def eps_from_output(prediction: str, output: Tensor, x_t: Tensor, alpha: Tensor,
         return output
     if prediction == "x0":
         return eps_from_x0(x_t, output, alpha, sigma)
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(alpha, sigma)
+        return eps_from_x0(x_t, c_skip * x_t + c_out * output, alpha, sigma)
     return sigma * x_t + alpha * output
 
 
@@ -84,6 +113,9 @@ def x0_from_prediction(prediction: str, output: Tensor, x_t: Tensor, schedule: N
     alpha, sigma = schedule.alpha_sigma(t, x_t)
     if prediction == "eps":
         return x0_from_eps(x_t, output, alpha, sigma)
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(alpha, sigma)
+        return c_skip * x_t + c_out * output
     return alpha * x_t - sigma * output
 
 
@@ -94,6 +126,9 @@ def prediction_from_eps(prediction: str, eps: Tensor, x_t: Tensor, schedule: Noi
         return eps
     alpha, sigma = schedule.alpha_sigma(t, x_t)
     x0 = x0_from_eps(x_t, eps, alpha, sigma)
+    if prediction == "edm":
+        c_skip, c_out = edm_coefficients(alpha, sigma)
+        return (x0 - c_skip * x_t) / c_out
     return x0 if prediction == "x0" else alpha * eps - sigma * x0
 
 

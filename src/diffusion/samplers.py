@@ -575,7 +575,7 @@ def sample(
     Karras noise levels, whose `sampler_options` (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`,
     `quantize`: see `k_samplers.continuous_sample`) are checked per sampler: one it does not read is a ValueError.
 
-    `prediction` is what `model` outputs ("eps", "x0" or "v"): the discrete samplers see it as an eps-predictor, the
+    `prediction` is what `model` outputs ("eps", "x0", "v" or "edm"): the discrete samplers see it as an eps-predictor, the
     continuous ones convert it at each exact noise level. `sampler` may also be a function of your own, or its dotted
     path "package.module.function", called with the convention described above `SamplerFunction`. `clip_x0`: how
     every sampler bounds x_0-hat (False, True: clamp to [-1, 1], or a `parameterization.DynamicThreshold`).

@@ -4,7 +4,7 @@
     images = model.sample_indices(torch.arange(64))                                   # [-1, 1], sample i fixed by (seed, i)
 
 It holds the network whose weights sample (the EMA copy, for a model being trained), the noise schedule, what the
-network predicts (eps, x0 or v) and the sampler settings, plus the sampling-time options of conditional models
+network predicts (eps, x0, v or edm) and the sampler settings, plus the sampling-time options of conditional models
 (classifier-free guidance scale, labels) and of classifier guidance. It needs torch only, never Lightning:
 `src/module.py`'s DiffusionModule trains one, and `export.py` writes one as a small folder.
 """
@@ -86,7 +86,8 @@ class DiffusionModel(nn.Module):
         net: the network, `net(x_t, t) -> output` or `net(x_t, t, y)` for a class-conditional one (`num_classes`).
         schedule: the noise schedule it was trained with, or its process (`src.diffusion.process`: a learned
             schedule); a `NoiseSchedule` is held as its `DiscreteProcess`.
-        prediction: what `net` outputs: "eps" (DDPM), "x0" or "v" (Salimans & Ho 2022); sampling converts to eps.
+        prediction: what `net` outputs: "eps" (DDPM), "x0", "v" (Salimans & Ho 2022) or "edm" (EDM's F); sampling
+            converts to eps.
         settings: the sampler and its options (`SamplerSettings`).
         schedule_recipe: the `NoiseSchedule.from_name` arguments of `schedule`, written by `save` (None: the betas).
         guidance_scale: classifier-free guidance scale s = 1 + w of conditional nets (1: the conditional model).
@@ -359,7 +360,7 @@ class DiffusionModel(nn.Module):
         return net if self.prediction == "eps" else EpsPredictor(net, self.schedule, self.prediction)
 
     def output_model(self, labels: Tensor | None = None, guidance_scale: float | None = None):
-        """Like `eps_model` but the net's own output (eps, x0 or v: `prediction`), guided, without classifier guidance.
+        """Like `eps_model` but the net's own output (eps, x0, v or edm: `prediction`), guided, without classifier guidance.
         For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
         `continuous.DiscreteVPDenoiser`), which converts it with the continuous sigma itself. The guided combination
         u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
