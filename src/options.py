@@ -247,15 +247,17 @@ def group(cls: type, value: object) -> object:
 def grouped_options(options: dict) -> dict:
     """Hyperparameters with the flat options of earlier versions (`RENAMED`) moved into their groups; grouped ones
     and every other key (net, process, prediction, ...) stay as they are."""
-    out = {key: value for key, value in options.items() if key not in RENAMED}
-    for old, (name, attribute) in RENAMED.items():
-        if old in options and not (old == "schedule" and isinstance(options[old], dict)):
-            section = out.get(name)
-            section = dict(section) if isinstance(section, dict) else dataclasses.asdict(group(GROUPS[name], section))
-            section[attribute] = options[old]
-            out[name] = section
-    if isinstance(options.get("schedule"), dict):
-        out["schedule"] = {**options["schedule"], **out.get("schedule", {})}
+    # "schedule" is both an old flat name (the schedule's name, a string) and the new group (a dict or a Schedule).
+    old_names = {
+        key for key, value in options.items() if key in RENAMED and (key != "schedule" or isinstance(value, str))
+    }
+    out = {key: value for key, value in options.items() if key not in old_names}
+    for old in old_names:
+        name, attribute = RENAMED[old]
+        section = out.get(name)
+        section = dict(section) if isinstance(section, dict) else dataclasses.asdict(group(GROUPS[name], section))
+        section[attribute] = options[old]
+        out[name] = section
     return out
 
 

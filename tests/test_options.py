@@ -19,6 +19,7 @@ from src.options import (
     RENAMED,
     Guidance,
     Sampling,
+    Schedule,
     flag,
     flat_options,
     grouped_options,
@@ -53,6 +54,11 @@ def test_flat_and_grouped_options_are_inverse() -> None:
     # Grouped options stay as they are; a group given as its dataclass reads as its fields.
     assert grouped_options(grouped) == grouped
     assert flat_options({"sampling": Sampling(steps=7)})["sampling_steps"] == 7
+    # The schedule group given as itself, with a flat option beside it; a flat "schedule" is the schedule's name.
+    assert grouped_options({"schedule": Schedule(name="cosine"), "timesteps": 50})["schedule"] == dataclasses.asdict(
+        Schedule(name="cosine", timesteps=50)
+    )
+    assert grouped_options({"schedule": "cosine"})["schedule"]["name"] == "cosine"
     # A flat override on top of a group's defaults (tests' tiny_module(eta=0.5)).
     assert grouped_options({"sampling": Sampling(steps=7), "eta": 0.5})["sampling"] == dataclasses.asdict(
         Sampling(steps=7, eta=0.5)
