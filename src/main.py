@@ -557,7 +557,7 @@ class DiffusionCLI(LightningCLI):
                 "trainer.callbacks and set its options with --fid.* (docs/evaluation.md)"
             )
         # A forced exit on a second signal (the first, outside fit) takes the DDP ranks this process launched with it.
-        register_children(lambda: getattr(trainer.strategy.launcher, "procs", None) or [])
+        register_children(trainer, lambda trainer: getattr(trainer.strategy.launcher, "procs", None) or [])
         exit_after_signals(2 if self.subcommand in ("fit", None) else 1)
         if self.subcommand == "predict":
             output_dir = self._option("output_dir") or os.path.join(root, "predictions", time.strftime("%Y%m%d-%H%M%S"))

@@ -18,11 +18,15 @@ import signal
 import socket
 import sys
 import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 
 _TERMINATING = (signal.SIGTERM, signal.SIGINT)
-_children: list[Callable[[], Iterable[object]]] = []
+# (weak reference to an owner, how to find its processes): weak, because this list lives as long as the process and
+# a strong reference to a trainer kept every CLI's trainer and model alive (a notebook or test process that built
+# several CLIs grew by a model each).
+_children: list[tuple[weakref.ref, Callable[[object], Iterable[object]]]] = []
 _wakeup_sockets: tuple[socket.socket, socket.socket] | None = None  # kept open for the life of the process
 _signals_to_exit = 2
 
@@ -35,10 +39,12 @@ def exit_after_signals(count: int) -> None:
     _signals_to_exit = max(1, int(count))
 
 
-def register_children(get_processes: Callable[[], Iterable[object]]) -> None:
-    """Processes (with `.kill()`, e.g. `subprocess.Popen`) to kill before a forced exit: the DDP ranks that
-    Lightning's launcher started from this process."""
-    _children.append(get_processes)
+def register_children(owner: object, get_processes: Callable[[object], Iterable[object]]) -> None:
+    """Processes (with `.kill()`, e.g. `subprocess.Popen`) to kill before a forced exit: `get_processes(owner)`, e.g.
+    the DDP ranks that a trainer's launcher started from this process. `owner` is held weakly: once it is gone, so
+    is its entry."""
+    _children[:] = [(ref, get) for ref, get in _children if ref() is not None]
+    _children.append((weakref.ref(owner), get_processes))
 
 
 # Held while a file is written to a temporary name and renamed into place (src/images.py save_png): a forced exit
@@ -58,8 +64,9 @@ def _force_exit(signum: int) -> None:
     which = "a second termination signal" if _signals_to_exit > 1 else "a termination signal"
     sys.stderr.write(f"\nReceived {which} ({signal.Signals(signum).name}): exiting now\n")
     sys.stderr.flush()
-    for get_processes in _children:
-        for process in get_processes():
+    for owner_ref, get_processes in list(_children):
+        owner = owner_ref()
+        for process in get_processes(owner) if owner is not None else ():
             try:
                 process.kill()
             except Exception:  # already gone

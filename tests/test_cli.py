@@ -183,6 +183,22 @@ def test_every_config_parses(recipe: list[str]) -> None:
     assert getattr(net, "in_channels", getattr(net, "config", {}).get("in_channels")) == data.num_channels
 
 
+def test_a_dropped_cli_frees_its_model() -> None:
+    """A process that builds several CLIs (a notebook, this test suite) holds one model, not one per CLI: the signal
+    watcher's list of processes to kill held each CLI's trainer, and with it its model, for the life of the process."""
+    import gc
+    import weakref
+
+    small = ("--model.net.init_args.base_channels", "8", "--trainer.logger", "false")
+    first = _parse("fashion_mnist.yaml", extra=small)
+    model, trainer = weakref.ref(first.model), weakref.ref(first.trainer)
+    del first
+    second = _parse("fashion_mnist.yaml", extra=small)  # jsonargparse keeps the last parser (and its model) itself
+    del second
+    gc.collect()
+    assert trainer() is None and model() is None
+
+
 def _differing_options(a, b) -> set[str]:
     """The dotted option names whose parsed values differ between two CLIs (the list of config files aside)."""
 

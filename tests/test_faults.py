@@ -237,3 +237,56 @@ def test_sigterm_to_the_cli_saves_and_the_requeued_run_resumes(tmp_path: Path) -
     cli_main([*args, "--ckpt_path", "last", "--trainer.max_steps", str(step + 2)])
     assert torch.load(last, weights_only=True, map_location="cpu")["global_step"] == step + 2
     assert [p.name for p in (runs / "fashion_mnist").iterdir()] == ["version_0"]
+
+
+KILLS_REGISTERED_CHILDREN = """
+import gc, os, signal, subprocess, sys, time
+from src.signals import exit_after_signals, exit_on_second_signal, register_children
+
+class Owner:  # stands for a trainer: its launcher's processes
+    def __init__(self):
+        self.procs = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+
+kept, dropped = Owner(), Owner()
+register_children(kept, lambda owner: owner.procs)
+register_children(dropped, lambda owner: owner.procs)
+dropped_child = dropped.procs[0]
+del dropped
+gc.collect()
+print(kept.procs[0].pid, dropped_child.pid, flush=True)
+signal.signal(signal.SIGTERM, lambda *args: None)  # a Python-level handler, as Lightning installs: it only asks
+assert exit_on_second_signal()
+exit_after_signals(1)
+os.kill(os.getpid(), signal.SIGTERM)
+time.sleep(60)
+"""
+
+
+def test_a_forced_exit_kills_the_registered_processes_of_live_owners_only() -> None:
+    """The second-signal exit kills the DDP ranks a trainer launched; the registry holds trainers weakly, so a
+    dropped one (and its model) is freed and its processes are no longer this exit's business."""
+    process = subprocess.Popen([sys.executable, "-c", KILLS_REGISTERED_CHILDREN], cwd=REPO, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    kept, dropped = (int(pid) for pid in process.stdout.readline().split())
+    try:
+        process.wait(timeout=60)
+        assert process.returncode == 128 + signal.SIGTERM, process.stdout.read()
+        deadline = time.monotonic() + 10
+        while _alive(kept) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _alive(kept)
+        assert _alive(dropped)
+    finally:
+        for pid in (kept, dropped):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie, killed but not yet reaped by its ended parent's init, counts as ended)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
