@@ -116,12 +116,12 @@ def test_dsm_and_ssm_recover_a_mixtures_score(objective: str) -> None:
     L2 over a grid) of the perturbed mixture's exact score where its density is above 1% of the maximum."""
     process = GeometricVE(timesteps=2, sigma_min=0.25, sigma_max=1.0)
     torch.manual_seed(3)
-    net = MLP().double()
+    net = MLP()  # trained in float32 (errors 8.3% / 8.6% against 7.9% / 8.6% in float64, at 2.3x / 1.6x the speed)
     optimizer = torch.optim.Adam(net.parameters(), lr=2e-3)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, 2000)
     g = torch.Generator().manual_seed(4)
     for _ in range(2000):
-        x0 = _mixture(2048, g)
+        x0 = _mixture(2048, g).float()
         t = torch.zeros(2048, dtype=torch.int64)
         if objective == "dsm":
             loss = l_simple(net, x0, process, t, prediction="eps").mean()
@@ -138,7 +138,7 @@ def test_dsm_and_ssm_recover_a_mixtures_score(objective: str) -> None:
     log_q = _perturbed_log_density(grid, a, s)
     (exact,) = torch.autograd.grad(log_q.sum(), grid)
     with torch.no_grad():
-        model_score = -net(grid, torch.zeros(len(grid), dtype=torch.int64)) / s
+        model_score = -net.double()(grid, torch.zeros(len(grid), dtype=torch.int64)) / s
     region = log_q.detach() > log_q.detach().max() + math.log(0.01)
     error = (model_score - exact)[region].norm() / exact[region].norm()
     print(f"{objective}: relative L2 error of the score {float(error):.4f}")
