@@ -30,7 +30,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from src.diffusion.schedule import NoiseSchedule
+from src.diffusion.schedule import NoiseSchedule, alpha_sigma_from_log_snr
 
 
 class DiffusionProcess(nn.Module):
@@ -55,10 +55,7 @@ class DiffusionProcess(nn.Module):
         """alpha(t) = sqrt(sigmoid(lambda)) and sigma(t) = sqrt(sigmoid(-lambda)) of a (B,) batch of timesteps,
         shaped to broadcast against x (B, ...) and in x's dtype (the sigmoids keep alpha^2 + sigma^2 = 1 without
         cancellation at either end)."""
-        log_snr = self.log_snr(t.to(self._device()))
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        alpha = torch.sigmoid(log_snr).sqrt().reshape(shape)
-        sigma = torch.sigmoid(-log_snr).sqrt().reshape(shape)
+        alpha, sigma = alpha_sigma_from_log_snr(self.log_snr(t.to(self._device())), x.ndim)
         return alpha.to(device=x.device, dtype=x.dtype), sigma.to(device=x.device, dtype=x.dtype)
 
     def snr_at(self, t: Tensor) -> Tensor:

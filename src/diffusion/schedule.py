@@ -29,6 +29,14 @@ def extract(values: Tensor, t: Tensor, x: Tensor) -> Tensor:
     return values[t.to(values.device)].to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
 
+def alpha_sigma_from_log_snr(log_snr: Tensor, ndim: int) -> tuple[Tensor, Tensor]:
+    """alpha = sqrt(sigmoid(lambda)) and sigma = sqrt(sigmoid(-lambda)) of a (B,) batch of log SNRs lambda, in their
+    dtype, shaped (B, 1, ...) to broadcast against a tensor of `ndim` dimensions. The sigmoids keep
+    alpha^2 + sigma^2 = 1 without cancellation at either end (Kingma et al. 2021, eq. 3 with gamma = -lambda)."""
+    shape = (-1,) + (1,) * (ndim - 1)
+    return torch.sigmoid(log_snr).sqrt().reshape(shape), torch.sigmoid(-log_snr).sqrt().reshape(shape)
+
+
 class NoiseSchedule:
     """A discrete variance schedule beta_1..beta_T and every constant derived from it.
 
@@ -178,9 +186,7 @@ class NoiseSchedule:
         (`log_snr_at`; alpha^2 = sigmoid(log SNR), sigma^2 = sigmoid(-log SNR))."""
         if not t.is_floating_point():
             return extract(self.sqrt_alphas_cumprod, t, x), extract(self.sqrt_one_minus_alphas_cumprod, t, x)
-        log_snr = self.log_snr_at(t)
-        shape = (-1,) + (1,) * (x.ndim - 1)
-        alpha, sigma = torch.sigmoid(log_snr).sqrt().reshape(shape), torch.sigmoid(-log_snr).sqrt().reshape(shape)
+        alpha, sigma = alpha_sigma_from_log_snr(self.log_snr_at(t), x.ndim)
         return alpha.to(device=x.device, dtype=x.dtype), sigma.to(device=x.device, dtype=x.dtype)
 
     def snr_at(self, t: Tensor) -> Tensor:

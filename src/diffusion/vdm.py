@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from src.diffusion.losses import unit_times
 from src.diffusion.parameterization import eps_from_output
 from src.diffusion.process import DiffusionProcess
+from src.diffusion.schedule import alpha_sigma_from_log_snr
 
 Denoiser = Callable[..., Tensor]
 
@@ -225,9 +226,7 @@ def diffusion_term(
     `diffusion_weight`. Float32 (float64 for float64 data); differentiable in the network and the process."""
     work = torch.float64 if x0.dtype == torch.float64 else torch.float32
     x, noise = x0.to(work), noise.to(work)
-    log_snr = process.log_snr(t).to(work)
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    alpha, sigma = torch.sigmoid(log_snr).sqrt().reshape(shape), torch.sigmoid(-log_snr).sqrt().reshape(shape)
+    alpha, sigma = alpha_sigma_from_log_snr(process.log_snr(t).to(work), x.ndim)  # in `work`, not the process's dtype
     z_t = alpha * x + sigma * noise
     out = model(z_t.to(x0.dtype), t, **model_kwargs)[:, : x.shape[1]].to(work)
     mse = (noise - eps_from_output(prediction, out, z_t, alpha, sigma)).square().flatten(1).sum(dim=1)
