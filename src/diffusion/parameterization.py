@@ -69,6 +69,18 @@ def edm_coefficients(
     return sigma_data**2 * alpha / r2, sigma * sigma_data / r2**0.5
 
 
+def x0_from_edm(x_t: Tensor, output: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """x_0 = c_skip' x_t + c_out F: EDM's denoiser D (eq. 7) from the network's output F, in x_t's terms."""
+    c_skip, c_out = edm_coefficients(alpha, sigma)
+    return c_skip * x_t + c_out * output
+
+
+def edm_from_x0(x_t: Tensor, x0: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> Tensor:
+    """F = (x_0 - c_skip' x_t) / c_out, the same equation solved for F (EDM's effective training target, eq. 8)."""
+    c_skip, c_out = edm_coefficients(alpha, sigma)
+    return (x0 - c_skip * x_t) / c_out
+
+
 def training_target(prediction: str, x0: Tensor, noise: Tensor, schedule: NoiseSchedule, t: Tensor) -> Tensor:
     """The regression target of L_simple for `prediction`: eps (DDPM eq. 14), x_0, v = alpha eps - sigma x_0, or
     EDM's F = (x_0 - c_skip' x_t) / c_out."""
@@ -79,8 +91,7 @@ def training_target(prediction: str, x0: Tensor, noise: Tensor, schedule: NoiseS
         return x0
     alpha, sigma = schedule.alpha_sigma(t, x0)
     if prediction == "edm":
-        c_skip, c_out = edm_coefficients(alpha, sigma)
-        return (x0 - c_skip * (alpha * x0 + sigma * noise)) / c_out
+        return edm_from_x0(alpha * x0 + sigma * noise, x0, alpha, sigma)
     return alpha * noise - sigma * x0
 
 
@@ -100,8 +111,7 @@ def eps_from_output(prediction: str, output: Tensor, x_t: Tensor, alpha: Tensor,
     if prediction == "x0":
         return eps_from_x0(x_t, output, alpha, sigma)
     if prediction == "edm":
-        c_skip, c_out = edm_coefficients(alpha, sigma)
-        return eps_from_x0(x_t, c_skip * x_t + c_out * output, alpha, sigma)
+        return eps_from_x0(x_t, x0_from_edm(x_t, output, alpha, sigma), alpha, sigma)
     return sigma * x_t + alpha * output
 
 
@@ -114,8 +124,7 @@ def x0_from_prediction(prediction: str, output: Tensor, x_t: Tensor, schedule: N
     if prediction == "eps":
         return x0_from_eps(x_t, output, alpha, sigma)
     if prediction == "edm":
-        c_skip, c_out = edm_coefficients(alpha, sigma)
-        return c_skip * x_t + c_out * output
+        return x0_from_edm(x_t, output, alpha, sigma)
     return alpha * x_t - sigma * output
 
 
@@ -127,8 +136,7 @@ def prediction_from_eps(prediction: str, eps: Tensor, x_t: Tensor, schedule: Noi
     alpha, sigma = schedule.alpha_sigma(t, x_t)
     x0 = x0_from_eps(x_t, eps, alpha, sigma)
     if prediction == "edm":
-        c_skip, c_out = edm_coefficients(alpha, sigma)
-        return (x0 - c_skip * x_t) / c_out
+        return edm_from_x0(x_t, x0, alpha, sigma)
     return x0 if prediction == "x0" else alpha * eps - sigma * x0
 
 
