@@ -410,8 +410,8 @@ class DiffusionCLI(LightningCLI):
         if interval is not None and scale == 1.0:
             raise ConfigError(
                 f"--model.guidance.interval {list(interval)} limits classifier-free guidance, which is off "
-                "(--model.guidance.scale 1): for no guidance add --model.guidance.interval null (the config may set one), "
-                "else pass a --model.guidance.scale s above 1 (e.g. 3.0)"
+                "(--model.guidance.scale 1): for no guidance add --model.guidance.interval null (the config may set "
+                "one), else pass a --model.guidance.scale s above 1 (e.g. 3.0)"
             )
         if autoguidance_scale != 1.0 and not guidance_model:
             raise ConfigError(
@@ -422,7 +422,8 @@ class DiffusionCLI(LightningCLI):
             if autoguidance_scale == 1.0:
                 raise ConfigError(
                     f"--model.guidance.model {guidance_model} is the weaker model of autoguidance, which is off "
-                    "(--model.guidance.autoguidance_scale 1): pass a --model.guidance.autoguidance_scale a above 1 (e.g. 2.0), or drop it"
+                    "(--model.guidance.autoguidance_scale 1): pass a --model.guidance.autoguidance_scale a above 1 "
+                    "(e.g. 2.0), or drop it"
                 )
             early_ema = parse_early_ema(guidance_model)
             if early_ema is not None:

@@ -204,8 +204,9 @@ class DiffusionModule(L.LightningModule):
             if from_checkpoint:  # recorded before the objective was an option, when a learned variance meant L_hybrid
                 return "hybrid"
             raise ConfigError(
-                "--model.training.objective simple does not train the learned variance of a net with 2 x in_channels outputs: "
-                "set --model.training.objective hybrid (Improved DDPM) or vlb, or --model.net.init_args.out_channels null"
+                "--model.training.objective simple does not train the learned variance of a net with 2 x in_channels "
+                "outputs: set --model.training.objective hybrid (Improved DDPM) or vlb, or "
+                "--model.net.init_args.out_channels null"
             )
         if objective == "hybrid" and not learned:
             raise ConfigError(
@@ -220,28 +221,29 @@ class DiffusionModule(L.LightningModule):
         if objective in ("vdm", "vdm_discrete"):
             if learned:
                 raise ConfigError(
-                    f"--model.training.objective {objective} bounds the likelihood with the process's own variances, and the "
-                    "net has 2 x in_channels outputs (a learned variance): set --model.net.init_args.out_channels null"
+                    f"--model.training.objective {objective} bounds the likelihood with the process's own variances, "
+                    "and the net has 2 x in_channels outputs (a learned variance): set "
+                    "--model.net.init_args.out_channels null"
                 )
             if self.model.first_stage is not None:
                 raise ConfigError(
-                    f"--model.training.objective {objective} is a likelihood of 8-bit pixels (its decoder is a categorical over "
-                    "the 256 values): drop --model.first_stage, or use --model.training.objective simple"
+                    f"--model.training.objective {objective} is a likelihood of 8-bit pixels (its decoder is a "
+                    "categorical over the 256 values): drop --model.first_stage, or use --model.training.objective simple"
                 )
         if objective in ("vdm", "vdm_discrete") and self.timestep_distribution is not None:
             raise ConfigError(
-                f"--model.training.objective {objective} draws its own continuous t (an unbiased bound needs it uniform): drop "
-                "--model.timestep_distribution, or use --model.training.objective simple"
+                f"--model.training.objective {objective} draws its own continuous t (an unbiased bound needs it "
+                "uniform): drop --model.timestep_distribution, or use --model.training.objective simple"
             )
         if objective in ("hybrid", "vlb") and self.process.has_parameters():
             raise ConfigError(
-                f"--model.training.objective {objective} reads a fixed schedule's posterior tables, not a learned process: "
-                "use --model.training.objective simple (or one of your own) with --model.process"
+                f"--model.training.objective {objective} reads a fixed schedule's posterior tables, not a learned "
+                "process: use --model.training.objective simple (or one of your own) with --model.process"
             )
         if objective != "simple" and loss_weighting != "none" and not from_checkpoint:
             raise ConfigError(
-                f"--model.training.loss_weighting {loss_weighting} weights L_simple, and --model.training.objective is {objective}: "
-                "pass --model.training.loss_weighting none, or --model.training.objective simple"
+                f"--model.training.loss_weighting {loss_weighting} weights L_simple, and --model.training.objective "
+                f"is {objective}: pass --model.training.loss_weighting none, or --model.training.objective simple"
             )
         return objective
 

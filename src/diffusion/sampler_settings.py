@@ -188,8 +188,9 @@ class SamplerSettings:
     @classmethod
     def from_options(cls, options: dict, stored: bool = False) -> SamplerSettings:
         """The settings of DiffusionModule's options by their flat names (`sampler`, `sampling_steps`, `ddpm_variance`,
-        ...: `FLAT_NAMES`; `src.options.flat_options` gives them of grouped ones), e.g. a checkpoint's hyperparameters; options it does not hold keep the defaults. `stored`: the
-        options were recorded (a checkpoint, an export), see `stored`."""
+        ...: `FLAT_NAMES`; `src.options.flat_options` gives them of grouped ones), e.g. a checkpoint's
+        hyperparameters; options it does not hold keep the defaults. `stored`: the options were recorded (a
+        checkpoint, an export), see `stored`."""
         fields = {name: options[option] for name, option in FLAT_NAMES.items() if options.get(option) is not None}
         threshold = {k: options.get(option) for k, option in FLAT_THRESHOLD_NAMES.items()}
         if any(value is not None for value in threshold.values()):

@@ -152,8 +152,8 @@ class DiffusionModel(nn.Module):
             )
         if self.settings.clip_x0 and first_stage is not None and first_stage.latent_range != (-1.0, 1.0):
             raise ConfigError(
-                f"--model.sampling.clip_denoised bounds x_0 to [-1, 1], but {type(first_stage).__name__}'s latents lie in "
-                f"{first_stage.latent_range} (None: unbounded); set --model.sampling.clip_denoised false"
+                f"--model.sampling.clip_denoised bounds x_0 to [-1, 1], but {type(first_stage).__name__}'s latents lie "
+                f"in {first_stage.latent_range} (None: unbounded); set --model.sampling.clip_denoised false"
             )
         num_classes = getattr(net, "num_classes", None)
         if sample_labels is not None and (not num_classes or not all(0 <= y < num_classes for y in sample_labels)):
@@ -360,8 +360,8 @@ class DiffusionModel(nn.Module):
         return net if self.prediction == "eps" else EpsPredictor(net, self.schedule, self.prediction)
 
     def output_model(self, labels: Tensor | None = None, guidance_scale: float | None = None):
-        """Like `eps_model` but the net's own output (eps, x0, v or edm: `prediction`), guided, without classifier guidance.
-        For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
+        """Like `eps_model` but the net's own output (eps, x0, v or edm: `prediction`), guided, without classifier
+        guidance. For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
         `continuous.DiscreteVPDenoiser`), which converts it with the continuous sigma itself. The guided combination
         u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
         return self._guided(lambda net: net, labels, guidance_scale, False, False)
