@@ -4,7 +4,8 @@ level the sampler will show it, so it is trained on x_t ~ q(x_t | x_0) with t un
 
     python -m src.classifier_main fit --config configs/fashion_mnist_classifier.yaml
     python -m src.main predict --config configs/fashion_mnist.yaml --ckpt_path CKPT \\
-        --model.guidance.classifier_path runs/fashion_mnist_classifier/version_0/classifier.pt --model.guidance.classifier_scale 1.0
+        --model.guidance.classifier_path runs/fashion_mnist_classifier/version_0/classifier.pt \\
+        --model.guidance.classifier_scale 1.0
 
 The network is `src.models.classifier.NoisyClassifier` (the UNet's encoder half plus a head); at the end of fit
 it is saved with `NoisyClassifier.save` as `<run dir>/classifier.pt` (or `export_path`), the file that

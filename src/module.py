@@ -228,7 +228,8 @@ class DiffusionModule(L.LightningModule):
             if self.model.first_stage is not None:
                 raise ConfigError(
                     f"--model.training.objective {objective} is a likelihood of 8-bit pixels (its decoder is a "
-                    "categorical over the 256 values): drop --model.first_stage, or use --model.training.objective simple"
+                    "categorical over the 256 values): drop --model.first_stage, or use "
+                    "--model.training.objective simple"
                 )
         if objective in ("vdm", "vdm_discrete") and self.timestep_distribution is not None:
             raise ConfigError(

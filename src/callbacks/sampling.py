@@ -51,8 +51,10 @@ class SampleGrid(Callback):
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         sampler = pl_module.model.settings.sampler
         if stage == "fit" and self.sampling_steps and "steps" not in SAMPLER_ARGUMENTS.get(sampler, ("steps",)):
-            raise ConfigError(f"SampleGrid's sampling_steps {self.sampling_steps}: --model.sampling.sampler {sampler} takes no "
-                              "steps (it runs all --model.schedule.timesteps); remove sampling_steps from its init_args")  # fmt: skip
+            raise ConfigError(
+                f"SampleGrid's sampling_steps {self.sampling_steps}: --model.sampling.sampler {sampler} takes no steps "
+                "(it runs all --model.schedule.timesteps); remove sampling_steps from its init_args"
+            )
 
     def _make_grid(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         step = trainer.global_step

@@ -180,11 +180,11 @@ class AutoGuidance(ClassifierFreeGuidance):
     """Autoguidance (Karras et al. 2024, eq. 2): `model` extrapolated away from a weaker `guide` of the same task,
     D~ = D_guide + s (D_model - D_guide) = s D_model + (1 - s) D_guide, as `model(x_t, t)`.
 
-    Both are called with the same `labels` (None: unconditional models, called as `net(x_t, t)`); outputs are mixed
-    in whatever target both predict (eps, x0, v or edm: the mix is affine, so it commutes with the conversions, given the
-    same schedule). Two networks cannot share a forward pass: every guided step is two evaluations, of the model and
-    of the (usually smaller) guide. `interval` and the scale conventions are ClassifierFreeGuidance's: s = 1 is the
-    model alone, s = 0 the guide alone. Output channels beyond the image's (a learned variance) come from the model.
+    Both are called with the same `labels` (None: unconditional models, called as `net(x_t, t)`); outputs are mixed in
+    whatever target both predict (eps, x0, v or edm: the mix is affine, so it commutes with the conversions, given the
+    same schedule). Two networks cannot share a forward pass: every guided step is two evaluations, of the model and of
+    the (usually smaller) guide. `interval` and the scale conventions are ClassifierFreeGuidance's: s = 1 is the model
+    alone, s = 0 the guide alone. Output channels beyond the image's (a learned variance) come from the model.
     """
 
     def __init__(

@@ -107,8 +107,8 @@ class LogNormal(TimestepDistribution):
 
     It concentrates training where samples take shape (sigma about 0.1 to 2, where guidance intervals act too) instead
     of DDPM's uniform t, which spends half of a linear T = 1000 schedule's steps above sigma = 3.7. With v-prediction
-    and no loss weighting (`--model.training.loss_weighting none`), the loss is EDM's lambda(sigma) ||D(x) - x_0||^2 with
-    sigma_data = 1: the v-error is the x_0-error times sqrt(1 + sigma^2) / sigma, i.e. EDM's 1 / c_out(sigma).
+    and no loss weighting (`--model.training.loss_weighting none`), the loss is EDM's lambda(sigma) ||D(x) - x_0||^2
+    with sigma_data = 1: the v-error is the x_0-error times sqrt(1 + sigma^2) / sigma, i.e. EDM's 1 / c_out(sigma).
     """
 
     def __init__(self, mean: float = -1.2, std: float = 1.2) -> None:
@@ -135,10 +135,10 @@ def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
         v:    min(SNR, gamma) / (SNR + 1)
         edm:  min(SNR, gamma) sigma_data^2 / (1 + SNR sigma_data^2)
 
-    All four are the one loss min(SNR, gamma) ||x_0 - x0_hat||^2 written in the target's own error: for the same
-    x_t, ||x_0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR = ||v - v_hat||^2 / (SNR + 1) = c_out^2 ||F - F_hat||^2, where
-    EDM's c_out^2 = sigma_t^2 sigma_data^2 / (sigma_t^2 + alpha_t^2 sigma_data^2) = sigma_data^2 / (1 + SNR sigma_data^2). Clamping the x0 weight at
-    gamma (5 in the paper) stops the nearly clean, high-SNR steps from dominating training.
+    All four are the one loss min(SNR, gamma) ||x_0 - x0_hat||^2 written in the target's own error: for the same x_t,
+    ||x_0 - x0_hat||^2 = ||eps - eps_hat||^2 / SNR = ||v - v_hat||^2 / (SNR + 1) = c_out^2 ||F - F_hat||^2, where EDM's
+    c_out^2 = sigma_t^2 sigma_data^2 / (sigma_t^2 + alpha_t^2 sigma_data^2) = sigma_data^2 / (1 + SNR sigma_data^2).
+    Clamping the x0 weight at gamma (5 in the paper) stops the nearly clean, high-SNR steps from dominating training.
     """
     if prediction not in PREDICTIONS:
         raise ValueError(f"unknown prediction {prediction!r}; choose one of {', '.join(PREDICTIONS)}")
@@ -154,9 +154,9 @@ def min_snr_weight(snr: Tensor, prediction: str, gamma: float = 5.0) -> Tensor:
 
 
 def loss_weighting(name: str = "none", min_snr_gamma: float = 5.0) -> LossWeight | None:
-    """The `weighting` of `l_simple` that the option `--model.training.loss_weighting NAME` selects: None for "none" (DDPM's
-    unweighted L_simple), Min-SNR-gamma with gamma = `min_snr_gamma` for "min_snr" (`min_snr_weight`), or one's own
-    function `weight(snr: Tensor, prediction: str) -> Tensor` named by its dotted path "package.module.function".
+    """The `weighting` of `l_simple` that the option `--model.training.loss_weighting NAME` selects: None for "none"
+    (DDPM's unweighted L_simple), Min-SNR-gamma with gamma = `min_snr_gamma` for "min_snr" (`min_snr_weight`), or one's
+    own function `weight(snr: Tensor, prediction: str) -> Tensor` named by its dotted path "package.module.function".
     """
     if name == "none":
         return None
@@ -314,8 +314,9 @@ Objective = Callable[..., dict[str, Tensor]]
 
 
 def objective_function(name: str) -> Objective | None:
-    """The function of `--model.training.objective NAME` when it is a dotted path of one's own ("package.module.function");
-    None for a built-in name (`OBJECTIVES`), which the module runs itself; a one-line ConfigError for anything else."""
+    """The function of `--model.training.objective NAME` when it is a dotted path of one's own
+    ("package.module.function"); None for a built-in name (`OBJECTIVES`), which the module runs itself; a one-line
+    ConfigError for anything else."""
     if name in OBJECTIVES:
         return None
     return import_function(name, "--model.training.objective", OBJECTIVES)

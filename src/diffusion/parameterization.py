@@ -9,14 +9,14 @@ x_t = alpha_t x_0 + sigma_t eps (DDPM eq. 4):
     x_0 = c_skip x_t + c_out F                             "edm": EDM's preconditioning (Karras et al. 2022, eq. 7)
 
 "edm" is EDM's D(x~; s) = c_skip(s) x~ + c_out(s) F(...) with x~ = x_t / alpha_t, s = sigma_t / alpha_t,
-c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s sigma_data / sqrt(s^2 + sigma_data^2) (Table 1), written in
-x_t: with r_t = sqrt(sigma_t^2 + alpha_t^2 sigma_data^2), x_0 = (sigma_data^2 alpha_t / r_t^2) x_t + (sigma_t sigma_data /
-r_t) F, and the target F = (sigma_t x_0 - sigma_data^2 alpha_t eps) / (sigma_data r_t). Regressing F unweighted is EDM's
-loss weighting lambda = 1 / c_out^2. sigma_data is EDM's 0.5 (`EDM_SIGMA_DATA`, data in [-1, 1]); with sigma_data = 1,
-F = -v: v-prediction is this preconditioning at sigma_data = 1. One difference from EDM: c_in is not applied, the
-network sees x_t itself, since the VP scaling already bounds its input (std r_t in [sigma_data, 1] for data of std
-sigma_data, where EDM's variance-exploding x~ reaches s^2 + sigma_data^2 = 80^2), and every network call site would
-otherwise have to scale it.
+c_skip = sigma_data^2 / (s^2 + sigma_data^2) and c_out = s sigma_data / sqrt(s^2 + sigma_data^2) (Table 1), written
+in x_t: with r_t = sqrt(sigma_t^2 + alpha_t^2 sigma_data^2), x_0 = (sigma_data^2 alpha_t / r_t^2) x_t
++ (sigma_t sigma_data / r_t) F, and the target F = (sigma_t x_0 - sigma_data^2 alpha_t eps) / (sigma_data r_t).
+Regressing F unweighted is EDM's loss weighting lambda = 1 / c_out^2. sigma_data is EDM's 0.5 (`EDM_SIGMA_DATA`, data
+in [-1, 1]); with sigma_data = 1, F = -v: v-prediction is this preconditioning at sigma_data = 1. One difference from
+EDM: c_in is not applied, the network sees x_t itself, since the VP scaling already bounds its input (std r_t in
+[sigma_data, 1] for data of std sigma_data, where EDM's variance-exploding x~ reaches s^2 + sigma_data^2 = 80^2), and
+every network call site would otherwise have to scale it.
 
 Training regresses the chosen target with the unweighted L_simple form ||target - f_theta(x_t, t)||^2
 (`src.diffusion.losses.l_simple`). Samplers only ever see an eps-predictor: `EpsPredictor` wraps a network of any

@@ -41,8 +41,8 @@ DDPM_VARIANCES = ("fixed_small", "fixed_large")
 def timestep_sequence(num_timesteps: int, steps: int, skip: str = "uniform") -> list[int]:
     """The ascending sub-sequence tau of {0, ..., T-1} that a `steps`-step sampler visits.
 
-    - "uniform": `range(0, T, T // steps)`, as the DDIM authors' reference code (`generalized_steps`). When `steps` does not
-      divide T this yields more than `steps` entries (e.g. T=1000, steps=300 gives 334), exactly as there.
+    - "uniform": `range(0, T, T // steps)`, as the DDIM authors' reference code (`generalized_steps`). When `steps` does
+      not divide T this yields more than `steps` entries (e.g. T=1000, steps=300 gives 334), exactly as there.
     - "quad": `int(s)` for s in `linspace(0, sqrt(0.8 T), steps) ** 2` (DDIM paper, appendix D.2; used for
       CIFAR-10). For many steps its first entries repeat (0, 0, 0, ...); a repeated timestep is an exact
       no-op step in DDIM, so it is kept for fidelity to the reference code.
@@ -442,8 +442,8 @@ def _continuous(name: str) -> Callable[..., Tensor]:
     return run
 
 
-# Every built-in sampler, by its `--model.sampling.sampler` name: the one place a new one is registered (an SDE / ODE sampler
-# registers in `k_samplers.K_SAMPLERS` instead, and appears here with its options).
+# Every built-in sampler, by its `--model.sampling.sampler` name: the one place a new one is registered (an SDE / ODE
+# sampler registers in `k_samplers.K_SAMPLERS` instead, and appears here with its options).
 BUILTIN_SAMPLERS: dict[str, SamplerEntry] = {
     "ddim": SamplerEntry(_run_ddim, ("steps", "eta", "skip")),
     "ddpm": SamplerEntry(_run_ddpm, ("variance",), ("variance_gamma",)),  # all T steps
@@ -497,8 +497,8 @@ def is_continuous(sampler: object) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- your own sampler
-# A sampler of one's own is a function, in any importable file, selected by its dotted path
-# (`--model.sampling.sampler my_project.samplers.euler`) or passed to `sample` as the function itself. `sample` calls it as
+# A sampler of one's own is a function, in any importable file, selected by its dotted path (`--model.sampling.sampler
+# my_project.samplers.euler`) or passed to `sample` as the function itself. `sample` calls it as
 #
 #     x_0 = function(model, x_T, schedule, steps=..., eta=..., skip=..., variance=..., generator=...,
 #                    timesteps=..., clip_x0=..., progress=..., callback=..., **sampler_options)
@@ -575,12 +575,12 @@ def sample(
     Karras noise levels, whose `sampler_options` (`rho`, `churn`, `snr`, `corrector_steps`, `solver_order`,
     `quantize`: see `k_samplers.continuous_sample`) are checked per sampler: one it does not read is a ValueError.
 
-    `prediction` is what `model` outputs ("eps", "x0", "v" or "edm"): the discrete samplers see it as an eps-predictor, the
-    continuous ones convert it at each exact noise level. `sampler` may also be a function of your own, or its dotted
-    path "package.module.function", called with the convention described above `SamplerFunction`. `clip_x0`: how
+    `prediction` is what `model` outputs ("eps", "x0", "v" or "edm"): the discrete samplers see it as an eps-predictor,
+    the continuous ones convert it at each exact noise level. `sampler` may also be a function of your own, or its
+    dotted path "package.module.function", called with the convention described above `SamplerFunction`. `clip_x0`: how
     every sampler bounds x_0-hat (False, True: clamp to [-1, 1], or a `parameterization.DynamicThreshold`).
-    `callback(dict)` sees every step of every sampler: "x" and "i" always, with "x0" and "t" (discrete) or
-    "denoised" and "sigma" (continuous, x in the x~ = x / alpha variable)."""
+    `callback(dict)` sees every step of every sampler: "x" and "i" always, with "x0" and "t" (discrete) or "denoised"
+    and "sigma" (continuous, x in the x~ = x / alpha variable)."""
     if callable(sampler) or (sampler not in BUILTIN_SAMPLERS and "." in sampler):  # your own: the convention above
         function = sampler if callable(sampler) else sampler_function(sampler)
         return _sample_with(function, model, x_T, schedule, prediction, steps, skip, eta=eta, variance=variance,

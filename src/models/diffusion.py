@@ -361,9 +361,9 @@ class DiffusionModel(nn.Module):
 
     def output_model(self, labels: Tensor | None = None, guidance_scale: float | None = None):
         """Like `eps_model` but the net's own output (eps, x0, v or edm: `prediction`), guided, without classifier
-        guidance. For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE samplers'
-        `continuous.DiscreteVPDenoiser`), which converts it with the continuous sigma itself. The guided combination
-        u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
+        guidance. For samplers that convert the output themselves at the exact, fractional noise level (the SDE / ODE
+        samplers' `continuous.DiscreteVPDenoiser`), which converts it with the continuous sigma itself. The guided
+        combination u + s (c - u) is affine, so guiding the output guides the eps it converts to."""
         return self._guided(lambda net: net, labels, guidance_scale, False, False)
 
     def _guided(self, wrap: Callable[[nn.Module], Callable], labels: Tensor | None, guidance_scale: float | None,

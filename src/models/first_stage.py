@@ -23,8 +23,9 @@ from torch import Tensor, nn
 class FirstStage(nn.Module):
     """The identity first stage; subclass it with `encode`, `decode` and the two shape maps."""
 
-    # The interval the latents of images in [-1, 1] lie in, where x_0-hat may be clipped (--model.sampling.clip_denoised):
-    # (-1, 1) for pixels and for any map that keeps pixel values, None where latents are unbounded (a VAE's).
+    # The interval the latents of images in [-1, 1] lie in, where x_0-hat may be clipped
+    # (--model.sampling.clip_denoised): (-1, 1) for pixels and for any map that keeps pixel values, None where latents
+    # are unbounded (a VAE's).
     latent_range: tuple[float, float] | None = (-1.0, 1.0)
 
     def __init__(self) -> None:
