@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 
 from src.errors import ConfigError
 
-# The named schedules (`NoiseSchedule.from_name`): `--model.schedule cosine` is the old flag, not a config.
+# The values the old flat `--model.schedule NAME` took (`NoiseSchedule.from_name`'s names then): given one of them,
+# `--model.schedule` is the old flag, not the new group's config. A record of the past: not for new schedules.
 SCHEDULE_NAMES = ("linear", "cosine")
 
 
